@@ -1,0 +1,105 @@
+# tessera — the one entry point for building, running and testing.
+#
+#   make run    install what is missing, build, start `tessera demo` (one LUN on 127.0.0.1:3260)
+#   make test   everything CI checks
+#
+# Other targets: deps, build, fmt-check, lint, unit, it, conformance, guest, fuzz-smoke,
+# bench, install, clean. Test runners print their own summary lines.
+
+SHELL        := /bin/bash
+CARGO        ?= cargo
+BUILD_DIR    ?= $(CURDIR)/build
+DEMO_DIR     ?= $(BUILD_DIR)/demo
+GUEST_DIR    ?= $(CURDIR)/../shared/tools/guest
+GUEST_CACHE  ?= $(BUILD_DIR)/guest-cache
+RELEASE_BIN  := $(CURDIR)/target/release/tessera
+FUZZ_SECONDS ?= 20
+PREFIX       ?= /usr/local
+DESTDIR      ?=
+
+# Debian packages the build and the tests need (installed only when missing).
+DEB_PACKAGES := build-essential pkg-config libiscsi-bin qemu-utils qemu-block-extra tgt istgt \
+                socat cpio xz-utils zstd kmod iproute2 procps qemu-system-x86 open-iscsi \
+                nvme-cli e2fsprogs fio busybox-static python3 clang
+
+export CARGO_TERM_COLOR = never
+
+.PHONY: all deps build run test fmt-check lint unit it conformance guest guest-build \
+        fuzz-smoke bench install clean
+
+all: build
+
+deps:
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing$$missing"; \
+	  if [ "$$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	else echo "make deps: all Debian packages present"; fi
+	@# qemu-img needs qemu-block-extra of its own version for iscsi:// (a newer qemu-utils
+	@# from backports gets removed when the bookworm qemu-block-extra goes in).
+	@if ! qemu-img --help 2>/dev/null | grep -qw iscsi; then \
+	  v=$$(apt-cache policy qemu-block-extra | awk '/Candidate:/ {print $$2}'); \
+	  echo "make deps: installing qemu-utils and qemu-block-extra $$v"; \
+	  if [ "$$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --allow-downgrades \
+	    qemu-utils=$$v qemu-block-extra=$$v; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo not found: install Rust (rustup.rs)"; exit 1; }
+
+build:
+	$(CARGO) build --release --locked -p tessera
+
+run: deps build
+	$(RELEASE_BIN) demo --dir $(DEMO_DIR)
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --locked --exclude tessera-integration-tests
+
+# Cross-process tests against the release binary: conformance (libiscsi), bad input,
+# configuration files, and the Linux kernel initiator in the qemu guest.
+it: build guest-build
+	TESSERA_BIN=$(RELEASE_BIN) GUEST_DIR=$(GUEST_DIR) GUEST_CACHE=$(GUEST_CACHE) \
+	  $(CARGO) test --release --locked -p tessera-integration-tests -- --test-threads=1 --nocapture
+
+conformance: build
+	TESSERA_BIN=$(RELEASE_BIN) $(CARGO) test --release --locked -p tessera-integration-tests \
+	  --test conformance -- --nocapture
+
+guest-build:
+	$(GUEST_DIR)/build-guest.sh $(GUEST_CACHE)
+
+guest: build guest-build
+	TESSERA_BIN=$(RELEASE_BIN) GUEST_DIR=$(GUEST_DIR) GUEST_CACHE=$(GUEST_CACHE) \
+	  $(CARGO) test --release --locked -p tessera-integration-tests --test kernel_initiator \
+	  -- --test-threads=1 --nocapture
+
+fuzz-smoke:
+	src/proto/fuzz/smoke.sh $(FUZZ_SECONDS)
+
+test: deps fmt-check lint unit it fuzz-smoke
+	@echo "make test: all checks passed"
+
+bench: deps build
+	bench/compare.sh
+
+install: build
+	install -D -m 0755 $(RELEASE_BIN) $(DESTDIR)$(PREFIX)/bin/tessera
+	install -d $(DESTDIR)/etc/tessera
+	install -m 0644 target-config/*.toml $(DESTDIR)/etc/tessera/
+	install -D -m 0644 systemd/tessera-gateway.service \
+	  $(DESTDIR)$(PREFIX)/lib/systemd/system/tessera-gateway.service
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD_DIR)

@@ -1,0 +1,1 @@
+//! Benchmark helpers (the side-by-side scripts live beside this crate).

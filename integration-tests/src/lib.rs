@@ -1,0 +1,201 @@
+//! Shared helpers for the cross-process tests: find the `tessera` binary, start
+//! `tessera demo` on a free loopback port, wait for it, and stop it (by PID) when dropped.
+//!
+//! A test that needs an external tool calls [`require_tool`], which fails the test with the
+//! tool's name and the Debian package that provides it (`make deps` installs them all); tests
+//! never skip silently.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `tessera` binary under test: `$TESSERA_BIN`, else `target/release/tessera`, else
+/// `target/debug/tessera` (whichever exists).
+pub fn tessera_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TESSERA_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned();
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("tessera");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("tessera binary not found: build it (make build) or set TESSERA_BIN");
+}
+
+/// Fail unless `tool` is on PATH; `package` names the Debian package.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed: apt-get install {package} (make deps does this)"
+    );
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind")
+}
+
+/// Run a command, capture its output, with a time limit.
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "command timed out after {limit:?}: {cmd:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running `tessera demo`.
+pub struct Demo {
+    child: Child,
+    /// Its directory (deleted on drop).
+    pub dir: tempfile::TempDir,
+    /// The portal.
+    pub portal: SocketAddr,
+    /// The target IQN.
+    pub iqn: String,
+    /// demo.json, parsed.
+    pub json: serde_json::Value,
+}
+
+impl Demo {
+    /// Start `tessera demo` on a free port with extra arguments; wait until demo.json exists
+    /// and the portal accepts connections.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, extra)
+    }
+
+    /// Like [`Demo::start`] in a given directory.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        let port = free_port();
+        let portal: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = Command::new(tessera_bin())
+            .arg("demo")
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--portal")
+            .arg(portal.to_string())
+            .args(extra)
+            .stdout(Stdio::null())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .spawn()
+            .expect("start tessera demo");
+        let mut d = Self {
+            child,
+            dir,
+            portal,
+            iqn: String::new(),
+            json: serde_json::Value::Null,
+        };
+        let start = Instant::now();
+        let json_path = d.dir.path().join("demo.json");
+        loop {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("tessera demo exited early: {st}");
+            }
+            if json_path.exists() && TcpStream::connect(portal).is_ok() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "tessera demo did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read_to_string(&json_path).expect("demo.json");
+        d.json = serde_json::from_str(&text).expect("demo.json parses");
+        d.iqn = d.json["iqn"].as_str().expect("iqn").to_string();
+        d
+    }
+
+    /// `iscsi://[auth@]portal/iqn/lun`.
+    pub fn url(&self, lun: u32) -> String {
+        format!("iscsi://{}/{}/{lun}", self.portal, self.iqn)
+    }
+
+    /// PID of the demo supervisor.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// PIDs of the processes demo.json lists.
+    pub fn process_pids(&self) -> Vec<u32> {
+        self.json["processes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["pid"].as_u64())
+                    .map(|p| p as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Send SIGTERM and wait for a clean exit; returns whether it exited with success.
+    pub fn stop(mut self) -> bool {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let children = self.process_pids();
+            self.terminate();
+            // Belt and braces: no process of ours outlives the test.
+            for pid in children {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Unit tests of the target against `MemDevice` (wrapped to observe FUA, flushes, errors
+//! and to yield inside I/O so concurrent commands interleave).
+
+mod info;
+mod media;
+mod reserve;
+mod target;
+mod ua;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tessera_proto::block::{
+    BlockDevice, BlockError, DeviceInfo, Extent, LocalBoxFuture, MemDevice,
+};
+
+use crate::{LogicalUnit, LuConfig, Nexus, ScsiCommand, ScsiResult, TaskAttr};
+
+pub(crate) const T1: &str = "iqn.2024-01.io.tessera:vol,t,0x1";
+pub(crate) const T2: &str = "iqn.2024-01.io.tessera:vol,t,0x2";
+
+/// A nexus from initiator `name` (ISID derived from `id`) through target port `tport`.
+pub(crate) fn nexus_on(name: &str, id: u64, tport: &str, rel: u16) -> Nexus {
+    let iqn = format!("iqn.1994-05.com.example:{name}");
+    Nexus {
+        id,
+        initiator_port: format!("{iqn},i,0x23d00000000{id}").into(),
+        initiator_name: iqn.into(),
+        target_port: tport.into(),
+        relative_port: rel,
+        port_group: rel,
+    }
+}
+
+pub(crate) fn nexus(name: &str, id: u64) -> Nexus {
+    nexus_on(name, id, T1, 1)
+}
+
+/// `MemDevice` with observable FUA / flush, injectable errors, and optional yields.
+pub(crate) struct TestDevice {
+    pub mem: MemDevice,
+    pub thin: bool,
+    pub yields: bool,
+    pub last_fua: AtomicBool,
+    pub writes: AtomicUsize,
+    pub flushes: AtomicUsize,
+    pub fail: Mutex<Option<BlockError>>,
+}
+
+impl TestDevice {
+    pub(crate) fn new(bytes: u64) -> Self {
+        Self {
+            mem: MemDevice::new(bytes),
+            thin: true,
+            yields: false,
+            last_fua: AtomicBool::new(false),
+            writes: AtomicUsize::new(0),
+            flushes: AtomicUsize::new(0),
+            fail: Mutex::new(None),
+        }
+    }
+
+    fn failure(&self) -> Option<BlockError> {
+        self.fail.lock().unwrap().clone()
+    }
+
+    fn wrap<'a, T: 'a>(
+        &'a self,
+        f: LocalBoxFuture<'a, Result<T, BlockError>>,
+    ) -> LocalBoxFuture<'a, Result<T, BlockError>> {
+        let fail = self.failure();
+        let yields = self.yields;
+        Box::pin(async move {
+            if yields {
+                tokio::task::yield_now().await;
+            }
+            if let Some(e) = fail {
+                return Err(e);
+            }
+            let r = f.await;
+            if yields {
+                tokio::task::yield_now().await;
+            }
+            r
+        })
+    }
+}
+
+impl BlockDevice for TestDevice {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            thin: self.thin,
+            ..self.mem.info()
+        }
+    }
+
+    fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, Result<Bytes, BlockError>> {
+        self.wrap(Box::pin(async move {
+            // Read late so a concurrent write between yields is observed.
+            self.mem.read(offset, len).await
+        }))
+    }
+
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        self.last_fua.store(fua, Ordering::SeqCst);
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.wrap(Box::pin(
+            async move { self.mem.write(offset, data, fua).await },
+        ))
+    }
+
+    fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.wrap(self.mem.flush())
+    }
+
+    fn unmap(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        self.wrap(Box::pin(async move { self.mem.unmap(offset, len).await }))
+    }
+
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'_, Result<Vec<Extent>, BlockError>> {
+        self.wrap(Box::pin(async move { self.mem.extents(offset, len).await }))
+    }
+}
+
+/// A 1 MiB logical unit of 512-byte blocks (2048 blocks) over a thin `TestDevice`.
+pub(crate) fn setup() -> (Arc<LogicalUnit>, Arc<TestDevice>) {
+    setup_with(
+        LuConfig {
+            serial: "SN42".into(),
+            naa_id: 0x1405_0000_0000_0042,
+            ..LuConfig::default()
+        },
+        TestDevice::new(1 << 20),
+    )
+}
+
+pub(crate) fn setup_with(cfg: LuConfig, dev: TestDevice) -> (Arc<LogicalUnit>, Arc<TestDevice>) {
+    let dev = Arc::new(dev);
+    let lu = LogicalUnit::new(cfg, dev.clone(), None).expect("logical unit");
+    (Arc::new(lu), dev)
+}
+
+pub(crate) fn command(cdb: &[u8], data: &[u8], expected_len: u32) -> ScsiCommand {
+    let mut c = [0u8; 16];
+    let n = cdb.len().min(16);
+    c[..n].copy_from_slice(&cdb[..n]);
+    ScsiCommand {
+        cdb: Bytes::copy_from_slice(&c),
+        data_out: Bytes::copy_from_slice(data),
+        expected_len,
+        read: data.is_empty(),
+        write: !data.is_empty(),
+        attr: TaskAttr::Simple,
+        tag: 1,
+    }
+}
+
+/// Run one command with the Data-Out `data` (expected length = its length, or 64 KiB for
+/// data-in commands).
+pub(crate) async fn run(lu: &LogicalUnit, n: &Nexus, cdb: &[u8], data: &[u8]) -> ScsiResult {
+    let exp = if data.is_empty() {
+        65536
+    } else {
+        data.len() as u32
+    };
+    lu.execute(n, &command(cdb, data, exp)).await
+}
+
+/// Consume the new-nexus unit attention (and any other) with TEST UNIT READY.
+pub(crate) async fn fresh(lu: &LogicalUnit, n: &Nexus) {
+    for _ in 0..20 {
+        if run(lu, n, &[0; 6], &[]).await.status == 0 {
+            return;
+        }
+    }
+    panic!("unit attentions never cleared");
+}
+
+/// (sense key, ASC, ASCQ) of a CHECK CONDITION, either sense format.
+pub(crate) fn sense(r: &ScsiResult) -> (u8, u8, u8) {
+    let s = r.sense.as_ref().expect("sense data");
+    match s[0] & 0x7F {
+        0x70 | 0x71 => (s[2] & 0x0F, s[12], s[13]),
+        0x72 | 0x73 => (s[1] & 0x0F, s[2], s[3]),
+        other => panic!("unknown sense format {other:#x}"),
+    }
+}
+
+/// The SKS bytes of fixed-format sense.
+pub(crate) fn sks(r: &ScsiResult) -> [u8; 3] {
+    let s = r.sense.as_ref().expect("sense data");
+    [s[15], s[16], s[17]]
+}
+
+pub(crate) fn assert_check(r: &ScsiResult, key: u8, asc: u8, ascq: u8) {
+    assert_eq!(r.status, 2, "expected CHECK CONDITION, got {r:?}");
+    assert_eq!(sense(r), (key, asc, ascq), "{r:?}");
+}
+
+pub(crate) fn assert_good(r: &ScsiResult) {
+    assert_eq!(
+        r.status,
+        0,
+        "expected GOOD, got {r:?} {:?}",
+        r.sense.as_ref().map(|_| sense(r))
+    );
+}
+
+pub(crate) fn rw10(op: u8, lba: u32, blocks: u16, flags: u8) -> Vec<u8> {
+    let mut c = vec![0u8; 10];
+    c[0] = op;
+    c[1] = flags;
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[7..9].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+pub(crate) fn rw12(op: u8, lba: u32, blocks: u32, flags: u8) -> Vec<u8> {
+    let mut c = vec![0u8; 12];
+    c[0] = op;
+    c[1] = flags;
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[6..10].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+pub(crate) fn rw16(op: u8, lba: u64, blocks: u32, flags: u8) -> Vec<u8> {
+    let mut c = vec![0u8; 16];
+    c[0] = op;
+    c[1] = flags;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+pub(crate) const READ10: u8 = 0x28;
+pub(crate) const WRITE10: u8 = 0x2A;
+pub(crate) const READ16: u8 = 0x88;
+pub(crate) const WRITE16: u8 = 0x8A;
+
+/// Block `n` of 512 bytes filled with `b`.
+pub(crate) fn blocks(n: usize, b: u8) -> Vec<u8> {
+    vec![b; 512 * n]
+}
+
+pub(crate) async fn write_blocks(lu: &LogicalUnit, n: &Nexus, lba: u32, data: &[u8]) {
+    let r = run(
+        lu,
+        n,
+        &rw10(WRITE10, lba, (data.len() / 512) as u16, 0),
+        data,
+    )
+    .await;
+    assert_good(&r);
+}
+
+pub(crate) async fn read_blocks(lu: &LogicalUnit, n: &Nexus, lba: u32, count: u16) -> Bytes {
+    let r = run(lu, n, &rw10(READ10, lba, count, 0), &[]).await;
+    assert_good(&r);
+    r.data_in
+}
+
+/// Drive `f` on a current-thread runtime inside a `LocalSet` (for `spawn_local`).
+pub(crate) fn local<F: Future<Output = ()>>(f: F) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let set = tokio::task::LocalSet::new();
+    set.block_on(&rt, f);
+}

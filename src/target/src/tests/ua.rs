@@ -1,0 +1,112 @@
+//! Unit attention lifecycle and the admission fast path.
+
+use tessera_proto::scsi::Sense;
+
+use super::*;
+
+#[tokio::test(flavor = "current_thread")]
+async fn new_nexus_sees_power_on_once() {
+    let (lu, _) = setup();
+    let n = nexus("a", 1);
+    let r = run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await;
+    assert_check(&r, 0x6, 0x29, 0x00);
+    assert!(r.data_in.is_empty());
+    assert_good(&run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&run(&lu, &n, &[0; 6], &[]).await);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn inquiry_report_luns_and_request_sense_are_not_blocked() {
+    let (lu, _) = setup();
+    let n = nexus("a", 1);
+    assert_good(&run(&lu, &n, &[0x12, 0, 0, 0, 36, 0], &[]).await);
+    assert_good(&run(&lu, &n, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]).await);
+    // Neither consumed the condition.
+    assert_check(&run(&lu, &n, &[0; 6], &[]).await, 0x6, 0x29, 0x00);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn logical_unit_reset_reaches_every_nexus_including_the_issuer() {
+    let (lu, _) = setup();
+    let a = nexus("a", 1);
+    let b = nexus("b", 2);
+    fresh(&lu, &a).await;
+    fresh(&lu, &b).await;
+    // Warm the fast-path cache on both.
+    assert_good(&run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+    lu.reset(Sense::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
+    assert_check(
+        &run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await,
+        0x6,
+        0x29,
+        0x03,
+    );
+    assert_check(
+        &run(&lu, &b, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await,
+        0x6,
+        0x29,
+        0x03,
+    );
+    assert_good(&run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn capacity_change_is_announced() {
+    let (lu, _) = setup();
+    let n = nexus("a", 1);
+    fresh(&lu, &n).await;
+    lu.capacity_changed();
+    assert_check(
+        &run(&lu, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await,
+        0x6,
+        0x2A,
+        0x09,
+    );
+    assert_good(&run(&lu, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn nexus_gone_forgets_its_queue() {
+    let (lu, _) = setup();
+    let n = nexus("a", 1);
+    fresh(&lu, &n).await;
+    lu.capacity_changed();
+    lu.nexus_gone(&n);
+    // Logging in again is a new nexus: it sees power-on, not the old condition.
+    let again = nexus("a", 1);
+    assert_check(&run(&lu, &again, &[0; 6], &[]).await, 0x6, 0x29, 0x00);
+    assert_good(&run(&lu, &again, &[0; 6], &[]).await);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn unit_attentions_are_reported_in_order_without_duplicates() {
+    let (lu, _) = setup();
+    let n = nexus("a", 1);
+    fresh(&lu, &n).await;
+    lu.capacity_changed();
+    lu.capacity_changed();
+    lu.unit_attention_all(Sense::REPORTED_LUNS_DATA_HAS_CHANGED);
+    assert_check(&run(&lu, &n, &[0; 6], &[]).await, 0x6, 0x2A, 0x09);
+    assert_check(&run(&lu, &n, &[0; 6], &[]).await, 0x6, 0x3F, 0x0E);
+    assert_good(&run(&lu, &n, &[0; 6], &[]).await);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn cached_admission_sees_a_new_reservation() {
+    let (lu, _) = setup();
+    let a = nexus("a", 1);
+    let b = nexus("b", 2);
+    fresh(&lu, &a).await;
+    fresh(&lu, &b).await;
+    // b's reads are admitted from the per-core cache...
+    for _ in 0..3 {
+        assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+    }
+    // ...until a takes an SPC-2 reservation: the epoch moves and b conflicts at once.
+    assert_good(&run(&lu, &a, &[0x16, 0, 0, 0, 0, 0], &[]).await);
+    assert_eq!(run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await.status, 0x18);
+    assert_good(&run(&lu, &a, &[0x17, 0, 0, 0, 0, 0], &[]).await);
+    assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+}

@@ -1,0 +1,829 @@
+//! The gateway configuration file (TOML), its validation, and errors that name the file, the
+//! line and the key.
+//!
+//! The format is documented in `target-config/README.md` and by the examples next to it; a test
+//! loads every file in `target-config/`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error with its location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line (0 when unknown).
+    pub line: usize,
+    /// 1-based column (0 when unknown).
+    pub col: usize,
+    /// The key, as a dotted path (`target[0].lun[1].block_size`), or empty.
+    pub key: String,
+    /// What is wrong.
+    pub msg: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.col)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.msg)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+/// Sizes: a number of bytes, or a number with a unit (`512`, `64MiB`, `10GiB`, `1T`, `4k`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "unknown size unit in {s:?} (use B, KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// A size written as a string with a unit or as a plain integer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// Bytes.
+    Bytes(u64),
+    /// With a unit.
+    Text(String),
+}
+
+/// CHAP credentials in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChapFile {
+    /// CHAP name.
+    pub user: Spanned<String>,
+    /// Secret (12 to 255 characters; RFC 7143 asks for at least 96 bits).
+    pub secret: Spanned<String>,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    /// Listen addresses (`host:port`).
+    #[serde(default = "default_portals")]
+    pub portals: Vec<Spanned<String>>,
+    /// Directory for persistent state (reservations).
+    pub state_dir: Option<Spanned<String>>,
+    /// Event-loop threads (0: one per CPU).
+    #[serde(default)]
+    pub workers: usize,
+    /// Command window per session (MaxCmdSN - ExpCmdSN + 1).
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: Spanned<u32>,
+    /// Seconds of silence before the target pings an initiator (0: never).
+    #[serde(default = "default_nop_interval")]
+    pub nop_interval_secs: u64,
+    /// Seconds to wait for the ping's answer before dropping the connection.
+    #[serde(default = "default_nop_timeout")]
+    pub nop_timeout_secs: u64,
+    /// Our MaxRecvDataSegmentLength.
+    #[serde(default = "default_mrdsl")]
+    pub max_recv_data_segment_length: Spanned<u32>,
+    /// Largest MaxBurstLength agreed.
+    #[serde(default = "default_max_burst")]
+    pub max_burst_length: Spanned<u32>,
+    /// Largest FirstBurstLength agreed.
+    #[serde(default = "default_first_burst")]
+    pub first_burst_length: Spanned<u32>,
+    /// Largest MaxOutstandingR2T agreed.
+    #[serde(default = "default_max_r2t")]
+    pub max_outstanding_r2t: Spanned<u32>,
+    /// Accept ImmediateData=Yes.
+    #[serde(default = "yes")]
+    pub immediate_data: bool,
+    /// Insist on InitialR2T=Yes.
+    #[serde(default)]
+    pub initial_r2t: bool,
+    /// Accept CRC32C digests when initiators offer them.
+    #[serde(default = "yes")]
+    pub digests: bool,
+}
+
+fn default_portals() -> Vec<Spanned<String>> {
+    vec![Spanned::new(0..0, "0.0.0.0:3260".to_string())]
+}
+fn default_queue_depth() -> Spanned<u32> {
+    Spanned::new(0..0, 128)
+}
+fn default_nop_interval() -> u64 {
+    5
+}
+fn default_nop_timeout() -> u64 {
+    15
+}
+fn default_mrdsl() -> Spanned<u32> {
+    Spanned::new(0..0, 256 * 1024)
+}
+fn default_max_burst() -> Spanned<u32> {
+    Spanned::new(0..0, 1024 * 1024)
+}
+fn default_first_burst() -> Spanned<u32> {
+    Spanned::new(0..0, 256 * 1024)
+}
+fn default_max_r2t() -> Spanned<u32> {
+    Spanned::new(0..0, 16)
+}
+fn yes() -> bool {
+    true
+}
+
+/// `[discovery]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryFile {
+    /// CHAP required for SendTargets discovery.
+    pub chap: Option<ChapFile>,
+    /// Mutual CHAP for discovery.
+    pub mutual_chap: Option<ChapFile>,
+}
+
+/// `[[target]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetFile {
+    /// iSCSI qualified name.
+    pub iqn: Spanned<String>,
+    /// TargetAlias.
+    pub alias: Option<String>,
+    /// Target portal group tag.
+    #[serde(default = "one")]
+    pub portal_group_tag: u16,
+    /// Addresses SendTargets reports (default: the portal the initiator used).
+    #[serde(default)]
+    pub advertise: Vec<Spanned<String>>,
+    /// Initiator IQNs allowed (default: all).
+    #[serde(default)]
+    pub allowed_initiators: Vec<Spanned<String>>,
+    /// One-way CHAP.
+    pub chap: Option<ChapFile>,
+    /// Mutual CHAP (the target's own credentials).
+    pub mutual_chap: Option<ChapFile>,
+    /// LUNs.
+    #[serde(default)]
+    pub lun: Vec<LunFile>,
+}
+
+fn one() -> u16 {
+    1
+}
+
+/// `[[target.lun]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LunFile {
+    /// LUN number.
+    pub id: Spanned<u64>,
+    /// `file` or `mem`.
+    #[serde(default = "file_backend")]
+    pub backend: Spanned<String>,
+    /// Backing file or block device (file backend).
+    pub path: Option<Spanned<String>>,
+    /// Size: creates or extends a file; required for `mem`.
+    pub size: Option<Spanned<SizeValue>>,
+    /// Logical block size, 512 or 4096.
+    #[serde(default = "default_block_size")]
+    pub block_size: Spanned<u32>,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// O_DIRECT: `auto`, `on` or `off`.
+    #[serde(default = "auto")]
+    pub direct: Spanned<String>,
+    /// Unit serial number (VPD 0x80); derived from the IQN and LUN when absent.
+    pub serial: Option<Spanned<String>>,
+    /// Removable medium (START STOP UNIT with LOEJ ejects it).
+    #[serde(default)]
+    pub removable: bool,
+}
+
+fn file_backend() -> Spanned<String> {
+    Spanned::new(0..0, "file".into())
+}
+fn default_block_size() -> Spanned<u32> {
+    Spanned::new(0..0, 512)
+}
+fn auto() -> Spanned<String> {
+    Spanned::new(0..0, "auto".into())
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Gateway settings.
+    pub gateway: Option<GatewayFile>,
+    /// Discovery authentication.
+    #[serde(default)]
+    pub discovery: DiscoveryFile,
+    /// Targets.
+    #[serde(default)]
+    pub target: Vec<TargetFile>,
+}
+
+/// Backend kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A file or block device through io_uring.
+    File,
+    /// Memory (tests, demos).
+    Mem,
+}
+
+/// O_DIRECT policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direct {
+    /// Use O_DIRECT where the filesystem supports it.
+    Auto,
+    /// Require O_DIRECT.
+    On,
+    /// Never.
+    Off,
+}
+
+/// CHAP user and secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Chap {
+    /// Name.
+    pub user: String,
+    /// Secret.
+    pub secret: String,
+}
+
+impl fmt::Debug for Chap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Chap")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A validated LUN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lun {
+    /// LUN number.
+    pub id: u64,
+    /// Backend.
+    pub backend: Backend,
+    /// Backing path.
+    pub path: Option<PathBuf>,
+    /// Size in bytes, if given.
+    pub size: Option<u64>,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Read-only.
+    pub read_only: bool,
+    /// O_DIRECT policy.
+    pub direct: Direct,
+    /// Serial number.
+    pub serial: Option<String>,
+    /// Removable.
+    pub removable: bool,
+}
+
+/// A validated target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// IQN.
+    pub iqn: String,
+    /// Alias.
+    pub alias: Option<String>,
+    /// Portal group tag.
+    pub portal_group_tag: u16,
+    /// Advertised addresses.
+    pub advertise: Vec<String>,
+    /// ACL.
+    pub allowed_initiators: Vec<String>,
+    /// One-way CHAP.
+    pub chap: Option<Chap>,
+    /// Mutual CHAP.
+    pub mutual_chap: Option<Chap>,
+    /// LUNs.
+    pub luns: Vec<Lun>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where it came from.
+    pub file: PathBuf,
+    /// Listen addresses.
+    pub portals: Vec<SocketAddr>,
+    /// State directory.
+    pub state_dir: Option<PathBuf>,
+    /// Worker threads (0: per CPU).
+    pub workers: usize,
+    /// Command window.
+    pub queue_depth: u32,
+    /// NOP-In interval (0: off).
+    pub nop_interval_secs: u64,
+    /// NOP-In answer timeout.
+    pub nop_timeout_secs: u64,
+    /// Negotiation limits.
+    pub max_recv_data_segment_length: u32,
+    /// Negotiation limits.
+    pub max_burst_length: u32,
+    /// Negotiation limits.
+    pub first_burst_length: u32,
+    /// Negotiation limits.
+    pub max_outstanding_r2t: u32,
+    /// ImmediateData allowed.
+    pub immediate_data: bool,
+    /// InitialR2T required.
+    pub initial_r2t: bool,
+    /// Digests allowed.
+    pub digests: bool,
+    /// Discovery CHAP.
+    pub discovery_chap: Option<Chap>,
+    /// Discovery mutual CHAP.
+    pub discovery_mutual_chap: Option<Chap>,
+    /// Targets.
+    pub targets: Vec<Target>,
+}
+
+/// Whether `s` is a plausible iSCSI name (iqn., eui. or naa. format, RFC 7143 §4.2.7).
+pub fn valid_iscsi_name(s: &str) -> bool {
+    if s.len() > 223 || s.is_empty() {
+        return false;
+    }
+    let lower = s.to_ascii_lowercase();
+    if let Some(rest) = lower.strip_prefix("iqn.") {
+        // iqn.yyyy-mm.reversed.domain[:anything]
+        let b = rest.as_bytes();
+        b.len() > 8
+            && b[..4].iter().all(u8::is_ascii_digit)
+            && b[4] == b'-'
+            && b[5..7].iter().all(u8::is_ascii_digit)
+            && b[7] == b'.'
+            && lower
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b".-:".contains(&c))
+    } else if let Some(hex) = lower.strip_prefix("eui.") {
+        hex.len() == 16 && hex.bytes().all(|c| c.is_ascii_hexdigit())
+    } else if let Some(hex) = lower.strip_prefix("naa.") {
+        (hex.len() == 16 || hex.len() == 32) && hex.bytes().all(|c| c.is_ascii_hexdigit())
+    } else {
+        false
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    src: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(
+        &self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
+        let (line, col) = if span == (0..0) {
+            (0, 0)
+        } else {
+            line_col(self.src, span.start)
+        };
+        ConfigError {
+            file: self.file.into(),
+            line,
+            col,
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+
+    fn chap(&self, c: &Option<ChapFile>, key: &str) -> Result<Option<Chap>, ConfigError> {
+        let Some(c) = c else { return Ok(None) };
+        if c.user.get_ref().is_empty() {
+            return Err(self.err(c.user.span(), format!("{key}.user"), "must not be empty"));
+        }
+        let len = c.secret.get_ref().len();
+        if !(12..=255).contains(&len) {
+            return Err(self.err(
+                c.secret.span(),
+                format!("{key}.secret"),
+                format!(
+                    "CHAP secrets must be 12 to 255 characters (RFC 7143 asks for at least \
+                     96 bits); this one has {len}"
+                ),
+            ));
+        }
+        Ok(Some(Chap {
+            user: c.user.get_ref().clone(),
+            secret: c.secret.get_ref().clone(),
+        }))
+    }
+}
+
+impl Config {
+    /// Read and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.into(),
+            line: 0,
+            col: 0,
+            key: String::new(),
+            msg: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &src)
+    }
+
+    /// Parse and validate configuration text (`path` is used in messages).
+    pub fn parse(path: &Path, src: &str) -> Result<Self, ConfigError> {
+        let cx = Ctx { file: path, src };
+        let raw: ConfigFile = toml::from_str(src).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let (line, col) = line_col(src, span.start);
+            // The key is the text left of '=' on the offending line, when there is one.
+            let key = src
+                .lines()
+                .nth(line.saturating_sub(1))
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim().to_string())
+                .unwrap_or_default();
+            ConfigError {
+                file: path.into(),
+                line,
+                col,
+                key,
+                msg: e.message().trim().to_string(),
+            }
+        })?;
+        let g = raw.gateway.clone().unwrap_or_else(|| {
+            toml::from_str::<GatewayFile>("").expect("the empty gateway section has defaults")
+        });
+        let mut portals = Vec::new();
+        for (i, p) in g.portals.iter().enumerate() {
+            let a: SocketAddr = p.get_ref().parse().map_err(|_| {
+                cx.err(
+                    p.span(),
+                    format!("gateway.portals[{i}]"),
+                    format!("not an address:port: {:?}", p.get_ref()),
+                )
+            })?;
+            portals.push(a);
+        }
+        if portals.is_empty() {
+            return Err(cx.err(0..0, "gateway.portals", "at least one portal is needed"));
+        }
+        let check_range = |v: &Spanned<u32>, key: &str, lo: u32, hi: u32| {
+            let n = *v.get_ref();
+            if (lo..=hi).contains(&n) {
+                Ok(n)
+            } else {
+                Err(cx.err(
+                    v.span(),
+                    key,
+                    format!("must be between {lo} and {hi} (got {n})"),
+                ))
+            }
+        };
+        let queue_depth = check_range(&g.queue_depth, "gateway.queue_depth", 1, 65536)?;
+        let mrdsl = check_range(
+            &g.max_recv_data_segment_length,
+            "gateway.max_recv_data_segment_length",
+            512,
+            16_777_215,
+        )?;
+        let max_burst = check_range(
+            &g.max_burst_length,
+            "gateway.max_burst_length",
+            512,
+            16_777_215,
+        )?;
+        let first_burst = check_range(
+            &g.first_burst_length,
+            "gateway.first_burst_length",
+            512,
+            16_777_215,
+        )?;
+        let max_r2t = check_range(
+            &g.max_outstanding_r2t,
+            "gateway.max_outstanding_r2t",
+            1,
+            65535,
+        )?;
+        let mut targets: Vec<Target> = Vec::new();
+        for (ti, t) in raw.target.iter().enumerate() {
+            let key = format!("target[{ti}]");
+            let iqn = t.iqn.get_ref().clone();
+            if !valid_iscsi_name(&iqn) {
+                return Err(cx.err(
+                    t.iqn.span(),
+                    format!("{key}.iqn"),
+                    format!("not an iSCSI name (iqn.YYYY-MM.domain:name, eui. or naa.): {iqn:?}"),
+                ));
+            }
+            if targets.iter().any(|o| o.iqn.eq_ignore_ascii_case(&iqn)) {
+                return Err(cx.err(t.iqn.span(), format!("{key}.iqn"), "duplicate target IQN"));
+            }
+            for (i, a) in t.advertise.iter().enumerate() {
+                if a.get_ref()
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    return Err(cx.err(
+                        a.span(),
+                        format!("{key}.advertise[{i}]"),
+                        "expected host:port",
+                    ));
+                }
+            }
+            for (i, a) in t.allowed_initiators.iter().enumerate() {
+                if !valid_iscsi_name(a.get_ref()) {
+                    return Err(cx.err(
+                        a.span(),
+                        format!("{key}.allowed_initiators[{i}]"),
+                        format!("not an iSCSI name: {:?}", a.get_ref()),
+                    ));
+                }
+            }
+            let chap = cx.chap(&t.chap, &format!("{key}.chap"))?;
+            let mutual_chap = cx.chap(&t.mutual_chap, &format!("{key}.mutual_chap"))?;
+            if let (Some(m), None) = (&t.mutual_chap, &chap) {
+                return Err(cx.err(
+                    m.user.span(),
+                    format!("{key}.mutual_chap"),
+                    "mutual CHAP needs one-way CHAP (`chap`) too",
+                ));
+            }
+            if let (Some(a), Some(b), Some(m)) = (&chap, &mutual_chap, &t.mutual_chap) {
+                if a.secret == b.secret {
+                    return Err(cx.err(
+                        m.secret.span(),
+                        format!("{key}.mutual_chap.secret"),
+                        "must differ from the one-way CHAP secret",
+                    ));
+                }
+            }
+            let mut luns: Vec<Lun> = Vec::new();
+            for (li, l) in t.lun.iter().enumerate() {
+                let lkey = format!("{key}.lun[{li}]");
+                let id = *l.id.get_ref();
+                if id > 16383 {
+                    return Err(cx.err(
+                        l.id.span(),
+                        format!("{lkey}.id"),
+                        "LUNs go from 0 to 16383",
+                    ));
+                }
+                if luns.iter().any(|o| o.id == id) {
+                    return Err(cx.err(l.id.span(), format!("{lkey}.id"), "duplicate LUN id"));
+                }
+                let backend = match l.backend.get_ref().as_str() {
+                    "file" => Backend::File,
+                    "mem" => Backend::Mem,
+                    other => {
+                        return Err(cx.err(
+                            l.backend.span(),
+                            format!("{lkey}.backend"),
+                            format!("unknown backend {other:?} (this gateway has: file, mem)"),
+                        ))
+                    }
+                };
+                let bs = *l.block_size.get_ref();
+                if bs != 512 && bs != 4096 {
+                    return Err(cx.err(
+                        l.block_size.span(),
+                        format!("{lkey}.block_size"),
+                        format!("must be 512 or 4096 (got {bs})"),
+                    ));
+                }
+                let size = match &l.size {
+                    None => None,
+                    Some(s) => {
+                        let n = match s.get_ref() {
+                            SizeValue::Bytes(n) => *n,
+                            SizeValue::Text(t) => parse_size(t)
+                                .map_err(|m| cx.err(s.span(), format!("{lkey}.size"), m))?,
+                        };
+                        if n == 0 || n % bs as u64 != 0 {
+                            return Err(cx.err(
+                                s.span(),
+                                format!("{lkey}.size"),
+                                format!("must be a non-zero multiple of the block size {bs}"),
+                            ));
+                        }
+                        Some(n)
+                    }
+                };
+                let path = l.path.as_ref().map(|p| PathBuf::from(p.get_ref()));
+                match backend {
+                    Backend::File if path.is_none() => {
+                        return Err(cx.err(
+                            l.backend.span(),
+                            format!("{lkey}.path"),
+                            "the file backend needs a path",
+                        ))
+                    }
+                    Backend::Mem if size.is_none() => {
+                        return Err(cx.err(
+                            l.backend.span(),
+                            format!("{lkey}.size"),
+                            "the mem backend needs a size",
+                        ))
+                    }
+                    _ => {}
+                }
+                let direct = match l.direct.get_ref().as_str() {
+                    "auto" => Direct::Auto,
+                    "on" => Direct::On,
+                    "off" => Direct::Off,
+                    other => {
+                        return Err(cx.err(
+                            l.direct.span(),
+                            format!("{lkey}.direct"),
+                            format!("must be auto, on or off (got {other:?})"),
+                        ))
+                    }
+                };
+                let serial = l.serial.as_ref().map(|s| s.get_ref().clone());
+                if let (Some(s), Some(sp)) = (&serial, &l.serial) {
+                    if s.is_empty() || s.len() > 64 || !s.bytes().all(|c| c.is_ascii_graphic()) {
+                        return Err(cx.err(
+                            sp.span(),
+                            format!("{lkey}.serial"),
+                            "1 to 64 printable ASCII characters",
+                        ));
+                    }
+                }
+                luns.push(Lun {
+                    id,
+                    backend,
+                    path,
+                    size,
+                    block_size: bs,
+                    read_only: l.read_only,
+                    direct,
+                    serial,
+                    removable: l.removable,
+                });
+            }
+            targets.push(Target {
+                iqn,
+                alias: t.alias.clone(),
+                portal_group_tag: t.portal_group_tag,
+                advertise: t.advertise.iter().map(|a| a.get_ref().clone()).collect(),
+                allowed_initiators: t
+                    .allowed_initiators
+                    .iter()
+                    .map(|a| a.get_ref().clone())
+                    .collect(),
+                chap,
+                mutual_chap,
+                luns,
+            });
+        }
+        let discovery_chap = cx.chap(&raw.discovery.chap, "discovery.chap")?;
+        let discovery_mutual_chap = cx.chap(&raw.discovery.mutual_chap, "discovery.mutual_chap")?;
+        Ok(Self {
+            file: path.into(),
+            portals,
+            state_dir: g.state_dir.as_ref().map(|s| PathBuf::from(s.get_ref())),
+            workers: g.workers,
+            queue_depth,
+            nop_interval_secs: g.nop_interval_secs,
+            nop_timeout_secs: g.nop_timeout_secs.max(1),
+            max_recv_data_segment_length: mrdsl,
+            max_burst_length: max_burst,
+            first_burst_length: first_burst,
+            max_outstanding_r2t: max_r2t,
+            immediate_data: g.immediate_data,
+            initial_r2t: g.initial_r2t,
+            digests: g.digests,
+            discovery_chap,
+            discovery_mutual_chap,
+            targets,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), s)
+    }
+
+    const GOOD: &str = r#"
+[gateway]
+portals = ["127.0.0.1:3260"]
+
+[[target]]
+iqn = "iqn.2024-01.io.tessera:disk1"
+chap = { user = "alice", secret = "0123456789abcdef" }
+
+[[target.lun]]
+id = 0
+backend = "mem"
+size = "64MiB"
+block_size = 4096
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.portals, vec!["127.0.0.1:3260".parse().unwrap()]);
+        assert_eq!(c.targets[0].luns[0].size, Some(64 << 20));
+        assert_eq!(c.targets[0].luns[0].block_size, 4096);
+        assert_eq!(c.targets[0].chap.as_ref().unwrap().user, "alice");
+        assert_eq!(c.queue_depth, 128);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let bad = GOOD.replace("block_size = 4096", "block_size = 1000");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (13, "target[0].lun[0].block_size")
+        );
+        assert_eq!(
+            e.to_string(),
+            "t.toml:13:14: key `target[0].lun[0].block_size`: must be 512 or 4096 (got 1000)"
+        );
+        let unknown = GOOD.replace("block_size = 4096", "blocksize = 4096");
+        let e = parse(&unknown).unwrap_err();
+        assert_eq!(e.line, 13);
+        assert_eq!(e.key, "blocksize");
+        assert!(e.msg.contains("unknown field `blocksize`"), "{}", e.msg);
+        let short = GOOD.replace("0123456789abcdef", "short");
+        let e = parse(&short).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (7, "target[0].chap.secret"));
+        let iqn = GOOD.replace("iqn.2024-01.io.tessera:disk1", "disk1");
+        assert_eq!(parse(&iqn).unwrap_err().key, "target[0].iqn");
+        let syntax = GOOD.replace("id = 0", "id = ");
+        let e = parse(&syntax).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (10, "id"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("1 MiB"), Ok(1 << 20));
+        assert!(parse_size("1x").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn iscsi_names() {
+        assert!(valid_iscsi_name("iqn.2024-01.io.tessera:disk1"));
+        assert!(valid_iscsi_name("eui.02004567A425678D"));
+        assert!(valid_iscsi_name("naa.52004567BA64678D"));
+        assert!(!valid_iscsi_name("iqn.24-01.x"));
+        assert!(!valid_iscsi_name("iqn.2024-01.io tessera"));
+        assert!(!valid_iscsi_name(""));
+    }
+
+    #[test]
+    fn mutual_chap_rules() {
+        let m = GOOD.replace(
+            "chap = { user = \"alice\", secret = \"0123456789abcdef\" }",
+            "chap = { user = \"alice\", secret = \"0123456789abcdef\" }\n\
+             mutual_chap = { user = \"tgt\", secret = \"0123456789abcdef\" }",
+        );
+        assert_eq!(parse(&m).unwrap_err().key, "target[0].mutual_chap.secret");
+    }
+}

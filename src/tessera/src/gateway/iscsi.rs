@@ -1,0 +1,375 @@
+//! The tokio driver of one iSCSI connection: socket bytes in and out of the sans-IO
+//! [`Connection`], commands to the SCSI target, timers.
+//!
+//! All of it runs on one worker's current-thread runtime. Commands execute concurrently as
+//! futures in a `FuturesUnordered` owned by the connection's task; after every wake-up the
+//! driver takes every completion that is ready, then writes all queued PDUs with one
+//! vectored write, so a burst of commands costs a few syscalls, not a few per command.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_util::future::{AbortHandle, Abortable};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use rand::Rng;
+use tessera_proto::iscsi::conn::{
+    CloseReason, Command, Completion, ConnConfig, Connection, Event, TmfEvent,
+};
+use tessera_proto::iscsi::framer::TxQueue;
+use tessera_proto::iscsi::login::{LoginSetup, SessionType};
+use tessera_proto::iscsi::pdu::{attr, tmf};
+use tessera_target::{Nexus, ScsiCommand, Target, TaskAttr, TmfFunction, TmfResponse};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::session::{wait_gone, Registration};
+use super::Gateway;
+
+/// Stop reading while this much is queued for the initiator (it is not reading).
+const TX_HIGH_WATER: usize = 8 << 20;
+/// Largest write command accepted (matches the Block Limits VPD page's maximum transfer).
+const MAX_WRITE_TRANSFER: u32 = 32 << 20;
+/// Write data a connection may hold before R2Ts wait.
+const WRITE_BUDGET: usize = 256 << 20;
+
+type CmdFuture = Pin<Box<dyn Future<Output = (u32, Option<Completion>)>>>;
+
+struct Session {
+    target: Arc<Target>,
+    nexus: Arc<Nexus>,
+    registration: Registration,
+}
+
+fn task_attr(a: u8) -> TaskAttr {
+    match a {
+        attr::UNTAGGED => TaskAttr::Untagged,
+        attr::ORDERED => TaskAttr::Ordered,
+        attr::HEAD_OF_QUEUE => TaskAttr::HeadOfQueue,
+        attr::ACA => TaskAttr::Aca,
+        _ => TaskAttr::Simple,
+    }
+}
+
+fn tmf_function(t: &TmfEvent) -> Option<TmfFunction> {
+    Some(match t.function {
+        tmf::ABORT_TASK => TmfFunction::AbortTask { tag: t.rtt },
+        tmf::ABORT_TASK_SET => TmfFunction::AbortTaskSet,
+        tmf::CLEAR_ACA => TmfFunction::ClearAca,
+        tmf::CLEAR_TASK_SET => TmfFunction::ClearTaskSet,
+        tmf::LOGICAL_UNIT_RESET => TmfFunction::LogicalUnitReset,
+        tmf::TARGET_WARM_RESET => TmfFunction::TargetWarmReset,
+        tmf::TARGET_COLD_RESET => TmfFunction::TargetColdReset,
+        _ => return None,
+    })
+}
+
+fn tmf_code(r: TmfResponse) -> u8 {
+    match r {
+        TmfResponse::Complete => 0,
+        TmfResponse::NoSuchTask => 1,
+        TmfResponse::NoSuchLun => 2,
+        TmfResponse::StillAllegiant => 3,
+        TmfResponse::ReassignNotSupported => 4,
+        TmfResponse::NotSupported => 5,
+        TmfResponse::AuthFailed => 6,
+        TmfResponse::Rejected => 255,
+    }
+}
+
+fn hex6(b: &[u8; 6]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Write as much of `tx` as the socket takes. `Ok(true)`: everything was written.
+fn flush(stream: &TcpStream, tx: &mut TxQueue) -> io::Result<bool> {
+    while !tx.is_empty() {
+        let iov: Vec<IoSlice<'_>> = tx.segments().take(64).map(IoSlice::new).collect();
+        match stream.try_write_vectored(&iov) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => tx.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Serve one connection until it closes.
+pub(super) async fn serve(
+    gw: Arc<Gateway>,
+    s: std::net::TcpStream,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = match s.local_addr() {
+        Ok(a) => a.to_string(),
+        Err(e) => {
+            warn!(%peer, "connection without a local address: {e}");
+            return;
+        }
+    };
+    if let Err(e) = s.set_nonblocking(true) {
+        warn!(%peer, "set_nonblocking: {e}");
+        return;
+    }
+    let stream = match TcpStream::from_std(s) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%peer, "register connection: {e}");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut challenge = [0u8; 16];
+    rand::thread_rng().fill(&mut challenge);
+    let cfg = ConnConfig {
+        login: LoginSetup {
+            directory: gw.directory.clone(),
+            limits: gw.limits.clone(),
+            tsih: gw.alloc_tsih(),
+            chap_id: rand::thread_rng().gen(),
+            chap_challenge: challenge,
+            cmd_window: gw.cfg.queue_depth,
+        },
+        local_portal: local,
+        nop_interval: (gw.cfg.nop_interval_secs > 0)
+            .then(|| Duration::from_secs(gw.cfg.nop_interval_secs)),
+        nop_timeout: Duration::from_secs(gw.cfg.nop_timeout_secs),
+        login_timeout: Duration::from_secs(15),
+        max_write_transfer: MAX_WRITE_TRANSFER,
+        write_budget: WRITE_BUDGET,
+    };
+    let mut conn = Connection::new(cfg, Instant::now());
+    let mut session: Option<Session> = None;
+    let mut rbuf = BytesMut::with_capacity(256 * 1024);
+    let mut inflight: FuturesUnordered<CmdFuture> = FuturesUnordered::new();
+    let mut aborts: HashMap<u32, AbortHandle> = HashMap::new();
+    let mut closing = false;
+    let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+    let sleep = tokio::time::sleep_until(far);
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
+    let never = Arc::new(tokio::sync::Notify::new());
+    debug!(%peer, "connection accepted");
+
+    'outer: loop {
+        // Events and ready completions until nothing moves.
+        loop {
+            let mut progress = false;
+            while let Some(ev) = conn.poll_event() {
+                progress = true;
+                match ev {
+                    Event::LoggedIn(o) => {
+                        if o.session_type == SessionType::Discovery {
+                            info!(%peer, initiator = %o.initiator_name, "discovery session");
+                            continue;
+                        }
+                        let Some(te) = o.target.as_ref() else {
+                            break 'outer;
+                        };
+                        let Some(target) = gw.targets.get(&te.name.to_ascii_lowercase()).cloned()
+                        else {
+                            break 'outer;
+                        };
+                        let nexus = Arc::new(Nexus {
+                            id: gw.alloc_nexus_id(),
+                            initiator_name: o.initiator_name.as_str().into(),
+                            initiator_port: format!("{},i,0x{}", o.initiator_name, hex6(&o.isid))
+                                .into(),
+                            target_port: format!("{},t,0x{:04x}", te.name, te.portal_group_tag)
+                                .into(),
+                            relative_port: te.portal_group_tag.max(1),
+                            port_group: te.portal_group_tag,
+                        });
+                        let key = (
+                            o.initiator_name.to_ascii_lowercase(),
+                            o.isid,
+                            te.name.to_ascii_lowercase(),
+                        );
+                        let (registration, replaced) = gw.sessions.register(key, nexus.id);
+                        if let Some(old) = replaced {
+                            info!(%peer, initiator = %o.initiator_name, "reinstating session");
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(10), wait_gone(old)).await;
+                        }
+                        info!(
+                            %peer,
+                            initiator = %o.initiator_name,
+                            target = %te.name,
+                            header_digest = o.params.header_digest,
+                            data_digest = o.params.data_digest,
+                            "login"
+                        );
+                        session = Some(Session {
+                            target,
+                            nexus,
+                            registration,
+                        });
+                    }
+                    Event::Command(c) => {
+                        let Some(s) = &session else { continue };
+                        let (handle, reg) = AbortHandle::new_pair();
+                        aborts.insert(c.itt, handle);
+                        inflight.push(command_future(s, c, reg));
+                    }
+                    Event::TaskMgmt(t) => {
+                        for itt in &t.aborted {
+                            if let Some(h) = aborts.remove(itt) {
+                                h.abort();
+                            }
+                        }
+                        let code = match (&session, tmf_function(&t)) {
+                            (Some(s), Some(f)) => {
+                                tmf_code(s.target.task_mgmt(&s.nexus, t.lun, f).await)
+                            }
+                            _ => 5,
+                        };
+                        conn.complete_tmf(t.itt, t.function, code);
+                    }
+                    Event::Close(why) => {
+                        match &why {
+                            CloseReason::Logout => debug!(%peer, "logout"),
+                            CloseReason::LoginFailed(f) => info!(%peer, "login failed: {f}"),
+                            other => info!(%peer, "closing connection: {other:?}"),
+                        }
+                        closing = true;
+                    }
+                }
+            }
+            while let Some(Some((itt, c))) = inflight.next().now_or_never() {
+                progress = true;
+                aborts.remove(&itt);
+                if let Some(c) = c {
+                    conn.complete(itt, c);
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        match flush(&stream, conn.tx()) {
+            Ok(_) => {}
+            Err(e) => {
+                debug!(%peer, "write: {e}");
+                break;
+            }
+        }
+        if (closing || conn.is_closed()) && conn.tx().is_empty() {
+            break;
+        }
+        if *shutdown.borrow() && inflight.is_empty() && conn.tx().is_empty() {
+            break;
+        }
+        let mut interest: Option<Interest> = None;
+        if !closing && !*shutdown.borrow() && conn.tx().len() < TX_HIGH_WATER {
+            interest = Some(Interest::READABLE);
+        }
+        if !conn.tx().is_empty() {
+            interest = Some(interest.map_or(Interest::WRITABLE, |i| i | Interest::WRITABLE));
+        }
+        let deadline = conn.poll_timeout();
+        if deadline != armed {
+            armed = deadline;
+            let at = deadline.map_or(far, tokio::time::Instant::from_std);
+            sleep.as_mut().reset(at);
+        }
+        let kill = session
+            .as_ref()
+            .map_or(never.clone(), |s| s.registration.kill.clone());
+        tokio::select! {
+            biased;
+            r = async { stream.ready(interest.expect("guarded")).await }, if interest.is_some() => {
+                match r {
+                    Ok(ready) if ready.is_readable() => {
+                        let mut eof = false;
+                        loop {
+                            rbuf.reserve(64 * 1024);
+                            match stream.try_read_buf(&mut rbuf) {
+                                Ok(0) => { eof = true; break; }
+                                Ok(_) => {}
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                                Err(e) => { debug!(%peer, "read: {e}"); eof = true; break; }
+                            }
+                            if rbuf.len() >= 4 << 20 { break; }
+                        }
+                        conn.handle_input(&mut rbuf, Instant::now());
+                        if eof {
+                            debug!(%peer, "peer closed the connection");
+                            break 'outer;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => { debug!(%peer, "poll: {e}"); break 'outer; }
+                }
+            }
+            Some((itt, c)) = inflight.next(), if !inflight.is_empty() => {
+                aborts.remove(&itt);
+                if let Some(c) = c {
+                    conn.complete(itt, c);
+                }
+            }
+            _ = &mut sleep, if armed.is_some() => {
+                conn.handle_timeout(Instant::now());
+                armed = None;
+                sleep.as_mut().reset(far);
+            }
+            _ = kill.notified() => {
+                info!(%peer, "session replaced by a new login");
+                break 'outer;
+            }
+            _ = shutdown.changed() => {}
+        }
+    }
+    for (_, h) in aborts.drain() {
+        h.abort();
+    }
+    drop(inflight);
+    if let Some(s) = session.take() {
+        s.target.nexus_gone(&s.nexus);
+        gw.sessions.unregister(&s.registration);
+        debug!(%peer, "session ended");
+    }
+}
+
+fn command_future(
+    s: &Session,
+    c: Command,
+    reg: futures_util::future::AbortRegistration,
+) -> CmdFuture {
+    let target = s.target.clone();
+    let nexus = s.nexus.clone();
+    let itt = c.itt;
+    let lun = c.lun;
+    let cmd = ScsiCommand {
+        cdb: c.cdb,
+        data_out: c.data,
+        expected_len: c.edtl,
+        read: c.read,
+        write: c.write,
+        attr: task_attr(c.attr),
+        tag: c.itt,
+    };
+    Box::pin(
+        Abortable::new(
+            async move {
+                let r = target.execute(&nexus, lun, &cmd).await;
+                Completion {
+                    status: r.status,
+                    sense: r.sense,
+                    data: r.data_in,
+                    transfer_len: r.transfer_len,
+                }
+            },
+            reg,
+        )
+        .map(move |r| (itt, r.ok())),
+    )
+}

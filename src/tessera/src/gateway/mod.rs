@@ -1,0 +1,438 @@
+//! The gateway daemon: targets and LUNs from the configuration, iSCSI portals, and one event
+//! loop per core.
+//!
+//! Threading: an acceptor on the main thread hands each new connection to a worker thread
+//! (round robin). A worker runs a tokio current-thread runtime with a `LocalSet`; a connection
+//! and every command it carries stay on that worker, including the backend's io_uring ring,
+//! so a command's path never crosses cores. Targets and LUNs are shared by all workers.
+
+mod iscsi;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tessera_proto::block::{BlockDevice, MemDevice};
+use tessera_proto::iscsi::chap::Credentials;
+use tessera_proto::iscsi::keys::Limits;
+use tessera_proto::iscsi::login::{Directory, TargetEntry};
+use tessera_store::{DirectMode, FileDevice, FileOptions};
+use tessera_target::{FilePrStore, LogicalUnit, LuConfig, PrStore, Target};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::config::{self, Backend, Config};
+
+pub use session::SessionRegistry;
+
+/// Everything the workers share.
+pub struct Gateway {
+    /// The validated configuration.
+    pub cfg: Config,
+    /// Targets by lower-case IQN.
+    pub targets: HashMap<String, Arc<Target>>,
+    /// What login and discovery see.
+    pub directory: Arc<Directory>,
+    /// Negotiation limits.
+    pub limits: Limits,
+    /// Sessions, for reinstatement.
+    pub sessions: SessionRegistry,
+    devices: Vec<Arc<dyn BlockDevice>>,
+    next_tsih: AtomicU16,
+    next_nexus: AtomicU64,
+}
+
+/// FNV-1a: a stable hash for identifiers derived from names (std's hasher may change between
+/// Rust releases; these values must not).
+pub fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter().chain(std::iter::once(&0xffu8)) {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn creds(c: &Option<config::Chap>) -> Option<Credentials> {
+    c.as_ref().map(|c| Credentials {
+        user: c.user.clone(),
+        secret: c.secret.clone().into_bytes(),
+    })
+}
+
+fn open_device(lun: &config::Lun) -> anyhow::Result<Arc<dyn BlockDevice>> {
+    Ok(match lun.backend {
+        Backend::Mem => Arc::new(MemDevice::new(
+            lun.size.context("mem backend needs a size")?,
+        )),
+        Backend::File => {
+            let path = lun.path.as_ref().context("file backend needs a path")?;
+            if let Some(parent) = path.parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {}", parent.display()))?;
+                }
+            }
+            let opts = FileOptions {
+                size_bytes: lun.size,
+                read_only: lun.read_only,
+                direct: match lun.direct {
+                    config::Direct::Auto => DirectMode::Auto,
+                    config::Direct::On => DirectMode::On,
+                    config::Direct::Off => DirectMode::Off,
+                },
+                block_size: lun.block_size,
+                ..FileOptions::default()
+            };
+            Arc::new(
+                FileDevice::open(path, opts).with_context(|| {
+                    format!("opening LUN {} backing {}", lun.id, path.display())
+                })?,
+            )
+        }
+    })
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Gateway {
+    /// Open every LUN's backend and build the targets.
+    pub fn build(cfg: Config) -> anyhow::Result<Self> {
+        let mut targets = HashMap::new();
+        let mut entries = Vec::new();
+        let mut devices = Vec::new();
+        if let Some(dir) = &cfg.state_dir {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating state directory {}", dir.display()))?;
+        }
+        for t in &cfg.targets {
+            let target = Target::new(&t.iqn);
+            for l in &t.luns {
+                let dev = open_device(l)?;
+                devices.push(dev.clone());
+                let id_hash =
+                    stable_hash(&[t.iqn.to_ascii_lowercase().as_bytes(), &l.id.to_be_bytes()]);
+                let serial = l
+                    .serial
+                    .clone()
+                    .unwrap_or_else(|| format!("TSR{:016X}", id_hash));
+                let lu_cfg = LuConfig {
+                    block_size: l.block_size,
+                    read_only: l.read_only,
+                    removable: l.removable,
+                    vendor: "TESSERA".into(),
+                    product: "VIRTUAL-DISK".into(),
+                    revision: env!("CARGO_PKG_VERSION")
+                        .chars()
+                        .filter(|c| *c != '.')
+                        .take(4)
+                        .collect(),
+                    serial,
+                    naa_id: id_hash,
+                };
+                let pr: Option<Box<dyn PrStore>> = cfg.state_dir.as_ref().map(|d| {
+                    let p = d
+                        .join("pr")
+                        .join(format!("{}-lun{}.json", sanitize(&t.iqn), l.id));
+                    Box::new(FilePrStore::new(p)) as Box<dyn PrStore>
+                });
+                let lu = LogicalUnit::new(lu_cfg, dev, pr)
+                    .with_context(|| format!("LUN {} of {}", l.id, t.iqn))?;
+                target.add_lun(l.id, Arc::new(lu));
+            }
+            targets.insert(t.iqn.to_ascii_lowercase(), Arc::new(target));
+            entries.push(TargetEntry {
+                name: t.iqn.clone(),
+                alias: t.alias.clone(),
+                chap: creds(&t.chap),
+                mutual_chap: creds(&t.mutual_chap),
+                allowed_initiators: t.allowed_initiators.clone(),
+                portal_group_tag: t.portal_group_tag,
+                portals: t.advertise.clone(),
+                redirect: None,
+            });
+        }
+        let directory = Arc::new(Directory {
+            targets: entries,
+            discovery_chap: creds(&cfg.discovery_chap),
+            discovery_mutual_chap: creds(&cfg.discovery_mutual_chap),
+        });
+        let limits = Limits {
+            max_recv_data_segment_length: cfg.max_recv_data_segment_length,
+            max_burst_length: cfg.max_burst_length,
+            first_burst_length: cfg.first_burst_length,
+            immediate_data: cfg.immediate_data,
+            initial_r2t: cfg.initial_r2t,
+            max_outstanding_r2t: cfg.max_outstanding_r2t,
+            allow_header_digest: cfg.digests,
+            allow_data_digest: cfg.digests,
+        };
+        Ok(Self {
+            cfg,
+            targets,
+            directory,
+            limits,
+            sessions: SessionRegistry::default(),
+            devices,
+            next_tsih: AtomicU16::new(1),
+            next_nexus: AtomicU64::new(1),
+        })
+    }
+
+    /// A fresh TSIH (never 0).
+    pub fn alloc_tsih(&self) -> u16 {
+        loop {
+            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+
+    /// A fresh I_T nexus id.
+    pub fn alloc_nexus_id(&self) -> u64 {
+        self.next_nexus.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Handle to a running gateway.
+pub struct Running {
+    /// The addresses the portals listen on.
+    pub portals: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    gateway: Arc<Gateway>,
+}
+
+impl Running {
+    /// Stop accepting, let connections finish their commands (bounded), flush the backends.
+    pub fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        flush_all(&self.gateway);
+    }
+}
+
+fn flush_all(gw: &Gateway) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot flush backends: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        for d in &gw.devices {
+            if let Err(e) = d.flush().await {
+                warn!("flush on shutdown failed: {e}");
+            }
+        }
+    });
+}
+
+/// Bind the portals and start the workers.
+pub fn start(gw: Gateway) -> anyhow::Result<Running> {
+    let gw = Arc::new(gw);
+    let mut listeners = Vec::new();
+    for p in &gw.cfg.portals {
+        let l = std::net::TcpListener::bind(p).with_context(|| format!("binding portal {p}"))?;
+        l.set_nonblocking(true)?;
+        listeners.push(l);
+    }
+    let portals: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let workers = match gw.cfg.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut senders = Vec::new();
+    let mut threads = Vec::new();
+    for i in 0..workers {
+        let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+        senders.push(tx);
+        let gw = gw.clone();
+        let sd = shutdown_rx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("tessera-w{i}"))
+                .spawn(move || worker(gw, rx, sd))?,
+        );
+    }
+    let sd = shutdown_rx;
+    threads.push(
+        std::thread::Builder::new()
+            .name("tessera-accept".into())
+            .spawn(move || {
+                acceptor(listeners, senders, sd);
+            })?,
+    );
+    for p in &portals {
+        info!(portal = %p, workers, "iSCSI portal listening");
+    }
+    Ok(Running {
+        portals,
+        shutdown,
+        threads,
+        gateway: gw,
+    })
+}
+
+fn acceptor(
+    listeners: Vec<std::net::TcpListener>,
+    workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("acceptor runtime: {e}");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let mut ls = Vec::new();
+        for l in listeners {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => ls.push(l),
+                Err(e) => error!("listener: {e}"),
+            }
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for l in ls {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    match l.accept().await {
+                        Ok((s, _)) => {
+                            if tx.send(s).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!("accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+        let mut next = 0usize;
+        loop {
+            tokio::select! {
+                s = rx.recv() => {
+                    let Some(s) = s else { return };
+                    let Ok(s) = s.into_std() else { continue };
+                    if workers[next % workers.len()].send(s).is_err() {
+                        return;
+                    }
+                    next += 1;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+}
+
+fn worker(
+    gw: Arc<Gateway>,
+    mut rx: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("worker runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                s = rx.recv() => {
+                    let Some(s) = s else { break };
+                    let gw = gw.clone();
+                    let sd = shutdown.clone();
+                    conns.spawn_local(async move { iscsi::serve(gw, s, sd).await });
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Connections see the shutdown too; give them time to finish in-flight commands.
+        let deadline = tokio::time::sleep(Duration::from_secs(8));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                r = conns.join_next() => if r.is_none() { break },
+                _ = &mut deadline => {
+                    warn!("{} connections did not finish in time", conns.len());
+                    conns.abort_all();
+                    break;
+                }
+            }
+        }
+    });
+}
+
+/// Run the gateway from a configuration file until SIGINT or SIGTERM.
+pub fn run_config(path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let gw = Gateway::build(cfg)?;
+    let running = start(gw)?;
+    wait_for_signal()?;
+    info!("stopping");
+    running.stop();
+    info!("stopped");
+    Ok(())
+}
+
+/// Block until SIGINT or SIGTERM.
+pub fn wait_for_signal() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
+}
