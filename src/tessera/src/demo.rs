@@ -39,6 +39,9 @@ pub struct DemoArgs {
     /// Target IQN.
     #[arg(long, default_value = "iqn.2024-01.io.tessera:demo")]
     pub iqn: String,
+    /// Present LUN 0 as removable medium (START STOP UNIT can eject it).
+    #[arg(long)]
+    pub removable: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -110,6 +113,9 @@ pub fn config_text(a: &DemoArgs, dir: &Path) -> anyhow::Result<String> {
         toml_str(&a.backend),
         a.block_size
     ));
+    if a.removable {
+        t.push_str("removable = true\n");
+    }
     if a.backend == "file" {
         t.push_str(&format!(
             "path = {}\n",
@@ -263,6 +269,7 @@ mod tests {
             chap: Some("user:0123456789abcdef".into()),
             block_size: 4096,
             iqn: "iqn.2024-01.io.tessera:demo".into(),
+            removable: true,
         };
         let text = config_text(&a, Path::new("/tmp/x")).unwrap();
         let c = Config::parse(Path::new("demo.toml"), &text).unwrap();

@@ -632,14 +632,17 @@ impl Connection {
         } else {
             c.edtl.min(self.params.first_burst_length)
         };
-        // The buffer is reserved when data first arrives (immediate data now, otherwise the
-        // first unsolicited Data-Out or R2T), so queued writes hold no memory.
+        // Buffer space is reserved as data is allowed to come: the unsolicited part when it
+        // starts arriving, each R2T's part when the R2T goes out. Queued writes hold nothing.
         let mut buf = BytesMut::new();
         if imm_len > 0 {
-            buf.reserve(c.edtl as usize);
+            reserve_upto(
+                &mut buf,
+                &mut task.held_bytes,
+                &mut self.held_write_bytes,
+                unsol_end,
+            );
             buf.put_slice(&p.data);
-            task.held_bytes = c.edtl as usize;
-            self.held_write_bytes += task.held_bytes;
         }
         task.state = TaskState::Collecting(Box::new(Collect {
             buf,
@@ -699,11 +702,6 @@ impl Connection {
                 ..
             }) = self.tasks.get_mut(&itt)
             {
-                if *held_bytes == 0 && c.next_r2t_offset < *edtl {
-                    c.buf.reserve(*edtl as usize);
-                    *held_bytes = *edtl as usize;
-                    self.held_write_bytes += *held_bytes;
-                }
                 while c.r2ts.len() < max_out && c.next_r2t_offset < *edtl {
                     let len = (*edtl - c.next_r2t_offset).min(max_burst);
                     let ttt = self.next_ttt;
@@ -721,6 +719,12 @@ impl Connection {
                     produced.push((*lun, ttt, c.r2t_sn, c.next_r2t_offset, len));
                     c.r2t_sn += 1;
                     c.next_r2t_offset += len;
+                    reserve_upto(
+                        &mut c.buf,
+                        held_bytes,
+                        &mut self.held_write_bytes,
+                        c.next_r2t_offset,
+                    );
                 }
                 done = c.next_r2t_offset >= *edtl;
             } else {
@@ -792,10 +796,13 @@ impl Connection {
             self.fail_task(d.itt, ABORTED_COMMAND, 0x4b, 0x00);
             return;
         }
-        if task.held_bytes == 0 {
-            c.buf.reserve(task.edtl as usize);
-            task.held_bytes = task.edtl as usize;
-            self.held_write_bytes += task.held_bytes;
+        if d.ttt == RESERVED_TAG {
+            reserve_upto(
+                &mut c.buf,
+                &mut task.held_bytes,
+                &mut self.held_write_bytes,
+                c.unsol_end,
+            );
         }
         c.buf.put_slice(&p.data);
         c.received += len;
@@ -1316,6 +1323,17 @@ impl Connection {
             assert!(buf.len() <= 64 * 1024);
         }
         assert!(self.r2t_waiting.len() <= self.tasks.len());
+    }
+}
+
+/// Make room in a task's buffer for data up to offset `upto`, accounting it to the task and
+/// to the connection's write budget.
+fn reserve_upto(buf: &mut BytesMut, task_held: &mut usize, conn_held: &mut usize, upto: u32) {
+    let upto = upto as usize;
+    if upto > *task_held {
+        buf.reserve(upto - buf.len());
+        *conn_held += upto - *task_held;
+        *task_held = upto;
     }
 }
 

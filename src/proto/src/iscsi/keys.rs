@@ -3,7 +3,7 @@
 //! The initiator offers keys; for each the target answers with the negotiated result
 //! (list keys: the first of the initiator's values the target accepts; numbers: the min or
 //! max function the key defines; booleans: AND or OR), `Reject` for an inadmissible offer,
-//! `Irrelevant` where the key does not apply (e.g. burst lengths in a discovery session), and
+//! `Irrelevant` where the key does not apply (marker intervals), and
 //! `NotUnderstood` for unknown keys. Declarative keys (MaxRecvDataSegmentLength, aliases)
 //! are recorded and, for the target's own, declared in the response.
 
@@ -149,8 +149,10 @@ fn ranged(v: &str, lo: u64, hi: u64) -> Option<u32> {
         .map(|n| n as u32)
 }
 
-/// Keys irrelevant to discovery sessions (RFC 7143 §13: "Irrelevant when SessionType=Discovery").
-fn discovery_irrelevant(key: &str) -> bool {
+/// Session-wide operational keys. RFC 7143 §13 calls them irrelevant to discovery sessions,
+/// but Linux's iscsiadm fails a discovery login that answers "Irrelevant" (seen with
+/// ErrorRecoveryLevel), so they are negotiated normally there too.
+fn session_keys(key: &str) -> bool {
     matches!(
         key,
         "MaxConnections"
@@ -169,7 +171,7 @@ fn discovery_irrelevant(key: &str) -> bool {
 
 /// Keys that may only be negotiated during login (LO, RFC 7143 §13).
 fn login_only(key: &str) -> bool {
-    discovery_irrelevant(key)
+    session_keys(key)
         || matches!(
             key,
             "HeaderDigest"
@@ -190,9 +192,6 @@ fn login_only(key: &str) -> bool {
 pub fn negotiate(key: &str, value: &str, phase: Phase, lim: &Limits, p: &mut Params) -> Answer {
     if phase == Phase::FullFeature && login_only(key) {
         return Answer::Reply(REJECT.into());
-    }
-    if phase == Phase::LoginDiscovery && discovery_irrelevant(key) {
-        return Answer::Reply(IRRELEVANT.into());
     }
     let reply = |s: String| Answer::Reply(s);
     match key {
@@ -406,8 +405,8 @@ mod tests {
         let mut p = Params::default();
         let l = Limits::default();
         assert_eq!(
-            negotiate("MaxBurstLength", "4096", Phase::LoginDiscovery, &l, &mut p),
-            reply("Irrelevant")
+            negotiate("ErrorRecoveryLevel", "0", Phase::LoginDiscovery, &l, &mut p),
+            reply("0")
         );
         assert_eq!(
             negotiate("HeaderDigest", "None", Phase::FullFeature, &l, &mut p),

@@ -185,7 +185,7 @@ fn discovery_login_declares_no_portal_group_and_calls_session_keys_irrelevant() 
         pairs(&[
             ("HeaderDigest", "None"),
             ("DataDigest", "None"),
-            ("MaxBurstLength", "Irrelevant"),
+            ("MaxBurstLength", "4096"),
             ("MaxRecvDataSegmentLength", "262144"),
         ])
     );
