@@ -40,9 +40,17 @@ done
 [ -x "$BIN" ] || die "no tessera binary at $BIN (make build)"
 qemu-img --help | grep -qw iscsi || die "qemu-img lacks the iscsi driver (qemu-block-extra)"
 
-cleanup() {
+stop_all() {
+    # tgtd ignores SIGTERM while it has targets: ask it to shut down, then make sure.
+    tgtadm -C 9 --op delete --mode system >/dev/null 2>&1 || true
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    sleep 0.5
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    PIDS=()
+}
+
+cleanup() {
+    stop_all
     rm -rf "$SHM"
 }
 trap cleanup EXIT
@@ -84,12 +92,6 @@ EOF
     TSR_PID=$!
     PIDS+=("$TSR_PID")
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$TSR_PORT) 2>/dev/null && break; sleep 0.1; done
-}
-
-stop_all() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    PIDS=()
 }
 
 pin() { # pid cpu

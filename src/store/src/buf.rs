@@ -80,24 +80,39 @@ impl AlignedBuf {
     ///
     /// If `align` is not a power of two or the size overflows `isize`.
     pub fn with_alignment(len: usize, align: usize) -> Self {
-        assert!(
-            align.is_power_of_two(),
-            "alignment {align} is not a power of two"
-        );
-        let align = align.max(PAGE_SIZE);
-        // Never allocate zero bytes (undefined for the global allocator): one aligned unit minimum.
-        let cap = len
-            .max(1)
-            .div_ceil(align)
-            .checked_mul(align)
-            .expect("buffer size overflow");
-        let layout = Layout::from_size_align(cap, align).expect("buffer layout");
+        let layout = Self::layout_for(len, align);
         // SAFETY: `layout` has a non-zero size (cap >= align >= 4096).
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else {
             std::alloc::handle_alloc_error(layout)
         };
         Self { ptr, len, layout }
+    }
+
+    /// A buffer of `len` bytes aligned to `align`, for data that is about to be overwritten
+    /// (a read's destination): its contents are unspecified (but initialized). It comes from a
+    /// per-thread pool of recently freed buffers of the same layout when one is there, which
+    /// spares the allocator's page faults and the zeroing on every large read.
+    pub fn for_overwrite(len: usize, align: usize) -> Self {
+        let layout = Self::layout_for(len, align);
+        if let Some(ptr) = pool::take(layout) {
+            return Self { ptr, len, layout };
+        }
+        Self::with_alignment(len, align)
+    }
+
+    fn layout_for(len: usize, align: usize) -> Layout {
+        assert!(
+            align.is_power_of_two(),
+            "alignment {align} is not a power of two"
+        );
+        let align = align.max(PAGE_SIZE);
+        let cap = len
+            .max(1)
+            .div_ceil(align)
+            .checked_mul(align)
+            .expect("buffer size overflow");
+        Layout::from_size_align(cap, align).expect("buffer layout")
     }
 
     /// A page-aligned copy of `data`.
@@ -163,8 +178,74 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if pool::give(self.layout, self.ptr) {
+            return;
+        }
         // SAFETY: `ptr` was returned by `alloc_zeroed(self.layout)` and is freed only here.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// Per-thread free lists of buffers, by layout. A buffer in the pool is owned by nobody else;
+/// its memory stays initialized (it was zeroed when allocated and only ever written since).
+mod pool {
+    use std::alloc::Layout;
+    use std::cell::RefCell;
+    use std::ptr::NonNull;
+
+    /// At most this many bytes wait in one thread's pool.
+    const MAX_BYTES: usize = 64 << 20;
+    /// Buffers larger than this are not pooled.
+    const MAX_BUF: usize = 16 << 20;
+
+    struct Pool {
+        free: Vec<(Layout, NonNull<u8>)>,
+        bytes: usize,
+    }
+
+    impl Drop for Pool {
+        fn drop(&mut self) {
+            for (layout, ptr) in self.free.drain(..) {
+                // SAFETY: every pooled pointer came from `alloc_zeroed(layout)` and is owned
+                // by the pool alone.
+                unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) }
+            }
+        }
+    }
+
+    thread_local! {
+        static POOL: RefCell<Pool> = const { RefCell::new(Pool { free: Vec::new(), bytes: 0 }) };
+    }
+
+    pub(super) fn take(layout: Layout) -> Option<NonNull<u8>> {
+        POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            let i = p.free.iter().rposition(|(l, _)| *l == layout)?;
+            let (_, ptr) = p.free.swap_remove(i);
+            p.bytes -= layout.size();
+            Some(ptr)
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Keep a freed buffer for reuse; false if the pool is full (or the thread is exiting).
+    pub(super) fn give(layout: Layout, ptr: NonNull<u8>) -> bool {
+        if layout.size() > MAX_BUF {
+            return false;
+        }
+        POOL.try_with(|p| {
+            let Ok(mut p) = p.try_borrow_mut() else {
+                return false;
+            };
+            if p.bytes + layout.size() > MAX_BYTES {
+                return false;
+            }
+            p.bytes += layout.size();
+            p.free.push((layout, ptr));
+            true
+        })
+        .unwrap_or(false)
     }
 }
 
@@ -281,6 +362,29 @@ unsafe impl<B: IoBufMut, K: 'static> IoBufMut for BufWith<B, K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn freed_buffers_are_reused_by_for_overwrite_but_never_by_new() {
+        let mut a = AlignedBuf::for_overwrite(1 << 20, PAGE_SIZE);
+        a.as_mut_slice().fill(0xab);
+        let ptr = a.as_slice().as_ptr();
+        drop(a.into_bytes());
+        let b = AlignedBuf::for_overwrite(1 << 20, PAGE_SIZE);
+        assert_eq!(
+            b.as_slice().as_ptr(),
+            ptr,
+            "same layout: taken from the pool"
+        );
+        assert_eq!(b.len(), 1 << 20);
+        drop(b);
+        // `new` promises zeroes, so it never hands out a pooled buffer.
+        let c = AlignedBuf::new(1 << 20);
+        assert!(c.as_slice().iter().all(|&x| x == 0));
+        // Another layout is not served from the pool either.
+        let d = AlignedBuf::for_overwrite(4096, 8192);
+        assert_eq!(d.alignment(), 8192);
+        assert_eq!(d.as_slice().as_ptr() as usize % 8192, 0);
+    }
 
     #[test]
     fn aligned_buf_is_aligned_zeroed_and_converts_without_copy() {

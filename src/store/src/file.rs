@@ -60,6 +60,7 @@ use bytes::Bytes;
 use tessera_proto::block::{BlockDevice, BlockError, DeviceInfo, Extent, LocalBoxFuture};
 
 use crate::buf::{AlignedBuf, BufWith, PAGE_SIZE};
+use crate::mapped::{MappedChunks, CHUNK_SHIFT};
 use crate::uring::{sys, FallocateMode, RwFlags, SharedFd, Uring};
 
 /// Whether to bypass the page cache.
@@ -203,6 +204,8 @@ pub struct FileDevice {
     failed: AtomicI32,
     /// Use synchronous syscalls instead of the ring.
     sync_io: bool,
+    /// Chunks known to be allocated (regular files), so GET LBA STATUS stays cheap.
+    mapped: MappedChunks,
 }
 
 fn round_down(x: u64, a: u64) -> u64 {
@@ -338,6 +341,7 @@ impl FileDevice {
             punch_unit,
             dsync: AtomicBool::new(true),
             failed: AtomicI32::new(0),
+            mapped: MappedChunks::new(size),
             sync_io: match opts.io {
                 IoPath::Auto => memory_fs,
                 IoPath::Ring => false,
@@ -447,7 +451,7 @@ impl FileDevice {
         }
         let end = offset + len as u64;
         let (start, stop) = (round_down(offset, self.align), round_up(end, self.align));
-        let buf = AlignedBuf::with_alignment((stop - start) as usize, self.mem_align);
+        let buf = AlignedBuf::for_overwrite((stop - start) as usize, self.mem_align);
         let bytes = self.read_exact(buf, start).await?.into_bytes();
         Ok(if start == offset && stop == end {
             bytes
@@ -642,6 +646,7 @@ impl FileDevice {
             return self.write_zeroes(offset, len, &guard).await;
         }
         let mode = FallocateMode::PUNCH_HOLE | FallocateMode::KEEP_SIZE;
+        self.mapped.clear(ps, pe);
         match self.engine().fallocate(&self.fd, mode, ps, pe - ps).await {
             Ok(()) => {}
             // A block device that cannot deallocate-and-zero: zero it the slow way.
@@ -682,6 +687,14 @@ impl FileDevice {
         };
         let mut pos = offset;
         while pos < end {
+            if self.mapped.is_mapped(pos) {
+                let chunk_end = ((pos >> CHUNK_SHIFT) + 1) << CHUNK_SHIFT;
+                let stop = chunk_end.min(end);
+                push(pos, stop, true);
+                pos = stop;
+                continue;
+            }
+            let gen = self.mapped.generation();
             let data =
                 sys::lseek(fd, pos, libc::SEEK_DATA).map_err(|e| BlockError::Io(errno(&e)))?;
             let data = data.unwrap_or(end).min(end);
@@ -692,7 +705,11 @@ impl FileDevice {
             }
             let hole =
                 sys::lseek(fd, pos, libc::SEEK_HOLE).map_err(|e| BlockError::Io(errno(&e)))?;
-            let hole = hole.unwrap_or(end).min(end).max(pos + 1);
+            let hole = hole.unwrap_or(end).max(pos + 1);
+            // Everything up to the hole is allocated, far beyond `end` too: remember it.
+            self.mapped
+                .learn_mapped(pos, hole.min(self.info.size_bytes), gen);
+            let hole = hole.min(end);
             push(pos, hole, true);
             pos = hole;
         }

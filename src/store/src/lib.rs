@@ -6,6 +6,7 @@
 
 pub mod buf;
 pub mod file;
+mod mapped;
 pub mod uring;
 
 pub use buf::{AlignedBuf, BufWith, IoBuf, IoBufMut};

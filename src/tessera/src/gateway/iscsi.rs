@@ -275,11 +275,14 @@ pub(super) async fn serve(
         if !conn.tx().is_empty() {
             interest = Some(interest.map_or(Interest::WRITABLE, |i| i | Interest::WRITABLE));
         }
-        let deadline = conn.poll_timeout();
-        if deadline != armed {
-            armed = deadline;
-            let at = deadline.map_or(far, tokio::time::Instant::from_std);
-            sleep.as_mut().reset(at);
+        // The keep-alive deadline moves with every PDU; re-arming the timer each time would
+        // cost a timer-wheel update per command. Arm it only when it must fire earlier than
+        // it is set to; firing early is harmless (handle_timeout checks, then we re-arm).
+        if let Some(d) = conn.poll_timeout() {
+            if armed.is_none_or(|a| d < a) {
+                armed = Some(d);
+                sleep.as_mut().reset(tokio::time::Instant::from_std(d));
+            }
         }
         let kill = session
             .as_ref()
@@ -292,8 +295,18 @@ pub(super) async fn serve(
                         let mut eof = false;
                         loop {
                             rbuf.reserve(64 * 1024);
+                            let room = rbuf.capacity() - rbuf.len();
                             match stream.try_read_buf(&mut rbuf) {
                                 Ok(0) => { eof = true; break; }
+                                Ok(n) if n < room => {
+                                    // A short read drained the socket: clear the readiness
+                                    // without another recv that would only say EAGAIN. The
+                                    // next arrival raises a fresh edge.
+                                    let _ = stream.try_io(Interest::READABLE, || {
+                                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                                    });
+                                    break;
+                                }
                                 Ok(_) => {}
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                                 Err(e) => { debug!(%peer, "read: {e}"); eof = true; break; }
@@ -319,7 +332,6 @@ pub(super) async fn serve(
             _ = &mut sleep, if armed.is_some() => {
                 conn.handle_timeout(Instant::now());
                 armed = None;
-                sleep.as_mut().reset(far);
             }
             _ = kill.notified() => {
                 info!(%peer, "session replaced by a new login");
