@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # bench/compare.sh - tessera (file backend) side by side with tgt, same client, same backing.
 #
-# For each backing (tmpfs, and a file on the project's disk) it starts tgtd and a tessera
-# gateway, each serving a 1 GiB LUN of random data from its own file of that kind, and runs,
+# For each backing it starts tgtd and a tessera gateway, each serving a 1 GiB LUN of random
+# data from its own file of that kind:
+#
+#   tmpfs          files in /dev/shm (tessera uses plain syscalls there: io_uring punts tmpfs
+#                  I/O to a kernel worker thread and is slower)
+#   disk-direct    files on the project's disk, O_DIRECT on both sides (tgt bsoflags=direct,
+#                  tessera direct = "on"): what the device does
+#   disk-buffered  the same files through the page cache on both sides (tgt's default,
+#                  tessera direct = "off")
+#
+# and runs,
 # interleaved (tgt, tessera, tgt, tessera, ...) for ROUNDS rounds:
 #
 #   4k-randread-qd1    iscsi-perf -m 1  -b 8 -r     (client and target pinned to core 0)
@@ -13,7 +22,8 @@
 #   1m-seqwrite-qd8    qemu-img bench -w -d 8 -s 1M
 #
 # and prints one table: the median of each, and the tessera/tgt ratio.
-# Environment: ROUNDS (3), SECONDS_PER_RUN (5), BACKINGS ("tmpfs disk"), TESSERA_BIN.
+# Environment: ROUNDS (3), SECONDS_PER_RUN (5), BACKINGS ("tmpfs disk-direct disk-buffered"),
+# TESSERA_BIN.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -21,7 +31,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 BIN=${TESSERA_BIN:-$ROOT/target/release/tessera}
 ROUNDS=${ROUNDS:-3}
 SECS=${SECONDS_PER_RUN:-5}
-BACKINGS=${BACKINGS:-"tmpfs disk"}
+BACKINGS=${BACKINGS:-"tmpfs disk-direct disk-buffered"}
 WORK=$ROOT/build/bench
 SHM=/dev/shm/tessera-bench
 TGT_PORT=${TGT_PORT:-3290}
@@ -65,17 +75,18 @@ make_lun() { # path
     head -c $((SIZE_MB << 20)) /dev/urandom > "$1"
 }
 
-start_tgt() { # backing-file
+start_tgt() { # backing-file [bsoflags]
     tgtd --iscsi portal=127.0.0.1:$TGT_PORT -C 9 -f >"$WORK/tgtd.log" 2>&1 &
     TGT_PID=$!
     PIDS+=("$TGT_PID")
     for _ in $(seq 50); do tgtadm -C 9 --mode sys --op show >/dev/null 2>&1 && break; sleep 0.1; done
     tgtadm -C 9 --lld iscsi --op new --mode target --tid 1 -T $TGT_IQN
-    tgtadm -C 9 --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$1" --blocksize 512
+    tgtadm -C 9 --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$1" --blocksize 512 \
+        ${2:+--bsoflags "$2"}
     tgtadm -C 9 --lld iscsi --op bind --mode target --tid 1 -I ALL
 }
 
-start_tessera() { # backing-file
+start_tessera() { # backing-file direct-mode
     cat > "$WORK/gateway.toml" <<EOF
 [gateway]
 portals = ["127.0.0.1:$TSR_PORT"]
@@ -87,6 +98,7 @@ id = 0
 backend = "file"
 path = "$1"
 block_size = 512
+direct = "$2"
 EOF
     RUST_LOG=warn "$BIN" gateway --config "$WORK/gateway.toml" >"$WORK/tessera.log" 2>&1 &
     TSR_PID=$!
@@ -131,14 +143,15 @@ WORKLOADS="4k-randread-qd1 4k-randread-qd32 4k-write-qd1 4k-write-qd32 1m-seqrea
 RESULTS=()
 for backing in $BACKINGS; do
     case $backing in
-        tmpfs) dir=$SHM ;;
-        disk) dir=$WORK ;;
+        tmpfs) dir=$SHM; tgt_flags=""; tsr_direct=auto ;;
+        disk-direct) dir=$WORK; tgt_flags=direct; tsr_direct=on ;;
+        disk-buffered) dir=$WORK; tgt_flags=""; tsr_direct=off ;;
         *) die "unknown backing $backing" ;;
     esac
     make_lun "$dir/tgt.img"
     make_lun "$dir/tessera.img"
-    start_tgt "$dir/tgt.img"
-    start_tessera "$dir/tessera.img"
+    start_tgt "$dir/tgt.img" "$tgt_flags"
+    start_tessera "$dir/tessera.img" "$tsr_direct"
     TGT_URL=iscsi://127.0.0.1:$TGT_PORT/$TGT_IQN/1
     TSR_URL=iscsi://127.0.0.1:$TSR_PORT/$TSR_IQN/0
     for w in $WORKLOADS; do

@@ -5,6 +5,8 @@
 //! tool's name and the Debian package that provides it (`make deps` installs them all); tests
 //! never skip silently.
 
+pub mod initiator;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -168,6 +170,13 @@ impl Demo {
         self.terminate()
     }
 
+    /// Stop cleanly and hand back the directory (for a restart with [`Demo::start_in`]).
+    pub fn stop_keep_dir(mut self) -> (bool, tempfile::TempDir) {
+        let ok = self.terminate();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        (ok, dir)
+    }
+
     fn terminate(&mut self) -> bool {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -197,5 +206,67 @@ impl Drop for Demo {
                 );
             }
         }
+    }
+}
+
+/// A `tessera gateway` started from configuration text (`{PORT}` is replaced by a free port).
+pub struct Gateway {
+    child: Child,
+    /// Directory holding the configuration.
+    pub dir: tempfile::TempDir,
+    /// The portal.
+    pub portal: SocketAddr,
+}
+
+impl Gateway {
+    /// Write the configuration, start the gateway, wait for its portal.
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let text = config
+            .replace("{PORT}", &port.to_string())
+            .replace("{DIR}", &dir.path().to_string_lossy());
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).expect("write config");
+        let child = Command::new(tessera_bin())
+            .arg("gateway")
+            .arg("--config")
+            .arg(&path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .spawn()
+            .expect("start tessera gateway");
+        let portal: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let mut g = Self { child, dir, portal };
+        let start = Instant::now();
+        while TcpStream::connect(portal).is_err() {
+            if let Ok(Some(st)) = g.child.try_wait() {
+                panic!("tessera gateway exited early: {st}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "gateway did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        g
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -11,6 +11,8 @@
 //!   ticks against a fresh [`Connection`](crate::iscsi::conn::Connection), raw from the first
 //!   byte or after a scripted login; everything the target sends must frame and decode.
 //! - [`text`]: [`text::parse`] and the login state machine with arbitrary text.
+//! - [`cdb`]: [`scsi::cdb::Command::parse`](crate::scsi::cdb::Command::parse) on arbitrary
+//!   bytes: a command or sense data, never a panic, and the same answer twice.
 //!
 //! # Script format of [`conn`]
 //!
@@ -254,6 +256,22 @@ pub fn framer(data: &[u8]) {
 ///
 /// # Panics
 /// When an invariant breaks.
+pub fn cdb(data: &[u8]) {
+    let first = crate::scsi::cdb::Command::parse(data);
+    let again = crate::scsi::cdb::Command::parse(data);
+    assert_eq!(
+        format!("{first:?}"),
+        format!("{again:?}"),
+        "parsing is deterministic"
+    );
+    // Every CDB length the transport may deliver, from the same bytes.
+    for n in [6usize, 10, 12, 16, 32] {
+        if data.len() >= n {
+            let _ = crate::scsi::cdb::Command::parse(&data[..n]);
+        }
+    }
+}
+
 pub fn text(data: &[u8]) {
     if let Ok(pairs) = text::parse(data) {
         // What parses re-encodes to text that parses the same.
@@ -365,6 +383,7 @@ mod tests {
         assert!(replay("iscsi_framer", framer) >= 3, "framer corpus");
         assert!(replay("iscsi_conn", conn) >= 5, "conn corpus");
         assert!(replay("iscsi_text", text) >= 3, "text corpus");
+        assert!(replay("scsi_cdb", cdb) >= 5, "cdb corpus");
     }
 
     #[test]

@@ -158,8 +158,30 @@ fn terminate(child: &mut Child, grace: Duration) {
 
 /// Run the demo until a signal arrives.
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
+    // Take over SIGTERM and SIGINT before anything starts: a signal that arrives while the
+    // gateway is still starting is held and acted on as soon as it listens, so the gateway
+    // is never left running without its supervisor.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _guard = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
     std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
     let dir = a.dir.canonicalize()?;
+    // demo.json appears only once everything serves; a stale one from an earlier run goes.
+    let json_path = dir.join("demo.json");
+    match std::fs::remove_file(&json_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", json_path.display()));
+        }
+        _ => {}
+    }
     let cfg_path = dir.join("gateway.toml");
     std::fs::write(&cfg_path, config_text(&a, &dir)?)
         .with_context(|| format!("writing {}", cfg_path.display()))?;
@@ -202,7 +224,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             address: portal.to_string(),
         }],
     };
-    let json_path = dir.join("demo.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")?;
     let url_auth = a
         .chap
@@ -227,13 +248,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!();
     println!("Press Ctrl-C to stop.");
     // Wait for a signal, or for the gateway to die.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let died = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {

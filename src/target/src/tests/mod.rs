@@ -1,6 +1,7 @@
 //! Unit tests of the target against `MemDevice` (wrapped to observe FUA, flushes, errors
 //! and to yield inside I/O so concurrent commands interleave).
 
+mod hostile;
 mod info;
 mod media;
 mod reserve;
