@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# bench/compare.sh - tessera (file backend) side by side with tgt, same client, same backing.
+# bench/compare.sh - tessera (file backend) side by side with tgt and istgt, same client, same
+# backing.
 #
-# For each backing it starts tgtd and a tessera gateway, each serving a 1 GiB LUN of random
-# data from its own file of that kind:
+# For each backing it starts tgtd, istgt and a tessera gateway, each serving a 1 GiB LUN of
+# random data from its own file of that kind:
 #
 #   tmpfs          files in /dev/shm (tessera uses plain syscalls there: io_uring punts tmpfs
 #                  I/O to a kernel worker thread and is slower)
-#   disk-direct    files on the project's disk, O_DIRECT on both sides (tgt bsoflags=direct,
-#                  tessera direct = "on"): what the device does
-#   disk-buffered  the same files through the page cache on both sides (tgt's default,
-#                  tessera direct = "off")
+#   disk-direct    files on the project's disk, O_DIRECT (tgt bsoflags=direct, tessera
+#                  direct = "on"; istgt has no O_DIRECT mode and goes through the page cache,
+#                  so its disk-direct figures are not like for like)
+#   disk-buffered  the same files through the page cache (tgt's and istgt's default,
+#                  tessera direct = "off"), read into the cache before the first run
 #
-# and runs,
-# interleaved (tgt, tessera, tgt, tessera, ...) for ROUNDS rounds:
+# and runs, interleaved (tgt, istgt, tessera, tgt, ...) for ROUNDS rounds:
 #
 #   4k-randread-qd1    iscsi-perf -m 1  -b 8 -r     (client and target pinned to core 0)
 #   4k-randread-qd32   iscsi-perf -m 32 -b 8 -r     (target on core 1, client on core 0)
@@ -21,9 +22,9 @@
 #   1m-seqread-qd8     qemu-img bench    -d 8 -s 1M
 #   1m-seqwrite-qd8    qemu-img bench -w -d 8 -s 1M
 #
-# and prints one table: the median of each, and the tessera/tgt ratio.
+# and prints one table: the median of each, and the tessera/tgt and tessera/istgt ratios.
 # Environment: ROUNDS (3), SECONDS_PER_RUN (5), BACKINGS ("tmpfs disk-direct disk-buffered"),
-# TESSERA_BIN.
+# PEERS ("tgt istgt"), TESSERA_BIN.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,7 +37,11 @@ WORK=$ROOT/build/bench
 SHM=/dev/shm/tessera-bench
 TGT_PORT=${TGT_PORT:-3290}
 TSR_PORT=${TSR_PORT:-3291}
+IST_PORT=${IST_PORT:-3292}
+IST_UC_PORT=${IST_UC_PORT:-3293}
+PEERS=${PEERS:-"tgt istgt"}
 TGT_IQN=iqn.2024-01.io.tessera:bench-tgt
+IST_IQN=iqn.2024-01.io.tessera:bench-istgt
 TSR_IQN=iqn.2024-01.io.tessera:bench
 SIZE_MB=1024
 PIDS=()
@@ -44,7 +49,7 @@ PIDS=()
 say() { printf '[bench] %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 
-for t in tgtd tgtadm iscsi-perf qemu-img taskset; do
+for t in tgtd tgtadm istgt iscsi-perf qemu-img taskset; do
     command -v $t >/dev/null || die "$t missing (make deps installs it)"
 done
 [ -x "$BIN" ] || die "no tessera binary at $BIN (make build)"
@@ -53,6 +58,7 @@ qemu-img --help | grep -qw iscsi || die "qemu-img lacks the iscsi driver (qemu-b
 stop_all() {
     # tgtd ignores SIGTERM while it has targets: ask it to shut down, then make sure.
     tgtadm -C 9 --op delete --mode system >/dev/null 2>&1 || true
+    IST_PID=
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     sleep 0.5
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
@@ -84,6 +90,54 @@ start_tgt() { # backing-file [bsoflags]
     tgtadm -C 9 --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$1" --blocksize 512 \
         ${2:+--bsoflags "$2"}
     tgtadm -C 9 --lld iscsi --op bind --mode target --tid 1 -I ALL
+}
+
+start_istgt() { # backing-file
+    cat > "$WORK/istgt.conf" <<EOF
+[Global]
+  NodeBase "iqn.2024-01.io.tessera"
+  PidFile $WORK/istgt.pid
+  AuthFile $WORK/istgt-auth.conf
+  MediaDirectory $WORK
+  LogFacility "local7"
+  Timeout 30
+  NopInInterval 20
+  DiscoveryAuthMethod None
+  MaxSessions 16
+  MaxConnections 4
+  MaxR2T 32
+  MaxOutstandingR2T 16
+  FirstBurstLength 262144
+  MaxBurstLength 1048576
+  MaxRecvDataSegmentLength 262144
+  InitialR2T Yes
+  ImmediateData Yes
+  DataPDUInOrder Yes
+  DataSequenceInOrder Yes
+  ErrorRecoveryLevel 0
+[UnitControl]
+  AuthMethod None
+  Portal UC1 127.0.0.1:$IST_UC_PORT
+  Netmask 127.0.0.1
+[PortalGroup1]
+  Portal DA1 127.0.0.1:$IST_PORT
+[InitiatorGroup1]
+  InitiatorName "ALL"
+  Netmask 127.0.0.1
+[LogicalUnit1]
+  TargetName bench-istgt
+  Mapping PortalGroup1 InitiatorGroup1
+  AuthMethod None
+  UseDigest Auto
+  UnitType Disk
+  QueueDepth 32
+  LUN0 Storage $1 Auto
+EOF
+    : > "$WORK/istgt-auth.conf"
+    istgt -c "$WORK/istgt.conf" -D >"$WORK/istgt.log" 2>&1 &
+    IST_PID=$!
+    PIDS+=("$IST_PID")
+    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$IST_PORT) 2>/dev/null && break; sleep 0.1; done
 }
 
 start_tessera() { # backing-file direct-mode
@@ -140,7 +194,9 @@ measure() { # workload url target-pid
 median() { sort -n | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 WORKLOADS="4k-randread-qd1 4k-randread-qd32 4k-write-qd1 4k-write-qd32 1m-seqread-qd8 1m-seqwrite-qd8"
+TARGETS="$PEERS tessera"
 RESULTS=()
+declare -A URL=() PID=() VALS=() M=()
 for backing in $BACKINGS; do
     case $backing in
         tmpfs) dir=$SHM; tgt_flags=""; tsr_direct=auto ;;
@@ -148,31 +204,57 @@ for backing in $BACKINGS; do
         disk-buffered) dir=$WORK; tgt_flags=""; tsr_direct=off ;;
         *) die "unknown backing $backing" ;;
     esac
-    make_lun "$dir/tgt.img"
-    make_lun "$dir/tessera.img"
-    start_tgt "$dir/tgt.img" "$tgt_flags"
-    start_tessera "$dir/tessera.img" "$tsr_direct"
-    TGT_URL=iscsi://127.0.0.1:$TGT_PORT/$TGT_IQN/1
-    TSR_URL=iscsi://127.0.0.1:$TSR_PORT/$TSR_IQN/0
+    for t in $TARGETS; do
+        make_lun "$dir/$t.img"
+        # Buffered rows start with every LUN in the page cache, so no target pays for
+        # another's cold start.
+        [ "$backing" = disk-buffered ] && cat "$dir/$t.img" >/dev/null
+        case $t in
+            tgt) start_tgt "$dir/tgt.img" "$tgt_flags"
+                 URL[tgt]=iscsi://127.0.0.1:$TGT_PORT/$TGT_IQN/1; PID[tgt]=$TGT_PID ;;
+            istgt) start_istgt "$dir/istgt.img"
+                 URL[istgt]=iscsi://127.0.0.1:$IST_PORT/$IST_IQN/0; PID[istgt]=$IST_PID ;;
+            tessera) start_tessera "$dir/tessera.img" "$tsr_direct"
+                 URL[tessera]=iscsi://127.0.0.1:$TSR_PORT/$TSR_IQN/0; PID[tessera]=$TSR_PID ;;
+            *) die "unknown peer $t" ;;
+        esac
+    done
     for w in $WORKLOADS; do
-        tv=(); sv=(); unit=""
+        VALS=()
+        unit=""
         for r in $(seq "$ROUNDS"); do
-            read -r v unit < <(measure "$w" "$TGT_URL" "$TGT_PID"); tv+=("$v")
-            read -r v unit < <(measure "$w" "$TSR_URL" "$TSR_PID"); sv+=("$v")
-            say "$backing $w round $r: tgt ${tv[-1]} tessera ${sv[-1]} $unit"
+            line="$backing $w round $r:"
+            for t in $TARGETS; do
+                read -r v unit < <(measure "$w" "${URL[$t]}" "${PID[$t]}")
+                VALS[$t]="${VALS[$t]:-} $v"
+                line="$line $t $v"
+            done
+            say "$line $unit"
         done
-        tm=$(printf '%s\n' "${tv[@]}" | median)
-        sm=$(printf '%s\n' "${sv[@]}" | median)
-        RESULTS+=("$w|$backing|$tm|$sm|$unit")
+        row="$w|$backing|$unit"
+        for t in $TARGETS; do
+            # shellcheck disable=SC2086
+            row="$row|$(printf '%s\n' ${VALS[$t]} | median)"
+        done
+        RESULTS+=("$row")
     done
     stop_all
 done
 
-printf '\n| workload | backing | tgt | tessera | unit | tessera/tgt |\n'
-printf '|---|---|---:|---:|---|---:|\n'
+ratio() { awk -v s="$1" -v t="$2" 'BEGIN { if (t > 0) printf "%.2f", s/t; else print "n/a" }'; }
+header="| workload | backing | unit |"
+rule="|---|---|---|"
+for t in $TARGETS; do header="$header $t |"; rule="$rule---:|"; done
+for p in $PEERS; do header="$header tessera/$p |"; rule="$rule---:|"; done
+printf '\n%s\n%s\n' "$header" "$rule"
 for row in "${RESULTS[@]}"; do
-    IFS='|' read -r w b t s u <<<"$row"
-    ratio=$(awk -v s="$s" -v t="$t" 'BEGIN { if (t > 0) printf "%.2f", s/t; else print "n/a" }')
-    printf '| %s | %s | %s | %s | %s | %s |\n' "$w" "$b" "$t" "$s" "$u" "$ratio"
+    IFS='|' read -r -a f <<<"$row"
+    M=()
+    i=3
+    for t in $TARGETS; do M[$t]=${f[$i]}; i=$((i + 1)); done
+    line="| ${f[0]} | ${f[1]} | ${f[2]} |"
+    for t in $TARGETS; do line="$line ${M[$t]} |"; done
+    for p in $PEERS; do line="$line $(ratio "${M[tessera]}" "${M[$p]}") |"; done
+    printf '%s\n' "$line"
 done
 printf '\n%s rounds, medians; %s s per iscsi-perf run; load average at start %s\n' "$ROUNDS" "$SECS" "$load"
