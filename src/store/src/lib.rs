@@ -1,11 +1,13 @@
 //! Local storage through io_uring: the per-thread engine ([`uring`]), owned page-aligned
-//! buffers ([`buf`]), and the `file` block backend ([`file::FileDevice`]) that serves a regular
-//! file or a block device as a [`tessera_proto::block::BlockDevice`].
+//! buffers ([`buf`]), the `file` block backend ([`file::FileDevice`]) that serves a regular
+//! file or a block device as a [`tessera_proto::block::BlockDevice`], and the storage node's
+//! fragment store ([`fragment::FragmentStore`], on-disk format in `FORMAT.md`).
 //!
 //! `unsafe` code lives only in [`uring`] and [`buf`]; every block carries a `SAFETY:` comment.
 
 pub mod buf;
 pub mod file;
+pub mod fragment;
 mod mapped;
 pub mod uring;
 

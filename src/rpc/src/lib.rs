@@ -1,0 +1,177 @@
+//! The fragment protocol between gateways and storage nodes.
+//!
+//! [`msg`] is the wire format, sans IO (see its docs for the frame layout). [`client`] and
+//! [`server`] move it over TCP with tokio, one runtime per thread: a client is bound to the
+//! thread that made it, and pipelines and batches the calls made on that thread.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod msg;
+pub mod server;
+
+pub use client::{CallError, Client};
+pub use msg::{
+    FragKey, Manifest, NodeStats, Op, ReadItem, ReadResult, Request, Response, ScrubReport,
+    SlotInfo, Status, VersionEntry, VolumeCtx, Want, WriteItem,
+};
+pub use server::{Handler, Refusal};
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::server::LocalFuture;
+    use super::*;
+
+    struct Echo;
+
+    impl Handler for Echo {
+        fn handle(&self, req: Request) -> LocalFuture<Result<Response, Refusal>> {
+            Box::pin(async move {
+                match req {
+                    Request::Epoch { epoch, .. } if epoch < 5 => Err(Refusal {
+                        status: Status::STALE_EPOCH,
+                        reason: String::new(),
+                        epoch: 5,
+                    }),
+                    Request::Epoch { epoch, .. } => {
+                        // Answer out of order: later epochs answer sooner.
+                        tokio::time::sleep(Duration::from_millis(100 - epoch.min(100))).await;
+                        Ok(Response::Epoch(epoch))
+                    }
+                    Request::GetBlob { .. } => Ok(Response::GetBlob {
+                        seq: 1,
+                        data: Bytes::from(vec![9u8; 1 << 20]),
+                    }),
+                    Request::Stats => Err(Refusal::new(Status::IO_ERROR, "disk on fire")),
+                    _ => Err(Refusal::new(Status::UNSUPPORTED, "no")),
+                }
+            })
+        }
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, f)
+    }
+
+    #[test]
+    fn pipelined_calls_over_tcp() {
+        run(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::task::spawn_local(async move {
+                loop {
+                    let (s, _) = l.accept().await.unwrap();
+                    tokio::task::spawn_local(server::serve(
+                        Rc::new(Echo),
+                        s,
+                        std::future::pending(),
+                    ));
+                }
+            });
+            let c = Client::new(addr, Duration::from_secs(5));
+            // Many calls at once, answered out of order.
+            let calls: Vec<_> = (5..60u64)
+                .map(|e| {
+                    let c = c.clone();
+                    async move {
+                        c.call(&Request::Epoch {
+                            volume: 1,
+                            epoch: e,
+                        })
+                        .await
+                    }
+                })
+                .collect();
+            let got = futures_util::future::join_all(calls).await;
+            for (e, r) in (5..60u64).zip(got) {
+                assert_eq!(r.unwrap(), Response::Epoch(e));
+            }
+            // Errors arrive as errors.
+            let r = c
+                .call(&Request::Epoch {
+                    volume: 1,
+                    epoch: 2,
+                })
+                .await;
+            assert!(
+                matches!(r, Err(CallError::StaleEpoch { current: 5, .. })),
+                "{r:?}"
+            );
+            let r = c.call(&Request::Stats).await;
+            assert!(
+                matches!(
+                    r,
+                    Err(CallError::Status {
+                        status: Status::IO_ERROR,
+                        ..
+                    })
+                ),
+                "{r:?}"
+            );
+            // A large answer.
+            match c
+                .call(&Request::GetBlob { volume: 1, name: 0 })
+                .await
+                .unwrap()
+            {
+                Response::GetBlob { data, .. } => assert_eq!(data.len(), 1 << 20),
+                other => panic!("{other:?}"),
+            }
+        });
+    }
+
+    #[test]
+    fn unreachable_nodes_fail_fast_and_recover() {
+        run(async {
+            // A port nothing listens on.
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            drop(l);
+            let c = Client::new(addr, Duration::from_secs(2));
+            let r = c.call(&Request::Stats).await;
+            assert!(matches!(r, Err(CallError::Unreachable { .. })), "{r:?}");
+            assert!(r.unwrap_err().is_unavailable());
+            // Now it comes up on that port.
+            let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+            tokio::task::spawn_local(async move {
+                let (s, _) = l.accept().await.unwrap();
+                server::serve(Rc::new(Echo), s, std::future::pending())
+                    .await
+                    .unwrap();
+            });
+            let r = c
+                .call(&Request::Epoch {
+                    volume: 1,
+                    epoch: 99,
+                })
+                .await;
+            assert_eq!(r.unwrap(), Response::Epoch(99));
+        });
+    }
+
+    #[test]
+    fn a_silent_node_times_out() {
+        run(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            // Accepts, never answers.
+            tokio::task::spawn_local(async move {
+                let (_s, _) = l.accept().await.unwrap();
+                std::future::pending::<()>().await;
+            });
+            let c = Client::new(addr, Duration::from_millis(300));
+            let r = c.call(&Request::Stats).await;
+            assert_eq!(r, Err(CallError::Timeout(addr)));
+        });
+    }
+}

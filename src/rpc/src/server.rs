@@ -1,0 +1,143 @@
+//! Serving the fragment protocol on a connection: frames in, a [`Handler`] per request,
+//! answers out in completion order (requests pipeline; ids match them up).
+//!
+//! Backpressure: a connection has at most [`MAX_IN_FLIGHT`] requests executing; past that it
+//! stops reading, so a client that floods a node is slowed by TCP, not by the node's memory.
+//! A malformed frame (bad magic, oversized length) ends the connection; a malformed body gets
+//! a [`Status::BAD_REQUEST`] answer and the connection goes on.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use bytes::BytesMut;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::msg::{self, decode_frame, Op, Request, Response, Status};
+
+/// Requests executing at once on one connection.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// Why a request failed as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The status.
+    pub status: Status,
+    /// Why (for the log and the client's error).
+    pub reason: String,
+    /// With [`Status::STALE_EPOCH`]: the node's epoch.
+    pub epoch: u64,
+}
+
+impl Refusal {
+    /// A refusal with a reason.
+    pub fn new(status: Status, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: reason.into(),
+            epoch: 0,
+        }
+    }
+}
+
+/// A boxed, thread-local future.
+pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// What executes requests.
+pub trait Handler: 'static {
+    /// Execute one request.
+    fn handle(&self, req: Request) -> LocalFuture<Result<Response, Refusal>>;
+}
+
+/// Serve `stream` until the peer closes it or `stop` resolves.
+pub async fn serve<H: Handler>(
+    handler: Rc<H>,
+    stream: TcpStream,
+    stop: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let (mut rd, mut wr) = stream.into_split();
+    let mut inbuf = BytesMut::with_capacity(256 * 1024);
+    let mut outbuf = BytesMut::with_capacity(64 * 1024);
+    type Done = (Op, u64, Result<Response, Refusal>);
+    let mut running: FuturesUnordered<LocalFuture<Done>> = FuturesUnordered::new();
+    tokio::pin!(stop);
+    let mut eof = false;
+    loop {
+        // Start every complete request in the buffer, up to the in-flight limit.
+        while running.len() < MAX_IN_FLIGHT {
+            match decode_frame(&mut inbuf) {
+                Ok(Some(f)) => {
+                    let (op, id) = (f.header.op, f.header.id);
+                    if f.header.response {
+                        msg::encode_error(
+                            op,
+                            id,
+                            Status::BAD_REQUEST,
+                            "a response",
+                            0,
+                            &mut outbuf,
+                        );
+                        continue;
+                    }
+                    match Request::decode(op, f.body) {
+                        Ok(req) => {
+                            let fut = handler.handle(req);
+                            running.push(Box::pin(async move { (op, id, fut.await) }));
+                        }
+                        Err(e) => {
+                            let status = if matches!(e, msg::DecodeError::Invalid("opcode")) {
+                                Status::UNSUPPORTED
+                            } else {
+                                Status::BAD_REQUEST
+                            };
+                            msg::encode_error(op, id, status, &e.to_string(), 0, &mut outbuf);
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(?peer, "dropping connection: {e}");
+                    return Ok(());
+                }
+            }
+        }
+        // Collect whatever has finished without waiting.
+        while let Some(Some((op, id, r))) = futures_util::FutureExt::now_or_never(running.next()) {
+            answer(op, id, r, &mut outbuf);
+        }
+        if !outbuf.is_empty() {
+            wr.write_all(&outbuf).await?;
+            outbuf.clear();
+        }
+        if eof && running.is_empty() {
+            return Ok(());
+        }
+        let can_read = !eof && running.len() < MAX_IN_FLIGHT;
+        if inbuf.capacity() - inbuf.len() < 64 * 1024 {
+            inbuf.reserve(256 * 1024);
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut inbuf), if can_read => {
+                if r? == 0 {
+                    eof = true;
+                }
+            }
+            Some((op, id, r)) = running.next(), if !running.is_empty() => {
+                answer(op, id, r, &mut outbuf);
+            }
+            _ = &mut stop => return Ok(()),
+        }
+    }
+}
+
+fn answer(op: Op, id: u64, r: Result<Response, Refusal>, out: &mut BytesMut) {
+    match r {
+        Ok(resp) => resp.encode(op, id, out),
+        Err(f) => msg::encode_error(op, id, f.status, &f.reason, f.epoch, out),
+    }
+}
