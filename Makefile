@@ -63,8 +63,11 @@ fmt-check:
 lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# Unit and property tests of every crate; the volume crate with its crash-test fault points
+# (a feature no release build has).
 unit:
-	$(CARGO) test --workspace --locked --exclude tessera-integration-tests
+	$(CARGO) test --workspace --locked --exclude tessera-integration-tests --exclude tessera-volume
+	$(CARGO) test --locked -p tessera-volume --features fault-injection
 
 # Cross-process tests against the release binary: conformance (libiscsi), bad input,
 # configuration files, and the Linux kernel initiator in the qemu guest.

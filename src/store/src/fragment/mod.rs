@@ -547,10 +547,17 @@ impl FragmentStore {
     async fn load(&self, rec: &ExtentRec) -> Result<Vec<[Slot; 2]>, Status> {
         let pairs = rec.pairs();
         let mut out = vec![[Slot::default(); 2]; pairs as usize];
+        // Only slots whose header lies in allocated space can hold anything: on a sparse
+        // file, skip the holes (most of a young extent).
+        let segments = self.data_segments(rec);
         let mut batch = Vec::new();
         for pair in 0..pairs {
             for slot in 0..2 {
-                batch.push((pair, slot));
+                let off = rec.slot_offset(pair, slot);
+                let end = off + BLOCK as u64;
+                if segments.iter().any(|&(a, b)| off < b && end > a) {
+                    batch.push((pair, slot));
+                }
             }
         }
         for part in batch.chunks(128) {
@@ -585,6 +592,36 @@ impl FragmentStore {
             }
         }
         Ok(out)
+    }
+
+    /// The allocated byte ranges of an extent (the whole extent where the file system cannot
+    /// tell, as on block devices).
+    fn data_segments(&self, rec: &ExtentRec) -> Vec<(u64, u64)> {
+        let start = rec.slot_offset(0, 0);
+        let end = start + EXTENT_SIZE;
+        let whole = vec![(start, end)];
+        if self.inner.is_block {
+            return whole;
+        }
+        let fd = self.inner.fd.as_fd();
+        let mut out = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            match sys::lseek(fd, pos, libc::SEEK_DATA) {
+                Ok(Some(d)) if d < end => {
+                    let h = match sys::lseek(fd, d, libc::SEEK_HOLE) {
+                        Ok(Some(h)) => h.min(end),
+                        Ok(None) => end,
+                        Err(_) => return whole,
+                    };
+                    out.push((d, h));
+                    pos = h.max(d + 1);
+                }
+                Ok(_) => break,
+                Err(_) => return whole,
+            }
+        }
+        out
     }
 
     fn header_matches(&self, h: &SlotHeader, volume: u64, stripe: u64, index: u8) -> bool {
@@ -917,29 +954,44 @@ impl FragmentStore {
         count: u32,
     ) -> Result<Vec<VersionEntry>, Status> {
         let end = first.saturating_add(u64::from(count));
-        let mine: Vec<Rc<ExtentMem>> = self
-            .inner
-            .extents
-            .borrow()
-            .values()
-            .filter(|e| e.rec.key.volume == vol.volume)
-            .cloned()
-            .collect();
+        // The fragments to report: found by walking the stripes of a small range, or the
+        // extents of the volume for a large one.
+        let mut found: Vec<(Rc<ExtentMem>, u32)> = Vec::new();
+        if count <= 65536 {
+            for stripe in first..end {
+                for index in 0..vol.width() as u8 {
+                    let loc = locate(vol, &FragKey { stripe, index });
+                    if let Some(e) = self.extent(&loc.key) {
+                        found.push((e, loc.pair));
+                    }
+                }
+            }
+        } else {
+            let mine: Vec<Rc<ExtentMem>> = self
+                .inner
+                .extents
+                .borrow()
+                .values()
+                .filter(|e| e.rec.key.volume == vol.volume)
+                .cloned()
+                .collect();
+            for e in mine {
+                for p in 0..e.rec.pairs() {
+                    let st = e.rec.stripe_of(p);
+                    if st >= first && st < end {
+                        found.push((e.clone(), p));
+                    }
+                }
+            }
+        }
         let mut out = Vec::new();
-        for e in mine {
+        for (e, pair) in found {
             self.ensure_loaded(&e).await?;
-            let pairs: Vec<(u32, [Slot; 2])> = {
-                let b = e.slots.borrow();
-                let v = b.as_ref().expect("loaded");
-                (0..e.rec.pairs())
-                    .filter(|&p| {
-                        let s = e.rec.stripe_of(p);
-                        s >= first && s < end && v[p as usize].iter().any(|x| x.kind != EMPTY)
-                    })
-                    .map(|p| (p, v[p as usize]))
-                    .collect()
-            };
-            for (pair, cur) in pairs {
+            let cur = Self::slots(&e, pair);
+            if cur.iter().all(|x| x.kind == EMPTY) {
+                continue;
+            }
+            {
                 let stripe = e.rec.stripe_of(pair);
                 let mut slots = Vec::new();
                 for (s, c) in cur.iter().enumerate() {

@@ -1,0 +1,501 @@
+//! The volume against in-process nodes (real fragment stores on tmpfs): round trips, degraded
+//! reads and writes, nodes coming back, bit rot, fencing, gateway crashes at every step of a
+//! write (with `--features fault-injection`), and a long model-based run.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use tessera_ec::{placement, Profile};
+use tessera_proto::block::{BlockDevice, BlockError};
+
+use crate::nodes::Connector;
+use crate::testing::LocalNodes;
+use crate::{EcVolume, VolumeSpec};
+
+pub(crate) fn run<F: std::future::Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, f)
+}
+
+pub(crate) struct Setup {
+    pub _dir: tempfile::TempDir,
+    pub nodes: Arc<LocalNodes>,
+    pub spec: VolumeSpec,
+}
+
+pub(crate) fn setup(km: &str, chunk: u64, n: usize, size: u64) -> Setup {
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+    let nodes = LocalNodes::new(dir.path(), n);
+    let profile = Profile::parse(km, chunk).unwrap();
+    let pgs = 16;
+    let ns: Vec<placement::Node> = (0..n)
+        .map(|i| placement::Node::new(&format!("node-{i}"), "", "", &format!("host-{i}")))
+        .collect();
+    let map = placement::compute(42, pgs, &ns, profile.width(), None).unwrap();
+    let spec = VolumeSpec {
+        id: 0x7e55,
+        name: "test".into(),
+        size,
+        block_size: 512,
+        profile,
+        pgs,
+        write_quorum: profile.default_write_quorum(),
+        region_stripes: 8,
+        clear_after: std::time::Duration::from_millis(20),
+        map,
+        node_names: (0..n).map(|i| format!("node-{i}")).collect(),
+    };
+    Setup {
+        _dir: dir,
+        nodes,
+        spec,
+    }
+}
+
+pub(crate) async fn open(s: &Setup) -> EcVolume {
+    let c: Arc<dyn Connector> = Arc::new(s.nodes.clone());
+    EcVolume::open(s.spec.clone(), c)
+        .await
+        .expect("open volume")
+}
+
+pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len).map(|_| r.gen()).collect()
+}
+
+/// Run maintenance until nothing is pending (or give up).
+pub(crate) async fn settle(v: &EcVolume) {
+    for _ in 0..200 {
+        if !v.maintain().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("maintenance did not settle: {:?}", v.pending());
+}
+
+async fn write(v: &EcVolume, off: u64, data: &[u8]) -> Result<(), BlockError> {
+    v.write(off, Bytes::copy_from_slice(data), false).await
+}
+
+async fn read(v: &EcVolume, off: u64, len: usize) -> Vec<u8> {
+    v.read(off, len).await.expect("read").to_vec()
+}
+
+#[test]
+fn writes_of_every_shape_read_back() {
+    for (km, chunk) in [
+        ("4+2", 4096),
+        ("4+2", 16384),
+        ("2+1", 4096),
+        ("3+0", 8192),
+        ("1+1", 4096),
+    ] {
+        let s = setup(km, chunk, 6, 4 << 20);
+        run(async {
+            let v = open(&s).await;
+            let mut model = vec![0u8; 4 << 20];
+            assert_eq!(
+                read(&v, 0, 65536).await,
+                vec![0u8; 65536],
+                "{km}: fresh volume reads zeroes"
+            );
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            for step in 0..60u64 {
+                let len = match step % 4 {
+                    0 => 512,
+                    1 => 4096,
+                    2 => rng.gen_range(1..200) * 512,
+                    _ => 256 << 10,
+                };
+                let off = rng.gen_range(0..((4 << 20) - len) / 512) * 512;
+                let d = pattern(step, len as usize);
+                write(&v, off, &d).await.unwrap();
+                model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+                let r = read(
+                    &v,
+                    off.saturating_sub(1024),
+                    (len + 2048).min((4 << 20) - off.saturating_sub(1024)) as usize,
+                )
+                .await;
+                let from = off.saturating_sub(1024) as usize;
+                assert_eq!(&r[..], &model[from..from + r.len()], "{km} step {step}");
+            }
+            assert_eq!(read(&v, 0, 4 << 20).await, model, "{km}: whole volume");
+            let sc = v.scrub().await;
+            assert_eq!(
+                (sc.inconsistent, sc.parity_mismatches),
+                (0, 0),
+                "{km}: {sc:?}"
+            );
+            // Out of range.
+            assert_eq!(v.read(4 << 20, 512).await, Err(BlockError::OutOfRange));
+            // Unmap reads back zeroes.
+            v.unmap(65536, 200 * 1024).await.unwrap();
+            model[65536..65536 + 200 * 1024].fill(0);
+            assert_eq!(
+                read(&v, 0, 1 << 20).await,
+                model[..1 << 20].to_vec(),
+                "{km}: unmap"
+            );
+            v.close();
+        });
+    }
+}
+
+#[test]
+fn losing_m_nodes_loses_nothing_and_stale_nodes_catch_up() {
+    let s = setup("4+2", 4096, 6, 2 << 20);
+    run(async {
+        let v = open(&s).await;
+        let data = pattern(7, 2 << 20);
+        write(&v, 0, &data).await.unwrap();
+        // Any two nodes down: every byte still reads back.
+        for (a, b) in [(0, 1), (2, 5), (3, 4)] {
+            s.nodes.set_down(a, true);
+            s.nodes.set_down(b, true);
+            assert_eq!(read(&v, 0, 2 << 20).await, data, "nodes {a} and {b} down");
+            s.nodes.set_down(a, false);
+            s.nodes.set_down(b, false);
+            settle(&v).await;
+        }
+        assert!(
+            v.stats()
+                .degraded_reads
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        );
+        // One node down: writes go on (quorum k + 1 = 5 of 6), degraded.
+        s.nodes.set_down(2, true);
+        let d2 = pattern(8, 300 * 1024);
+        write(&v, 100 * 1024, &d2).await.unwrap();
+        let mut model = data.clone();
+        model[100 * 1024..400 * 1024].copy_from_slice(&d2);
+        assert_eq!(read(&v, 0, 2 << 20).await, model);
+        // Two down: no quorum, the write is refused as retryable.
+        s.nodes.set_down(3, true);
+        let e = write(&v, 0, &pattern(9, 4096)).await.unwrap_err();
+        assert!(matches!(e, BlockError::Busy(_)), "{e:?}");
+        s.nodes.set_down(3, false);
+        // The refused write left its stripe either old or new; settle it and rewrite.
+        write(&v, 0, &pattern(9, 4096)).await.unwrap();
+        model[..4096].copy_from_slice(&pattern(9, 4096));
+        // Node 2 comes back: it is brought up to date.
+        s.nodes.set_down(2, false);
+        settle(&v).await;
+        let sc = v.scrub().await;
+        assert_eq!((sc.inconsistent, sc.parity_mismatches), (0, 0), "{sc:?}");
+        // Now lose two others: node 2's fragments are current.
+        s.nodes.set_down(0, true);
+        s.nodes.set_down(1, true);
+        assert_eq!(read(&v, 0, 2 << 20).await, model);
+        v.close();
+    });
+}
+
+#[test]
+fn a_restarted_gateway_reads_everything_and_nodes_reopen_from_disk() {
+    let s = setup("4+2", 8192, 6, 1 << 20);
+    let data = pattern(3, 1 << 20);
+    run(async {
+        let v = open(&s).await;
+        write(&v, 0, &data).await.unwrap();
+        write(&v, 4096, &pattern(4, 4096))
+            .await
+            .unwrap();
+        v.close();
+    });
+    let mut model = data;
+    model[4096..8192].copy_from_slice(&pattern(4, 4096));
+    for i in 0..6 {
+        s.nodes.restart(i);
+    }
+    run(async {
+        let v = open(&s).await;
+        assert!(v.epoch() >= 2, "a new epoch for the new instance");
+        assert_eq!(read(&v, 0, 1 << 20).await, model);
+        settle(&v).await;
+        assert_eq!(v.pending().3, 0, "idle regions leave the intent log");
+        v.close();
+    });
+}
+
+#[test]
+fn bit_rot_is_read_around_counted_and_repaired() {
+    use std::os::unix::fs::FileExt;
+    let s = setup("4+2", 4096, 6, 1 << 20);
+    let data = pattern(11, 1 << 20);
+    run(async {
+        let v = open(&s).await;
+        write(&v, 0, &data).await.unwrap();
+        v.close();
+    });
+    // Flip bytes in the data area of every slot of node 1's store (its extents start after
+    // the 32 MiB metadata log; headers are 4 KiB, data follows).
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(s.nodes.path(1))
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    let area = tessera_store::fragment::format::EXTENT_AREA;
+    let mut flipped = 0;
+    let mut off = area;
+    while off + 8192 <= len {
+        let mut hdr = [0u8; 4];
+        f.read_exact_at(&mut hdr, off).unwrap();
+        if &hdr == b"TSFR" {
+            let mut b = [0u8; 16];
+            f.read_exact_at(&mut b, off + 4096 + 100).unwrap();
+            for x in &mut b {
+                *x ^= 0xa5;
+            }
+            f.write_all_at(&b, off + 4096 + 100).unwrap();
+            flipped += 1;
+        }
+        off += 4096;
+    }
+    assert!(flipped > 10, "found fragments to damage ({flipped})");
+    drop(f);
+    s.nodes.restart(1);
+    run(async {
+        let v = open(&s).await;
+        assert_eq!(
+            read(&v, 0, 1 << 20).await,
+            data,
+            "reads return the right data"
+        );
+        let errors = v
+            .stats()
+            .checksum_errors
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(errors > 0, "checksum errors counted");
+        let before = s.nodes.store(1).stats().checksum_errors;
+        assert!(before > 0);
+        settle(&v).await;
+        // Damaged parity is found by a scrub (reads never need it while the data is whole).
+        let sc = v.scrub().await;
+        assert!(sc.inconsistent > 0, "{sc:?}");
+        settle(&v).await;
+        assert!(
+            v.stats()
+                .repaired_fragments
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        );
+        let rep = s.nodes.store(1).scrub(0).await;
+        assert_eq!(rep.mismatches, 0, "node 1 repaired: {rep:?}");
+        let sc = v.scrub().await;
+        assert_eq!((sc.inconsistent, sc.parity_mismatches), (0, 0));
+        v.close();
+    });
+}
+
+#[test]
+fn an_older_epoch_is_fenced_with_a_clear_error() {
+    let s = setup("2+1", 4096, 3, 1 << 20);
+    run(async {
+        let old = open(&s).await;
+        write(&old, 0, &pattern(1, 8192)).await.unwrap();
+        let new = open(&s).await;
+        assert!(new.epoch() > old.epoch());
+        let e = write(&old, 0, &pattern(2, 8192)).await.unwrap_err();
+        assert!(matches!(e, BlockError::Busy(_)), "{e:?}");
+        // The data is the new owner's to change; the old one's write did not land.
+        assert_eq!(read(&new, 0, 8192).await, pattern(1, 8192));
+        write(&new, 0, &pattern(3, 8192)).await.unwrap();
+        assert_eq!(read(&new, 0, 8192).await, pattern(3, 8192));
+        // Every later write of the fenced instance fails at once.
+        assert!(write(&old, 65536, &pattern(4, 512)).await.is_err());
+        assert!(s.nodes.store(0).stats().stale_epoch_rejects > 0);
+        old.close();
+        new.close();
+    });
+}
+
+/// Random writes, reads, node failures and restarts, gateway restarts, against a model.
+#[test]
+fn model_based_random_operations() {
+    let steps: usize = std::env::var("TESSERA_MODEL_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
+    let size = 2u64 << 20;
+    let s = setup("4+2", 4096, 6, size);
+    let mut model = vec![0u8; size as usize];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
+    let mut down: Option<usize> = None;
+    run(async {
+        let mut v = open(&s).await;
+        for step in 0..steps {
+            match rng.gen_range(0..100) {
+                0..=44 => {
+                    let len = *[512u64, 4096, 8192, 16384, 65536, 3 * 512]
+                        .get(rng.gen_range(0..6))
+                        .unwrap();
+                    let off = rng.gen_range(0..(size - len) / 512) * 512;
+                    let d = pattern(step as u64, len as usize);
+                    write(&v, off, &d).await.unwrap_or_else(|e| {
+                        panic!("step {step}: write {off}+{len} down {down:?}: {e:?}")
+                    });
+                    model[off as usize..(off + len) as usize].copy_from_slice(&d);
+                }
+                45..=84 => {
+                    let len = rng.gen_range(1..64u64) * 512;
+                    let off = rng.gen_range(0..(size - len) / 512) * 512;
+                    let r = v.read(off, len as usize).await.unwrap_or_else(|e| {
+                        panic!(
+                            "step {step}: read {off}+{len} down {down:?}: {e:?} {:?}",
+                            v.pending()
+                        )
+                    });
+                    assert!(
+                        r == model[off as usize..(off + len) as usize],
+                        "step {step}: read {off}+{len}"
+                    );
+                }
+                85..=89 => {
+                    // One node fails or comes back (at most one down: writes keep a quorum).
+                    match down.take() {
+                        Some(n) => s.nodes.set_down(n, false),
+                        None => {
+                            let n = rng.gen_range(0..6);
+                            s.nodes.set_down(n, true);
+                            down = Some(n);
+                        }
+                    }
+                }
+                90..=93 => {
+                    let n = rng.gen_range(0..6);
+                    s.nodes.restart(n);
+                }
+                94..=96 => {
+                    let _ = v.maintain().await;
+                }
+                _ => {
+                    // The gateway restarts (no clean shutdown work).
+                    v.close();
+                    v = open(&s).await;
+                }
+            }
+        }
+        if let Some(n) = down {
+            s.nodes.set_down(n, false);
+        }
+        settle(&v).await;
+        assert_eq!(read(&v, 0, size as usize).await, model, "final contents");
+        let sc = v.scrub().await;
+        assert_eq!((sc.inconsistent, sc.parity_mismatches), (0, 0), "{sc:?}");
+        v.close();
+    });
+}
+
+#[cfg(feature = "fault-injection")]
+mod crash {
+    //! A gateway that dies at every step of a write: after each fragment request is issued,
+    //! after each node's answer, after the reads of a read-modify-write, before the ack. After
+    //! a restart every stripe reads back wholly old or wholly new, an acknowledged write reads
+    //! back new, and every stripe is whole (scrub: 0 inconsistent, 0 parity mismatches).
+
+    use super::*;
+    use crate::fault;
+    use std::time::Duration;
+
+    fn case(km: &str, point: &str, nth: usize, off: u64, len: usize) {
+        let s = setup(km, 4096, 6, 1 << 20);
+        let old = pattern(100, 1 << 20);
+        let new = pattern(200 + nth as u64, len);
+        run(async {
+            let v = open(&s).await;
+            write(&v, 0, &old).await.unwrap();
+            fault::arm(point, nth);
+            let w = {
+                let v = v.clone();
+                let new = new.clone();
+                tokio::task::spawn_local(async move { write(&v, off, &new).await })
+            };
+            let mut acked = false;
+            for _ in 0..400 {
+                if fault::crashed() {
+                    break;
+                }
+                if w.is_finished() {
+                    acked = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(
+                acked,
+                point == "never",
+                "{point}#{nth}: the armed point was {}reached",
+                if acked { "not " } else { "" }
+            );
+            if acked {
+                assert!(w.await.unwrap().is_ok(), "{point}#{nth}: write failed");
+            } else {
+                w.abort();
+            }
+            fault::disarm();
+            v.close();
+            // Let requests already issued to nodes finish (they do in a real node process).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let v = open(&s).await;
+            settle(&v).await;
+            let got = read(&v, off, len).await;
+            let was_old = got == old[off as usize..off as usize + len];
+            let is_new = got == new;
+            assert!(
+                was_old || is_new,
+                "{point}#{nth}: torn: neither old nor new"
+            );
+            if acked {
+                assert!(is_new, "{point}#{nth}: acknowledged write lost");
+            }
+            // The rest of the volume is untouched.
+            let all = read(&v, 0, 1 << 20).await;
+            assert_eq!(&all[..off as usize], &old[..off as usize]);
+            assert_eq!(&all[off as usize + len..], &old[off as usize + len..]);
+            let sc = v.scrub().await;
+            assert_eq!(
+                (sc.inconsistent, sc.parity_mismatches),
+                (0, 0),
+                "{point}#{nth}: {sc:?}"
+            );
+            v.close();
+        });
+    }
+
+    #[test]
+    fn a_gateway_crash_at_every_step_of_a_partial_write() {
+        // A 4 KiB write into one chunk (delta: 1 data + 2 parity fragments, on 3 nodes), a
+        // write over two chunks of one stripe, and an unaligned 512-byte write.
+        for (off, len) in [(8192u64, 4096usize), (4096, 8192), (16384 + 512, 512)] {
+            for nth in 1..=3 {
+                case("4+2", "write:send", nth, off, len);
+                case("4+2", "write:acked-node", nth, off, len);
+            }
+            case("4+2", "write:after-read", 1, off, len);
+            case("4+2", "write:before-ack", 1, off, len);
+        }
+    }
+
+    #[test]
+    fn a_gateway_crash_at_every_step_of_a_full_stripe_write() {
+        for nth in 1..=6 {
+            case("4+2", "write:send", nth, 16384, 16384);
+            case("4+2", "write:acked-node", nth, 16384, 16384);
+        }
+    }
+
+    #[test]
+    fn an_acknowledged_write_survives_an_immediate_crash() {
+        // No fault armed: the write completes, the gateway dies before any clean-up.
+        case("4+2", "never", 1, 4096, 4096);
+    }
+}

@@ -1,0 +1,1998 @@
+//! The erasure-coded volume: a [`BlockDevice`] whose bytes are Reed-Solomon stripes on storage
+//! nodes. The commit protocol and what recovery does are described in `COMMIT.md` beside this
+//! crate; the code follows it step by step.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
+use tessera_ec::{placement, Codec, Geometry, Profile, StripeSpan};
+use tessera_proto::block::{BlockDevice, BlockError, DeviceInfo, Extent, LocalBoxFuture};
+use tessera_rpc::{
+    CallError, FragKey, Manifest, ReadItem, Request, Response, SlotInfo, Status, VolumeCtx, Want,
+    WriteItem,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::fault;
+use crate::locks::StripeLocks;
+use crate::nodes::{self, Connector};
+
+/// Name of the per-volume record holding the write-intent (dirty region) set.
+pub const BLOB_INTENT: u8 = 1;
+
+/// What a volume is.
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    /// Volume id (stable; the nodes key fragments by it).
+    pub id: u64,
+    /// Name, for logs.
+    pub name: String,
+    /// Size in bytes (a multiple of the block size).
+    pub size: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Erasure-code profile.
+    pub profile: Profile,
+    /// Placement groups.
+    pub pgs: u32,
+    /// Fragments durable before a write is acknowledged (k + 1 by default, never below k).
+    pub write_quorum: usize,
+    /// Stripes per region of the write-intent log.
+    pub region_stripes: u64,
+    /// How long after its last write a region leaves the intent log.
+    pub clear_after: Duration,
+    /// For each PG, the node (index into the connector's list) of each fragment index.
+    pub map: Vec<Vec<usize>>,
+    /// Node names, for logs (index as in `map`).
+    pub node_names: Vec<String>,
+}
+
+/// Why a volume could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Too few nodes answered to read the volume.
+    #[error("volume {name}: only {reachable} of {total} nodes reachable, {need} needed")]
+    TooFewNodes {
+        /// Volume name.
+        name: String,
+        /// Nodes that answered.
+        reachable: usize,
+        /// Nodes in the volume.
+        total: usize,
+        /// At least `k`.
+        need: usize,
+    },
+    /// The spec is inconsistent.
+    #[error("volume {0}: {1}")]
+    Spec(String, String),
+}
+
+/// Counters of one volume.
+#[derive(Debug, Default)]
+pub struct VolumeStats {
+    /// Reads that had to reconstruct a fragment.
+    pub degraded_reads: AtomicU64,
+    /// Fragments rewritten by repair or recovery.
+    pub repaired_fragments: AtomicU64,
+    /// Fragments that failed their checksum on a node.
+    pub checksum_errors: AtomicU64,
+    /// Stripes whose interrupted write was completed.
+    pub rolled_forward: AtomicU64,
+    /// Stripes whose interrupted write was undone.
+    pub rolled_back: AtomicU64,
+    /// Writes acknowledged with fewer than all fragments.
+    pub degraded_writes: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Regions whose intent is durable on the nodes.
+    dirty: BTreeSet<u64>,
+    /// Regions waiting to be added.
+    want_dirty: BTreeSet<u64>,
+    /// Writes in flight per region.
+    inflight: HashMap<u64, usize>,
+    /// When a region was last written.
+    last_write: HashMap<u64, Instant>,
+    /// Per node: regions where it may lack writes or hold undone ones.
+    stale: Vec<BTreeSet<u64>>,
+    /// Stripes whose last write did not reach its quorum: resolved before the next access.
+    suspect: HashSet<u64>,
+    /// Regions dirty at open, not yet checked stripe by stripe.
+    resync: BTreeSet<u64>,
+    /// Stripes of `resync` regions already resolved.
+    resolved: HashSet<u64>,
+    /// Stripes with a damaged or missing fragment to rewrite.
+    repair: BTreeSet<u64>,
+    /// Why the volume no longer writes (a newer epoch exists).
+    fenced: Option<String>,
+}
+
+struct Shared {
+    spec: VolumeSpec,
+    geo: Geometry,
+    codec: Codec,
+    epoch: u64,
+    next_version: AtomicU64,
+    connector: Arc<dyn Connector>,
+    instance: u64,
+    locks: StripeLocks,
+    state: Mutex<State>,
+    intent_seq: AtomicU64,
+    intent_lock: tokio::sync::Mutex<()>,
+    /// Per node: until when (ms since `t0`) calls fail fast.
+    down_until: Vec<AtomicU64>,
+    t0: Instant,
+    stats: VolumeStats,
+    closed: AtomicBool,
+}
+
+/// An erasure-coded volume. Cheap to clone; shared by every core.
+#[derive(Clone)]
+pub struct EcVolume {
+    sh: Arc<Shared>,
+}
+
+impl std::fmt::Debug for EcVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "EcVolume({} {} epoch {})",
+            self.sh.spec.name, self.sh.spec.profile, self.sh.epoch
+        )
+    }
+}
+
+static INSTANCES: AtomicU64 = AtomicU64::new(1);
+
+/// How long a node that failed a call is skipped.
+const DOWN_FOR: Duration = Duration::from_millis(1000);
+/// The default for [`VolumeSpec::clear_after`].
+pub const CLEAR_AFTER: Duration = Duration::from_secs(2);
+
+/// One fragment as read.
+#[derive(Debug, Clone)]
+enum Got {
+    /// Data of the requested range, and the copy's manifest.
+    Data(Bytes, Manifest),
+    /// The copy is zeroes.
+    Zero(Manifest),
+    /// The node holds no such fragment (or version).
+    Missing,
+    /// Damaged (checksum) on the node.
+    Corrupt,
+    /// The node did not answer, or is not to be trusted for this stripe.
+    Unavailable,
+}
+
+impl Got {
+    fn manifest(&self) -> Option<&Manifest> {
+        match self {
+            Got::Data(_, m) | Got::Zero(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+fn encode_regions(set: &BTreeSet<u64>) -> Bytes {
+    let mut b = BytesMut::with_capacity(set.len() * 8);
+    for r in set {
+        b.extend_from_slice(&r.to_be_bytes());
+    }
+    b.freeze()
+}
+
+fn decode_regions(b: &[u8]) -> BTreeSet<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+impl EcVolume {
+    /// Open a volume: take a new fencing epoch on its nodes, load its write-intent log, and
+    /// queue every region that was dirty for a check. Must run inside a `LocalSet`.
+    pub async fn open(spec: VolumeSpec, connector: Arc<dyn Connector>) -> Result<Self, OpenError> {
+        let p = spec.profile;
+        let width = p.width();
+        if spec.map.len() != spec.pgs as usize || spec.map.iter().any(|r| r.len() != width) {
+            return Err(OpenError::Spec(
+                spec.name.clone(),
+                "the PG map does not match the PG count and stripe width".into(),
+            ));
+        }
+        let q = spec.write_quorum;
+        if q < usize::from(p.k) || q > width {
+            return Err(OpenError::Spec(
+                spec.name.clone(),
+                format!("write quorum {q} outside k ({}) ..= k + m ({width})", p.k),
+            ));
+        }
+        let codec =
+            Codec::new(&p).map_err(|e| OpenError::Spec(spec.name.clone(), e.to_string()))?;
+        let n = connector.nodes();
+        let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
+        // 1. A fencing epoch above every node's.
+        let ask = (0..n).map(|i| {
+            let io = nodes::handle(instance, &*connector, i);
+            let req = Request::Epoch {
+                volume: spec.id,
+                epoch: 0,
+            };
+            async move { io.call(req).await }
+        });
+        let answers = join_all(ask).await;
+        let mut reachable = 0;
+        let mut max = 0;
+        for a in &answers {
+            if let Ok(Response::Epoch(e)) = a {
+                reachable += 1;
+                max = max.max(*e);
+            }
+        }
+        if reachable < usize::from(p.k) {
+            return Err(OpenError::TooFewNodes {
+                name: spec.name.clone(),
+                reachable,
+                total: n,
+                need: usize::from(p.k),
+            });
+        }
+        let epoch = max + 1;
+        let raise = (0..n).map(|i| {
+            let io = nodes::handle(instance, &*connector, i);
+            let req = Request::Epoch {
+                volume: spec.id,
+                epoch,
+            };
+            async move { io.call(req).await }
+        });
+        let raised: Vec<bool> = join_all(raise)
+            .await
+            .into_iter()
+            .map(|r| matches!(r, Ok(Response::Epoch(e)) if e == epoch))
+            .collect();
+        // 2. The intent log: the newest copy any node has.
+        let fetch = (0..n).map(|i| {
+            let io = nodes::handle(instance, &*connector, i);
+            let req = Request::GetBlob {
+                volume: spec.id,
+                name: BLOB_INTENT,
+            };
+            async move { io.call(req).await }
+        });
+        let mut seq = 0;
+        let mut dirty = BTreeSet::new();
+        for r in join_all(fetch).await.into_iter().flatten() {
+            if let Response::GetBlob { seq: s, data } = r {
+                if s > seq {
+                    seq = s;
+                    dirty = decode_regions(&data);
+                }
+            }
+        }
+        let mut st = State {
+            stale: vec![BTreeSet::new(); n],
+            ..State::default()
+        };
+        // A node we could not reach may lack any write made to a dirty region.
+        for (i, ok) in raised.iter().enumerate() {
+            if !ok {
+                st.stale[i] = dirty.clone();
+            }
+        }
+        st.resync = dirty.clone();
+        st.dirty = dirty;
+        if !st.resync.is_empty() {
+            info!(volume = %spec.name, regions = st.resync.len(), "regions to check after an unclean stop");
+        }
+        info!(
+            volume = %spec.name,
+            epoch,
+            nodes_reachable = raised.iter().filter(|x| **x).count(),
+            nodes = n,
+            profile = %p,
+            "volume open"
+        );
+        let geo = Geometry::new(p, spec.size);
+        Ok(Self {
+            sh: Arc::new(Shared {
+                geo,
+                codec,
+                epoch,
+                next_version: AtomicU64::new((epoch << 40) + 1),
+                connector,
+                instance,
+                locks: StripeLocks::default(),
+                state: Mutex::new(st),
+                intent_seq: AtomicU64::new(seq + 1),
+                intent_lock: tokio::sync::Mutex::new(()),
+                down_until: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                t0: Instant::now(),
+                stats: VolumeStats::default(),
+                closed: AtomicBool::new(false),
+                spec,
+            }),
+        })
+    }
+
+    /// The fencing epoch this instance writes with.
+    pub fn epoch(&self) -> u64 {
+        self.sh.epoch
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &VolumeSpec {
+        &self.sh.spec
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &VolumeStats {
+        &self.sh.stats
+    }
+
+    /// Stop the maintenance loop (see [`EcVolume::maintain`]) and forget this thread's node
+    /// handles.
+    pub fn close(&self) {
+        self.sh.closed.store(true, Ordering::SeqCst);
+        nodes::forget(self.sh.instance);
+    }
+
+    /// Whether work is pending: regions to check, stale nodes, repairs, or dirty regions.
+    pub fn pending(&self) -> (usize, usize, usize, usize) {
+        let st = self.sh.state.lock().expect("volume state poisoned");
+        (
+            st.resync.len(),
+            st.stale.iter().filter(|s| !s.is_empty()).count(),
+            st.repair.len(),
+            st.dirty.len(),
+        )
+    }
+
+    fn ctx(&self) -> VolumeCtx {
+        let p = self.sh.spec.profile;
+        VolumeCtx {
+            volume: self.sh.spec.id,
+            epoch: self.sh.epoch,
+            pgs: self.sh.spec.pgs,
+            k: p.k,
+            m: p.m,
+            codec: p.codec.0,
+            chunk: p.chunk_size,
+        }
+    }
+
+    fn k(&self) -> usize {
+        usize::from(self.sh.spec.profile.k)
+    }
+
+    fn width(&self) -> usize {
+        self.sh.spec.profile.width()
+    }
+
+    fn chunk(&self) -> usize {
+        self.sh.spec.profile.chunk_size as usize
+    }
+
+    fn region(&self, stripe: u64) -> u64 {
+        stripe / self.sh.spec.region_stripes.max(1)
+    }
+
+    fn node_of(&self, stripe: u64, index: usize) -> usize {
+        self.sh.spec.map[placement::pg_of(stripe, self.sh.spec.pgs) as usize][index]
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.sh.t0.elapsed().as_millis() as u64
+    }
+
+    fn is_down(&self, node: usize) -> bool {
+        self.sh.down_until[node].load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    fn is_stale(&self, node: usize, stripe: u64) -> bool {
+        let r = self.region(stripe);
+        let st = self.sh.state.lock().expect("volume state poisoned");
+        st.stale[node].contains(&r)
+    }
+
+    fn mark_stale(&self, node: usize, stripe: u64) {
+        let r = self.region(stripe);
+        let mut st = self.sh.state.lock().expect("volume state poisoned");
+        if st.stale[node].insert(r) {
+            debug!(volume = %self.sh.spec.name, node = %self.sh.spec.node_names[node], region = r, "node marked stale");
+        }
+    }
+
+    fn fenced(&self) -> Result<(), BlockError> {
+        let st = self.sh.state.lock().expect("volume state poisoned");
+        match &st.fenced {
+            Some(_) => Err(BlockError::Busy("volume fenced by a newer owner")),
+            None => Ok(()),
+        }
+    }
+
+    /// One call to a node, as its own task (so a caller that goes away does not cut the
+    /// request short). A node that fails is marked down for a moment (reads then go around
+    /// it without waiting); one that answers is marked up.
+    async fn call(&self, node: usize, req: Request) -> Result<Response, CallError> {
+        let io = nodes::handle(self.sh.instance, &*self.sh.connector, node);
+        let r = match tokio::task::spawn_local(io.call(req)).await {
+            Ok(r) => r,
+            Err(e) => Err(CallError::Unreachable {
+                addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                reason: e.to_string(),
+            }),
+        };
+        match &r {
+            Ok(_) => self.sh.down_until[node].store(0, Ordering::Relaxed),
+            Err(e) if e.is_unavailable() => {
+                let until = self.now_ms() + DOWN_FOR.as_millis() as u64;
+                let prev = self.sh.down_until[node].swap(until, Ordering::Relaxed);
+                if prev <= self.now_ms() {
+                    warn!(volume = %self.sh.spec.name, node = %self.sh.spec.node_names[node], "node unavailable: {e}");
+                }
+            }
+            Err(CallError::StaleEpoch { current, .. }) => {
+                let mut st = self.sh.state.lock().expect("volume state poisoned");
+                if st.fenced.is_none() {
+                    let why = format!(
+                        "node {} has epoch {current}, newer than this gateway's {}: another gateway owns volume {} now",
+                        self.sh.spec.node_names[node], self.sh.epoch, self.sh.spec.name
+                    );
+                    error!(volume = %self.sh.spec.name, "fenced: {why}");
+                    st.fenced = Some(why);
+                }
+            }
+            _ => {}
+        }
+        r
+    }
+
+    /// Whether the node is reachable now (a probe that ignores the down mark).
+    async fn probe(&self, node: usize) -> bool {
+        self.sh.down_until[node].store(0, Ordering::Relaxed);
+        matches!(
+            self.call(node, Request::Stats).await,
+            Ok(Response::Stats(_))
+        )
+    }
+
+    /// Read fragments: `(stripe, index, want, offset, len)`, one request per node.
+    async fn read_frags(&self, items: &[(u64, usize, Want, u32, u32)]) -> Vec<Got> {
+        let mut per_node: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, it) in items.iter().enumerate() {
+            per_node
+                .entry(self.node_of(it.0, it.1))
+                .or_default()
+                .push(i);
+        }
+        let vol = self.ctx();
+        let calls = per_node.into_iter().map(|(node, idx)| {
+            let req = Request::Read {
+                vol,
+                items: idx
+                    .iter()
+                    .map(|&i| {
+                        let it = &items[i];
+                        ReadItem {
+                            key: FragKey {
+                                stripe: it.0,
+                                index: it.1 as u8,
+                            },
+                            want: it.2,
+                            offset: it.3,
+                            len: it.4,
+                        }
+                    })
+                    .collect(),
+            };
+            async move { (idx, self.call(node, req).await) }
+        });
+        let mut out = vec![Got::Unavailable; items.len()];
+        for (idx, r) in join_all(calls).await {
+            let Ok(Response::Read(results)) = r else {
+                continue;
+            };
+            for (i, res) in idx.into_iter().zip(results) {
+                out[i] = match res.status {
+                    Status::OK if res.zero => Got::Zero(res.manifest),
+                    Status::OK => Got::Data(res.data, res.manifest),
+                    Status::NOT_FOUND => Got::Missing,
+                    Status::CHECKSUM => {
+                        self.sh
+                            .stats
+                            .checksum_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        Got::Corrupt
+                    }
+                    _ => Got::Unavailable,
+                };
+            }
+        }
+        out
+    }
+
+    /// The copies each position's node holds of `stripe` (`None`: no answer).
+    async fn versions(&self, stripe: u64) -> Vec<Option<Vec<SlotInfo>>> {
+        let vol = self.ctx();
+        let calls = (0..self.width()).map(|i| {
+            let node = self.node_of(stripe, i);
+            let req = Request::Versions {
+                vol,
+                first: stripe,
+                count: 1,
+            };
+            async move {
+                match self.call(node, req).await {
+                    Ok(Response::Versions(v)) => Some(
+                        v.into_iter()
+                            .filter(|e| e.key.stripe == stripe && usize::from(e.key.index) == i)
+                            .flat_map(|e| e.slots)
+                            .collect(),
+                    ),
+                    _ => None,
+                }
+            }
+        });
+        join_all(calls).await
+    }
+
+    /// Write fragments of one or more stripes; `items[i] = (stripe, index, item)`. Returns
+    /// per item whether the node made it durable. The fault points model a gateway that
+    /// stops after issuing some of them.
+    async fn write_frags(&self, items: Vec<(u64, usize, WriteItem)>) -> Vec<bool> {
+        let mut per_node: HashMap<usize, (Vec<usize>, Vec<WriteItem>)> = HashMap::new();
+        let n = items.len();
+        for (i, (stripe, index, it)) in items.into_iter().enumerate() {
+            let e = per_node.entry(self.node_of(stripe, index)).or_default();
+            e.0.push(i);
+            e.1.push(it);
+        }
+        let vol = self.ctx();
+        let mut calls = Vec::new();
+        let mut nodes_sorted: Vec<_> = per_node.into_iter().collect();
+        nodes_sorted.sort_by_key(|(node, _)| *node);
+        for (node, (idx, its)) in nodes_sorted {
+            fault::point("write:send").await;
+            let this = self.clone();
+            let req = Request::Write { vol, items: its };
+            // Issued now, whatever happens to the caller.
+            let h = tokio::task::spawn_local(async move { this.call(node, req).await });
+            calls.push((node, idx, h));
+        }
+        let mut ok = vec![false; n];
+        for (node, idx, h) in calls {
+            match h.await {
+                Ok(Ok(Response::Write(st))) => {
+                    for (i, s) in idx.into_iter().zip(st) {
+                        ok[i] = s == Status::OK;
+                    }
+                }
+                other => {
+                    debug!(node = %self.sh.spec.node_names[node], "write failed: {other:?}");
+                }
+            }
+            fault::point("write:acked-node").await;
+        }
+        ok
+    }
+
+    fn next_version(&self) -> u64 {
+        self.sh.next_version.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn expected(&self, m: &Manifest, index: usize) -> u64 {
+        if index < self.k() {
+            m.data.get(index).copied().unwrap_or(0)
+        } else {
+            m.version
+        }
+    }
+
+    // ---- the intent log -------------------------------------------------------------------
+
+    async fn ensure_dirty(&self, regions: &BTreeSet<u64>) -> Result<(), BlockError> {
+        {
+            let mut st = self.sh.state.lock().expect("volume state poisoned");
+            let missing: Vec<u64> = regions
+                .iter()
+                .copied()
+                .filter(|r| !st.dirty.contains(r))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            st.want_dirty.extend(missing);
+        }
+        self.persist_intent(false).await
+    }
+
+    /// Write the intent set to the nodes. With `shrink`, clear the regions that are idle and
+    /// healthy; otherwise add the wanted ones.
+    async fn persist_intent(&self, shrink: bool) -> Result<(), BlockError> {
+        let _g = self.sh.intent_lock.lock().await;
+        let (set, added) = {
+            let st = self.sh.state.lock().expect("volume state poisoned");
+            if shrink {
+                let now = Instant::now();
+                let clear: Vec<u64> =
+                    st.dirty
+                        .iter()
+                        .copied()
+                        .filter(|r| {
+                            st.inflight.get(r).copied().unwrap_or(0) == 0
+                                && st.last_write.get(r).is_none_or(|t| {
+                                    now.duration_since(*t) >= self.sh.spec.clear_after
+                                })
+                                && !st.resync.contains(r)
+                                && !st.want_dirty.contains(r)
+                                && st.stale.iter().all(|s| !s.contains(r))
+                                && !st.suspect.iter().any(|s| self.region(*s) == *r)
+                                && !st.repair.iter().any(|s| self.region(*s) == *r)
+                        })
+                        .collect();
+                if clear.is_empty() {
+                    return Ok(());
+                }
+                let mut set = st.dirty.clone();
+                for r in &clear {
+                    set.remove(r);
+                }
+                (set, BTreeSet::new())
+            } else {
+                if st.want_dirty.iter().all(|r| st.dirty.contains(r)) {
+                    return Ok(());
+                }
+                let mut set = st.dirty.clone();
+                set.extend(st.want_dirty.iter().copied());
+                (set, st.want_dirty.clone())
+            }
+        };
+        let seq = self.sh.intent_seq.fetch_add(1, Ordering::Relaxed);
+        let data = encode_regions(&set);
+        let n = self.sh.connector.nodes();
+        let calls = (0..n).map(|node| {
+            let req = Request::PutBlob {
+                volume: self.sh.spec.id,
+                epoch: self.sh.epoch,
+                name: BLOB_INTENT,
+                seq,
+                data: data.clone(),
+            };
+            async move { self.call(node, req).await }
+        });
+        let ok = join_all(calls)
+            .await
+            .into_iter()
+            .filter(|r| matches!(r, Ok(Response::PutBlob)))
+            .count();
+        let need = (usize::from(self.sh.spec.profile.m) + 1).min(n);
+        if ok < need {
+            self.fenced()?;
+            warn!(volume = %self.sh.spec.name, ok, need, "write-intent log not stored on enough nodes");
+            return Err(BlockError::Busy("too few nodes to record the write intent"));
+        }
+        let mut st = self.sh.state.lock().expect("volume state poisoned");
+        if shrink {
+            // Regions written meanwhile were re-added to want_dirty or are still in flight.
+            st.dirty = set;
+        } else {
+            st.dirty.extend(added.iter().copied());
+            for r in &added {
+                st.want_dirty.remove(r);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- recovery ------------------------------------------------------------------------
+
+    /// Whether `stripe` must be resolved before use.
+    fn needs_resolve(&self, stripe: u64) -> bool {
+        let st = self.sh.state.lock().expect("volume state poisoned");
+        st.suspect.contains(&stripe)
+            || (st.resync.contains(&self.region(stripe)) && !st.resolved.contains(&stripe))
+    }
+
+    fn mark_resolved(&self, stripe: u64) {
+        let mut st = self.sh.state.lock().expect("volume state poisoned");
+        st.suspect.remove(&stripe);
+        if st.resync.contains(&self.region(stripe)) {
+            st.resolved.insert(stripe);
+        }
+    }
+
+    /// Bring `stripe` to one whole state (caller holds it exclusively): complete an
+    /// interrupted write that left at least `k` fragments of its state, undo one that cannot
+    /// have been acknowledged, and rewrite fragments that are missing, behind or damaged.
+    async fn resolve(&self, stripe: u64) -> Result<(), BlockError> {
+        let (k, width) = (self.k(), self.width());
+        let quorum = self.sh.spec.write_quorum;
+        // The highest version undone here: the state that remains must be rewritten above it,
+        // so copies of it left on unreachable nodes can never look newest again.
+        let mut undone: u64 = 0;
+        for _ in 0..8 {
+            let views = self.versions(stripe).await;
+            let unreachable = views.iter().filter(|v| v.is_none()).count();
+            let Some(top) = views
+                .iter()
+                .flatten()
+                .flatten()
+                .max_by_key(|s| s.manifest.version)
+                .cloned()
+            else {
+                // No copy anywhere reachable: never written (or all copies lost).
+                for (i, v) in views.iter().enumerate() {
+                    if v.is_none() {
+                        self.mark_stale(self.node_of(stripe, i), stripe);
+                    }
+                }
+                self.mark_resolved(stripe);
+                return Ok(());
+            };
+            let m = top.manifest.clone();
+            let consistent: Vec<bool> = (0..width)
+                .map(|i| {
+                    let e = self.expected(&m, i);
+                    views[i]
+                        .as_ref()
+                        .is_some_and(|v| v.iter().any(|s| s.manifest.version == e))
+                })
+                .collect();
+            let junk: Vec<Vec<u64>> = (0..width)
+                .map(|i| {
+                    let e = self.expected(&m, i);
+                    views[i].as_ref().map_or(Vec::new(), |v| {
+                        v.iter()
+                            .map(|s| s.manifest.version)
+                            .filter(|&x| x > e)
+                            .collect()
+                    })
+                })
+                .collect();
+            let c = consistent.iter().filter(|x| **x).count();
+            let clean = c == width && junk.iter().all(Vec::is_empty);
+            if clean && undone == 0 {
+                self.mark_resolved(stripe);
+                return Ok(());
+            }
+            if c >= k && undone > 0 {
+                if self.rewrite_fresh(stripe, &m, &consistent).await? {
+                    self.mark_resolved(stripe);
+                    return Ok(());
+                }
+                return Err(BlockError::Busy("could not rewrite the stripe's state"));
+            }
+            if c >= k {
+                // Roll forward: rebuild what is missing from k fragments of this state.
+                let fixed = self.rewrite(stripe, &m, &consistent, &junk, &views).await?;
+                if fixed {
+                    self.sh.stats.rolled_forward.fetch_add(1, Ordering::Relaxed);
+                    self.mark_resolved(stripe);
+                    return Ok(());
+                }
+                continue;
+            }
+            if c + unreachable < quorum {
+                // The newest write reached too few nodes to have been acknowledged: undo it.
+                let mut reverts = Vec::new();
+                for (i, v) in views.iter().enumerate() {
+                    if v.as_ref()
+                        .is_some_and(|v| v.iter().any(|s| s.manifest.version == m.version))
+                    {
+                        reverts.push(i);
+                    }
+                }
+                let vol = self.ctx();
+                let calls = reverts.iter().map(|&i| {
+                    let node = self.node_of(stripe, i);
+                    let req = Request::Revert {
+                        vol,
+                        items: vec![(
+                            FragKey {
+                                stripe,
+                                index: i as u8,
+                            },
+                            m.version,
+                        )],
+                    };
+                    async move { (node, self.call(node, req).await) }
+                });
+                for (node, r) in join_all(calls).await {
+                    if !matches!(r, Ok(Response::Revert(_))) {
+                        self.mark_stale(node, stripe);
+                    }
+                }
+                // Nodes we could not reach may still hold it.
+                for (i, v) in views.iter().enumerate() {
+                    if v.is_none() {
+                        self.mark_stale(self.node_of(stripe, i), stripe);
+                    }
+                }
+                undone = undone.max(m.version);
+                self.sh.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+                info!(volume = %self.sh.spec.name, stripe, version = m.version, "rolled back an unacknowledged write");
+                continue;
+            }
+            return Err(BlockError::Busy(
+                "stripe state undecidable until more nodes return",
+            ));
+        }
+        Err(BlockError::Busy("stripe did not settle"))
+    }
+
+    /// Rewrite every position of state `m` that is not consistent (or holds newer junk) from
+    /// `k` consistent fragments. Returns false if fewer than `k` could be read.
+    async fn rewrite(
+        &self,
+        stripe: u64,
+        m: &Manifest,
+        consistent: &[bool],
+        junk: &[Vec<u64>],
+        views: &[Option<Vec<SlotInfo>>],
+    ) -> Result<bool, BlockError> {
+        let (k, width, chunk) = (self.k(), self.width(), self.chunk());
+        let reads: Vec<(u64, usize, Want, u32, u32)> = (0..width)
+            .filter(|&i| consistent[i])
+            .map(|i| (stripe, i, Want::Version(self.expected(m, i)), 0, 0))
+            .collect();
+        let got = self.read_frags(&reads).await;
+        let mut shards: Vec<Vec<u8>> = vec![vec![0u8; chunk]; width];
+        let mut present = vec![false; width];
+        let mut zero_at = vec![false; width];
+        for ((_, i, _, _, _), g) in reads.iter().zip(got) {
+            match g {
+                Got::Data(d, _) if d.len() == chunk => {
+                    shards[*i].copy_from_slice(&d);
+                    present[*i] = true;
+                }
+                Got::Zero(_) => {
+                    present[*i] = true;
+                    zero_at[*i] = true;
+                }
+                _ => {}
+            }
+        }
+        if present.iter().filter(|p| **p).count() < k {
+            return Ok(false);
+        }
+        let had = present.clone();
+        {
+            let mut refs: Vec<&mut [u8]> = shards.iter_mut().map(|s| &mut s[..]).collect();
+            self.sh
+                .codec
+                .reconstruct(&mut refs, &present, false)
+                .map_err(|_| BlockError::Medium)?;
+        }
+        let vol = self.ctx();
+        let mut fixes = Vec::new();
+        for i in 0..width {
+            let bad = !had[i] || !junk[i].is_empty();
+            if !bad {
+                continue;
+            }
+            let node = self.node_of(stripe, i);
+            if views[i].is_none() {
+                self.mark_stale(node, stripe);
+                continue;
+            }
+            // Newer copies than this state's are leftovers of undone writes: void them first.
+            if !junk[i].is_empty() {
+                let req = Request::Revert {
+                    vol,
+                    items: junk[i]
+                        .iter()
+                        .map(|&v| {
+                            (
+                                FragKey {
+                                    stripe,
+                                    index: i as u8,
+                                },
+                                v,
+                            )
+                        })
+                        .collect(),
+                };
+                if self.call(node, req).await.is_err() {
+                    self.mark_stale(node, stripe);
+                    continue;
+                }
+            }
+            if had[i] {
+                continue; // consistent copy present; only junk needed voiding
+            }
+            let version = self.expected(m, i);
+            let zero = is_zero(&shards[i]);
+            fixes.push((
+                stripe,
+                i,
+                WriteItem {
+                    key: FragKey {
+                        stripe,
+                        index: i as u8,
+                    },
+                    manifest: Manifest {
+                        version,
+                        data: m.data.clone(),
+                    },
+                    zero,
+                    data: if zero {
+                        Bytes::new()
+                    } else {
+                        Bytes::from(shards[i].clone())
+                    },
+                },
+            ));
+        }
+        let positions: Vec<usize> = fixes.iter().map(|f| f.1).collect();
+        let n = fixes.len();
+        let ok = self.write_frags(fixes).await;
+        for (pos, good) in positions.iter().zip(&ok) {
+            if *good {
+                self.sh
+                    .stats
+                    .repaired_fragments
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.mark_stale(self.node_of(stripe, *pos), stripe);
+            }
+        }
+        if n > 0 {
+            debug!(volume = %self.sh.spec.name, stripe, fragments = n, "rewrote fragments");
+        }
+        Ok(true)
+    }
+
+    /// Rewrite all of state `m` at a fresh version (above anything undone), from `k` of its
+    /// consistent fragments. Returns false if fewer than `k` could be read or the rewrite
+    /// missed its quorum.
+    async fn rewrite_fresh(
+        &self,
+        stripe: u64,
+        m: &Manifest,
+        consistent: &[bool],
+    ) -> Result<bool, BlockError> {
+        let (k, width, chunk) = (self.k(), self.width(), self.chunk());
+        let reads: Vec<(u64, usize, Want, u32, u32)> = (0..width)
+            .filter(|&i| consistent[i])
+            .map(|i| (stripe, i, Want::Version(self.expected(m, i)), 0, 0))
+            .collect();
+        let got = self.read_frags(&reads).await;
+        let mut shards: Vec<Vec<u8>> = vec![vec![0u8; chunk]; width];
+        let mut present = vec![false; width];
+        for ((_, i, _, _, _), g) in reads.iter().zip(got) {
+            match g {
+                Got::Data(d, _) if d.len() == chunk => {
+                    shards[*i].copy_from_slice(&d);
+                    present[*i] = true;
+                }
+                Got::Zero(_) => present[*i] = true,
+                _ => {}
+            }
+        }
+        if present.iter().filter(|p| **p).count() < k {
+            return Ok(false);
+        }
+        {
+            let mut refs: Vec<&mut [u8]> = shards.iter_mut().map(|s| &mut s[..]).collect();
+            self.sh
+                .codec
+                .reconstruct(&mut refs, &present, false)
+                .map_err(|_| BlockError::Medium)?;
+        }
+        let v = self.next_version();
+        let data: Vec<Bytes> = shards[..k].iter().map(|c| Bytes::from(c.clone())).collect();
+        let parity: Vec<Vec<u8>> = shards[k..].to_vec();
+        let items = self.stripe_items(stripe, v, &data, parity);
+        let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
+        let ok = self.write_frags(items).await;
+        self.sh
+            .stats
+            .repaired_fragments
+            .fetch_add(ok.iter().filter(|x| **x).count() as u64, Ordering::Relaxed);
+        Ok(self.settle(&keys, &ok, &HashMap::new()).is_ok())
+    }
+
+    /// Read every data chunk of `stripe` whole, reconstructing what is missing, damaged or
+    /// behind. Returns the chunks (zeroes for a never-written stripe) and the stripe's state
+    /// (`None` if never written). Caller holds the stripe.
+    async fn read_whole(
+        &self,
+        stripe: u64,
+    ) -> Result<(Vec<Vec<u8>>, Option<Manifest>), BlockError> {
+        let (k, width, chunk) = (self.k(), self.width(), self.chunk());
+        let reads: Vec<(u64, usize, Want, u32, u32)> = (0..width)
+            .map(|i| (stripe, i, Want::Latest, 0, 0))
+            .collect();
+        let got = self.read_frags(&reads).await;
+        let busy_or_medium = |got: &[Got]| {
+            if got.iter().any(|g| matches!(g, Got::Unavailable)) {
+                BlockError::Busy("too few nodes reachable to read the stripe")
+            } else {
+                BlockError::Medium
+            }
+        };
+        // Candidate states, newest first: the newest copy anywhere is normally the stripe's
+        // state (recovery always leaves the settled state above any undone write); older
+        // candidates cover copies left by a write that is still being settled.
+        let mut candidates: Vec<Manifest> = got.iter().filter_map(Got::manifest).cloned().collect();
+        candidates.sort_by_key(|m| std::cmp::Reverse(m.version));
+        candidates.dedup_by_key(|m| m.version);
+        if candidates.is_empty() {
+            let missing = got.iter().filter(|g| matches!(g, Got::Missing)).count();
+            if missing >= (width - k).max(1) {
+                // Never written: every write leaves at least k + 1 copies, so this many "no
+                // such fragment" answers rule one out.
+                return Ok((vec![vec![0u8; chunk]; k], None));
+            }
+            return Err(busy_or_medium(&got));
+        }
+        for m in candidates.into_iter().take(3) {
+            let mut shards: Vec<Vec<u8>> = vec![vec![0u8; chunk]; width];
+            let mut present = vec![false; width];
+            let mut retry = Vec::new();
+            for (i, g) in got.iter().enumerate() {
+                let e = self.expected(&m, i);
+                match g {
+                    Got::Data(d, mf) if mf.version == e && d.len() == chunk => {
+                        shards[i].copy_from_slice(d);
+                        present[i] = true;
+                    }
+                    Got::Zero(mf) if mf.version == e => present[i] = true,
+                    Got::Data(..) | Got::Zero(_) => retry.push((stripe, i, Want::Version(e), 0, 0)),
+                    _ => {}
+                }
+            }
+            if present.iter().filter(|p| **p).count() < k && !retry.is_empty() {
+                let again = self.read_frags(&retry).await;
+                for ((_, i, _, _, _), g) in retry.iter().zip(again) {
+                    match g {
+                        Got::Data(d, _) if d.len() == chunk => {
+                            shards[*i].copy_from_slice(&d);
+                            present[*i] = true;
+                        }
+                        Got::Zero(_) => present[*i] = true,
+                        _ => {}
+                    }
+                }
+            }
+            let have = present.iter().filter(|p| **p).count();
+            if have < k {
+                continue;
+            }
+            if have < width {
+                self.sh.stats.degraded_reads.fetch_add(1, Ordering::Relaxed);
+                let mut refs: Vec<&mut [u8]> = shards.iter_mut().map(|s| &mut s[..]).collect();
+                self.sh
+                    .codec
+                    .reconstruct(&mut refs, &present, true)
+                    .map_err(|_| BlockError::Medium)?;
+                // Something reachable was missing, behind or damaged: repair it later.
+                let reachable_bad = got
+                    .iter()
+                    .zip(&present)
+                    .any(|(g, p)| !p && !matches!(g, Got::Unavailable));
+                if reachable_bad {
+                    let mut st = self.sh.state.lock().expect("volume state poisoned");
+                    st.repair.insert(stripe);
+                }
+            }
+            shards.truncate(k);
+            return Ok((shards, Some(m)));
+        }
+        Err(busy_or_medium(&got))
+    }
+
+    // ---- reads ---------------------------------------------------------------------------
+
+    async fn prepare(&self, stripes: &[u64]) -> Result<(), BlockError> {
+        for &s in stripes {
+            if self.needs_resolve(s) {
+                let _g = self.sh.locks.lock(s, true).await;
+                if self.needs_resolve(s) {
+                    self.resolve(s).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn do_read(&self, offset: u64, len: usize) -> Result<Bytes, BlockError> {
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|e| e > self.sh.spec.size)
+        {
+            return Err(BlockError::OutOfRange);
+        }
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let spans: Vec<StripeSpan> = self.sh.geo.spans(offset, len as u64).collect();
+        let stripes: Vec<u64> = spans.iter().map(|s| s.stripe).collect();
+        for _attempt in 0..4 {
+            self.prepare(&stripes).await?;
+            let _guards = self.sh.locks.lock_many(&stripes, false).await;
+            if stripes.iter().any(|&s| self.needs_resolve(s)) {
+                continue;
+            }
+            return self.read_locked(&spans, len).await;
+        }
+        Err(BlockError::Busy("stripes kept changing state"))
+    }
+
+    async fn read_locked(&self, spans: &[StripeSpan], len: usize) -> Result<Bytes, BlockError> {
+        let mut out = BytesMut::zeroed(len);
+        // Fast path: each piece from its data fragment's node.
+        let mut items = Vec::new();
+        let mut owners = Vec::new(); // (span index, buf offset within the request, len)
+        let mut degraded: BTreeSet<usize> = BTreeSet::new();
+        for (si, sp) in spans.iter().enumerate() {
+            for p in self.sh.geo.pieces(sp) {
+                let node = self.node_of(sp.stripe, p.index);
+                if self.is_down(node) || self.is_stale(node, sp.stripe) {
+                    degraded.insert(si);
+                    continue;
+                }
+                items.push((
+                    sp.stripe,
+                    p.index,
+                    Want::Latest,
+                    p.start as u32,
+                    p.len as u32,
+                ));
+                owners.push((si, sp.buf_offset as usize + p.buf_offset, p.len));
+            }
+        }
+        let got = self.read_frags(&items).await;
+        for ((si, at, n), g) in owners.into_iter().zip(got) {
+            if degraded.contains(&si) {
+                continue;
+            }
+            match g {
+                Got::Data(d, _) if d.len() == n => out[at..at + n].copy_from_slice(&d),
+                Got::Zero(_) => {} // already zeroes
+                _ => {
+                    degraded.insert(si);
+                }
+            }
+        }
+        for si in degraded {
+            let sp = &spans[si];
+            let (chunks, _) = self.read_whole(sp.stripe).await?;
+            let at = sp.buf_offset as usize;
+            let mut pos = 0usize;
+            for p in self.sh.geo.pieces(sp) {
+                out[at + pos..at + pos + p.len]
+                    .copy_from_slice(&chunks[p.index][p.start..p.start + p.len]);
+                pos += p.len;
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    // ---- writes --------------------------------------------------------------------------
+
+    async fn do_write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > self.sh.spec.size)
+        {
+            return Err(BlockError::OutOfRange);
+        }
+        self.fenced()?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let spans: Vec<StripeSpan> = self.sh.geo.spans(offset, data.len() as u64).collect();
+        let regions: BTreeSet<u64> = spans.iter().map(|s| self.region(s.stripe)).collect();
+        self.ensure_dirty(&regions).await?;
+        let _inflight = Inflight::new(self, &regions);
+        let (full, partial): (Vec<StripeSpan>, Vec<StripeSpan>) =
+            spans.into_iter().partition(|s| s.is_full(&self.sh.geo));
+        let full_w = async {
+            for group in full.chunks(64) {
+                self.write_full(group, &data).await?;
+            }
+            Ok::<(), BlockError>(())
+        };
+        let partial_w = join_all(partial.iter().map(|s| self.write_partial(s, &data)));
+        let (a, b) = futures_util::future::join(full_w, partial_w).await;
+        a?;
+        for r in b {
+            r?;
+        }
+        Ok(())
+    }
+
+    fn stripe_items(
+        &self,
+        stripe: u64,
+        version: u64,
+        data: &[Bytes],
+        parity: Vec<Vec<u8>>,
+    ) -> Vec<(u64, usize, WriteItem)> {
+        let k = self.k();
+        let all_zero = data.iter().all(|d| is_zero(d));
+        let manifest = Manifest {
+            version,
+            data: vec![version; k],
+        };
+        let mut items = Vec::with_capacity(self.width());
+        for (i, d) in data.iter().enumerate() {
+            let zero = all_zero || is_zero(d);
+            items.push((
+                stripe,
+                i,
+                WriteItem {
+                    key: FragKey {
+                        stripe,
+                        index: i as u8,
+                    },
+                    manifest: manifest.clone(),
+                    zero,
+                    data: if zero { Bytes::new() } else { d.clone() },
+                },
+            ));
+        }
+        for (j, p) in parity.into_iter().enumerate() {
+            let zero = all_zero;
+            items.push((
+                stripe,
+                k + j,
+                WriteItem {
+                    key: FragKey {
+                        stripe,
+                        index: (k + j) as u8,
+                    },
+                    manifest: manifest.clone(),
+                    zero,
+                    data: if zero { Bytes::new() } else { Bytes::from(p) },
+                },
+            ));
+        }
+        items
+    }
+
+    async fn write_full(&self, spans: &[StripeSpan], data: &Bytes) -> Result<(), BlockError> {
+        let (k, m, chunk) = (self.k(), usize::from(self.sh.spec.profile.m), self.chunk());
+        let stripes: Vec<u64> = spans.iter().map(|s| s.stripe).collect();
+        let _g = self.sh.locks.lock_many(&stripes, true).await;
+        for &s in &stripes {
+            if self.needs_resolve(s) {
+                self.resolve(s).await?;
+            }
+        }
+        let mut items = Vec::new();
+        for sp in spans {
+            let base = sp.buf_offset as usize;
+            let chunks: Vec<Bytes> = (0..k)
+                .map(|i| data.slice(base + i * chunk..base + (i + 1) * chunk))
+                .collect();
+            let mut parity = vec![vec![0u8; chunk]; m];
+            {
+                let dr: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+                let mut pr: Vec<&mut [u8]> = parity.iter_mut().map(|p| &mut p[..]).collect();
+                self.sh
+                    .codec
+                    .encode(&dr, &mut pr)
+                    .map_err(|_| BlockError::Io(libc_einval()))?;
+            }
+            let v = self.next_version();
+            items.extend(self.stripe_items(sp.stripe, v, &chunks, parity));
+        }
+        let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
+        let ok = self.write_frags(items).await;
+        self.settle(&keys, &ok, &HashMap::new())
+    }
+
+    /// Count durable fragments per stripe; mark failures stale; a stripe below its quorum
+    /// becomes suspect and fails the write. `already` counts fragments of each stripe's new
+    /// state that were durable before (unmodified data chunks).
+    fn settle(
+        &self,
+        keys: &[(u64, usize)],
+        ok: &[bool],
+        already: &HashMap<u64, usize>,
+    ) -> Result<(), BlockError> {
+        let quorum = self.sh.spec.write_quorum;
+        let mut per: HashMap<u64, (usize, usize)> = HashMap::new();
+        for ((s, i), good) in keys.iter().zip(ok) {
+            let e = per.entry(*s).or_insert((0, 0));
+            e.1 += 1;
+            if *good {
+                e.0 += 1;
+            } else {
+                self.mark_stale(self.node_of(*s, *i), *s);
+            }
+        }
+        let mut result = Ok(());
+        for (s, (good, sent)) in per {
+            let durable = good + already.get(&s).copied().unwrap_or(0);
+            if durable < quorum {
+                let mut st = self.sh.state.lock().expect("volume state poisoned");
+                st.suspect.insert(s);
+                drop(st);
+                self.fenced()?;
+                warn!(volume = %self.sh.spec.name, stripe = s, durable, quorum, "write did not reach its quorum");
+                result = Err(BlockError::Busy("write quorum not reached"));
+            } else if good < sent {
+                self.sh
+                    .stats
+                    .degraded_writes
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn write_partial(&self, sp: &StripeSpan, data: &Bytes) -> Result<(), BlockError> {
+        let _g = self.sh.locks.lock(sp.stripe, true).await;
+        match self.write_partial_locked(sp, data, false).await {
+            // A node failed on the way: try once more writing every fragment, which needs no
+            // unmodified fragment to count toward the quorum.
+            Err(BlockError::Busy(_)) if self.fenced().is_ok() => {
+                self.write_partial_locked(sp, data, true).await
+            }
+            r => r,
+        }
+    }
+
+    async fn write_partial_locked(
+        &self,
+        sp: &StripeSpan,
+        data: &Bytes,
+        force_all: bool,
+    ) -> Result<(), BlockError> {
+        let (k, m, chunk) = (self.k(), usize::from(self.sh.spec.profile.m), self.chunk());
+        let stripe = sp.stripe;
+        if self.needs_resolve(stripe) {
+            self.resolve(stripe).await?;
+        }
+        let pieces: Vec<_> = self.sh.geo.pieces(sp).collect();
+        let written: BTreeSet<usize> = pieces.iter().map(|p| p.index).collect();
+        let partial: BTreeSet<usize> = pieces
+            .iter()
+            .filter(|p| p.len < chunk)
+            .map(|p| p.index)
+            .collect();
+        // Delta (old written chunks + parity) or re-encode (the other data chunks, plus old
+        // copies of partly written chunks): whichever reads fewer fragments.
+        let delta_reads = written.len() + m;
+        let reencode_reads = (k - written.len()) + partial.len();
+        let delta = m > 0 && delta_reads <= reencode_reads;
+        let need: Vec<usize> = if delta {
+            written.iter().copied().chain(k..k + m).collect()
+        } else {
+            (0..k)
+                .filter(|i| !written.contains(i) || partial.contains(i))
+                .collect()
+        };
+        let usable = |i: usize| {
+            let n = self.node_of(stripe, i);
+            !self.is_down(n) && !self.is_stale(n, stripe)
+        };
+        let healthy = need.iter().all(|&i| usable(i));
+        // Unmodified data chunks count toward the quorum only on nodes known current; if
+        // those and the fragments this write can reach fall short, rewrite the whole stripe.
+        let untouched_now = (0..k)
+            .filter(|i| !written.contains(i) && usable(*i))
+            .count();
+        let reachable_targets = written
+            .iter()
+            .copied()
+            .chain(k..k + m)
+            .filter(|&i| !self.is_down(self.node_of(stripe, i)))
+            .count();
+        let rewrite_all =
+            force_all || untouched_now + reachable_targets < self.sh.spec.write_quorum;
+        let reads: Vec<(u64, usize, Want, u32, u32)> = need
+            .iter()
+            .map(|&i| (stripe, i, Want::Latest, 0, 0))
+            .collect();
+        let got = if healthy && !rewrite_all {
+            self.read_frags(&reads).await
+        } else {
+            vec![Got::Unavailable; reads.len()]
+        };
+        fault::point("write:after-read").await;
+        let all_ok = got
+            .iter()
+            .all(|g| matches!(g, Got::Data(..) | Got::Zero(_)));
+        let all_missing = !got.is_empty() && got.iter().all(|g| matches!(g, Got::Missing));
+        let content = |g: &Got| -> Vec<u8> {
+            match g {
+                Got::Data(d, _) => d.to_vec(),
+                _ => vec![0u8; chunk],
+            }
+        };
+
+        // Phase 1: the old state this write builds on.
+        enum Old {
+            /// Old copies of the written chunks and of the parity, and the state's versions.
+            Delta(HashMap<usize, Vec<u8>>, Vec<Vec<u8>>, Vec<u64>),
+            /// Every data chunk, and the state's versions (`None`: never written).
+            Whole(Vec<Vec<u8>>, Option<Vec<u64>>),
+        }
+        let old = if !got.is_empty() && all_ok && self.consistent(&need, &got, delta) {
+            if delta {
+                let pm = got[written.len()].manifest().expect("parity read").clone();
+                let olds: HashMap<usize, Vec<u8>> = written
+                    .iter()
+                    .zip(&got)
+                    .map(|(i, g)| (*i, content(g)))
+                    .collect();
+                let parity: Vec<Vec<u8>> = got[written.len()..].iter().map(content).collect();
+                Old::Delta(olds, parity, pm.data)
+            } else {
+                // Re-encode: the chunks read, and the written ones (partly written: their old
+                // copy was read too; wholly written: zeroes, about to be replaced).
+                let mut all = vec![vec![0u8; chunk]; k];
+                let mut dv = vec![0u64; k];
+                for (i, g) in need.iter().zip(&got) {
+                    all[*i] = content(g);
+                    dv[*i] = g.manifest().expect("read").version;
+                }
+                Old::Whole(all, Some(dv))
+            }
+        } else if all_missing && self.unwritten(stripe).await {
+            Old::Whole(vec![vec![0u8; chunk]; k], None)
+        } else {
+            // Degraded, damaged or inconsistent: settle the stripe, then rebuild it whole.
+            if got
+                .iter()
+                .any(|g| matches!(g, Got::Data(..) | Got::Zero(_)))
+            {
+                self.resolve(stripe).await?;
+            }
+            let (chunks, state) = self.read_whole(stripe).await?;
+            Old::Whole(chunks, state.map(|s| s.data))
+        };
+        let old = match old {
+            // Rewriting everything: the state's versions are all the new one.
+            Old::Whole(chunks, Some(_)) if rewrite_all => Old::Whole(chunks, None),
+            o => o,
+        };
+
+        // Phase 2: the new state, at a version above everything recovery may have written.
+        let v = self.next_version();
+        let mut new_chunks: HashMap<usize, Vec<u8>> = HashMap::new();
+        let (parity, dv, all_chunks) = match old {
+            Old::Delta(olds, mut parity, mut dv) => {
+                for &i in &written {
+                    new_chunks.insert(i, olds[&i].clone());
+                }
+                self.overlay(sp, data, &pieces, &mut new_chunks);
+                for &i in &written {
+                    let mut pr: Vec<&mut [u8]> = parity.iter_mut().map(|p| &mut p[..]).collect();
+                    self.sh
+                        .codec
+                        .apply_delta(i, &olds[&i], &new_chunks[&i], &mut pr)
+                        .map_err(|_| BlockError::Io(libc_einval()))?;
+                    dv[i] = v;
+                }
+                (parity, dv, None)
+            }
+            Old::Whole(mut all, dv) => {
+                for &i in &written {
+                    new_chunks.insert(i, std::mem::take(&mut all[i]));
+                }
+                self.overlay(sp, data, &pieces, &mut new_chunks);
+                for (i, c) in &new_chunks {
+                    all[*i] = c.clone();
+                }
+                let parity = self.encode(&all)?;
+                match dv {
+                    Some(mut dv) => {
+                        for &i in &written {
+                            dv[i] = v;
+                        }
+                        (parity, dv, None)
+                    }
+                    // A first write: every fragment is written, untouched chunks as zeroes.
+                    None => (parity, vec![v; k], Some(all)),
+                }
+            }
+        };
+        let first_write = all_chunks.is_some();
+        let manifest = Manifest {
+            version: v,
+            data: dv,
+        };
+        let mut items = Vec::new();
+        let targets: Vec<usize> = if first_write {
+            (0..k).collect()
+        } else {
+            written.iter().copied().collect()
+        };
+        for i in targets {
+            let bytes = match (&all_chunks, new_chunks.get(&i)) {
+                (_, Some(c)) => c.clone(),
+                (Some(all), None) => all[i].clone(),
+                (None, None) => vec![0u8; chunk],
+            };
+            let zero = is_zero(&bytes);
+            items.push((
+                stripe,
+                i,
+                WriteItem {
+                    key: FragKey {
+                        stripe,
+                        index: i as u8,
+                    },
+                    manifest: manifest.clone(),
+                    zero,
+                    data: if zero {
+                        Bytes::new()
+                    } else {
+                        Bytes::from(bytes)
+                    },
+                },
+            ));
+        }
+        for (j, p) in parity.into_iter().enumerate() {
+            let zero = is_zero(&p);
+            items.push((
+                stripe,
+                k + j,
+                WriteItem {
+                    key: FragKey {
+                        stripe,
+                        index: (k + j) as u8,
+                    },
+                    manifest: manifest.clone(),
+                    zero,
+                    data: if zero { Bytes::new() } else { Bytes::from(p) },
+                },
+            ));
+        }
+        // Unmodified data chunks on healthy nodes already hold their part of the new state.
+        let untouched = if first_write {
+            0
+        } else {
+            (0..k)
+                .filter(|i| !written.contains(i))
+                .filter(|&i| {
+                    let n = self.node_of(stripe, i);
+                    !self.is_down(n) && !self.is_stale(n, stripe)
+                })
+                .count()
+        };
+        let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
+        let ok = self.write_frags(items).await;
+        fault::point("write:before-ack").await;
+        let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
+        self.settle(&keys, &ok, &already)
+    }
+
+    /// Whether fragments read for a partial write belong to one stripe state.
+    fn consistent(&self, need: &[usize], got: &[Got], delta: bool) -> bool {
+        let k = self.k();
+        if delta {
+            // Every parity copy at the same version, and each written data chunk at the
+            // version that state records for it.
+            let parity: Vec<&Manifest> = need
+                .iter()
+                .zip(got)
+                .filter(|(i, _)| **i >= k)
+                .filter_map(|(_, g)| g.manifest())
+                .collect();
+            let Some(pm) = parity.first() else {
+                return false;
+            };
+            if parity.iter().any(|p| p.version != pm.version) {
+                return false;
+            }
+            need.iter().zip(got).filter(|(i, _)| **i < k).all(|(i, g)| {
+                g.manifest()
+                    .is_some_and(|mf| pm.data.get(*i) == Some(&mf.version))
+            })
+        } else {
+            // Data chunks alone: their own manifests must agree on each other's versions.
+            let ms: Vec<(usize, &Manifest)> = need
+                .iter()
+                .zip(got)
+                .filter_map(|(i, g)| g.manifest().map(|m| (*i, m)))
+                .collect();
+            let Some(newest) = ms.iter().map(|(_, m)| *m).max_by_key(|m| m.version) else {
+                return false;
+            };
+            ms.iter()
+                .all(|(i, mf)| newest.data.get(*i).is_none_or(|v| *v == mf.version))
+        }
+    }
+
+    /// A stripe with no fragment on enough nodes to have been written.
+    async fn unwritten(&self, stripe: u64) -> bool {
+        let views = self.versions(stripe).await;
+        let answered = views.iter().filter(|v| v.is_some()).count();
+        let with_copies = views.iter().flatten().filter(|v| !v.is_empty()).count();
+        with_copies == 0
+            && (answered >= (self.width() - self.k()).max(1) || answered == self.width())
+    }
+
+    fn overlay(
+        &self,
+        sp: &StripeSpan,
+        data: &Bytes,
+        pieces: &[tessera_ec::ChunkPiece],
+        chunks: &mut HashMap<usize, Vec<u8>>,
+    ) {
+        let base = sp.buf_offset as usize;
+        for p in pieces {
+            let c = chunks.get_mut(&p.index).expect("written chunk prepared");
+            let from = base + p.buf_offset;
+            c[p.start..p.start + p.len].copy_from_slice(&data[from..from + p.len]);
+        }
+    }
+
+    fn encode(&self, data: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, BlockError> {
+        let m = usize::from(self.sh.spec.profile.m);
+        let mut parity = vec![vec![0u8; self.chunk()]; m];
+        let dr: Vec<&[u8]> = data.iter().map(|c| &c[..]).collect();
+        let mut pr: Vec<&mut [u8]> = parity.iter_mut().map(|p| &mut p[..]).collect();
+        self.sh
+            .codec
+            .encode(&dr, &mut pr)
+            .map_err(|_| BlockError::Io(libc_einval()))?;
+        Ok(parity)
+    }
+
+    async fn do_unmap(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.sh.spec.size)
+        {
+            return Err(BlockError::OutOfRange);
+        }
+        // Zeroes, written in pieces of at most 64 stripes; whole stripes become zero
+        // fragments (no data moves, space is given back).
+        let step = self.sh.geo.stripe_bytes() * 64;
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(step - at % step.max(1)).min(step);
+            let zeros = Bytes::from(vec![0u8; n as usize]);
+            self.do_write(at, zeros).await?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    // ---- maintenance ---------------------------------------------------------------------
+
+    /// One round of background work: check regions left dirty by an unclean stop, resync
+    /// nodes that came back, repair damaged fragments, and clear idle regions from the
+    /// intent log. Returns whether anything is left to do.
+    pub async fn maintain(&self) -> bool {
+        // 1. Regions dirty at open.
+        let next = {
+            let st = self.sh.state.lock().expect("volume state poisoned");
+            st.resync.iter().next().copied()
+        };
+        if let Some(r) = next {
+            if self.resync_region(r, None).await.is_ok() {
+                let mut st = self.sh.state.lock().expect("volume state poisoned");
+                st.resync.remove(&r);
+                let rs = self.sh.spec.region_stripes;
+                st.resolved.retain(|s| s / rs != r);
+                info!(volume = %self.sh.spec.name, region = r, "region checked");
+            }
+        }
+        // 2. Nodes that were behind.
+        let stale: Vec<(usize, u64)> = {
+            let st = self.sh.state.lock().expect("volume state poisoned");
+            st.stale
+                .iter()
+                .enumerate()
+                .filter_map(|(n, s)| s.iter().next().map(|r| (n, *r)))
+                .collect()
+        };
+        for (node, r) in stale {
+            if !self.probe(node).await {
+                continue;
+            }
+            if self.resync_region(r, Some(node)).await.is_ok() {
+                let mut st = self.sh.state.lock().expect("volume state poisoned");
+                st.stale[node].remove(&r);
+                info!(volume = %self.sh.spec.name, node = %self.sh.spec.node_names[node], region = r, "node caught up on region");
+            }
+        }
+        // 3. Repairs.
+        let repairs: Vec<u64> = {
+            let st = self.sh.state.lock().expect("volume state poisoned");
+            st.repair.iter().take(64).copied().collect()
+        };
+        for s in repairs {
+            let _g = self.sh.locks.lock(s, true).await;
+            if self.repair(s).await.is_ok() {
+                let mut st = self.sh.state.lock().expect("volume state poisoned");
+                st.repair.remove(&s);
+            }
+        }
+        // 4. Idle regions out of the intent log.
+        let _ = self.persist_intent(true).await;
+        let (a, b, c, d) = self.pending();
+        a + b + c + d > 0
+    }
+
+    /// Resolve every stripe of region `r` that is not whole (for a returning `node`, only
+    /// those where it differs).
+    async fn resync_region(&self, r: u64, node: Option<usize>) -> Result<(), BlockError> {
+        let rs = self.sh.spec.region_stripes;
+        let first = r * rs;
+        let last = ((r + 1) * rs).min(self.sh.geo.stripes());
+        if first >= last {
+            return Ok(());
+        }
+        // One versions query per node for the whole region.
+        let vol = self.ctx();
+        let n = self.sh.connector.nodes();
+        let calls = (0..n).map(|nd| {
+            let req = Request::Versions {
+                vol,
+                first,
+                count: (last - first) as u32,
+            };
+            async move { (nd, self.call(nd, req).await) }
+        });
+        let mut by_stripe: HashMap<u64, Vec<(usize, Vec<SlotInfo>)>> = HashMap::new();
+        let mut answered = vec![false; n];
+        for (nd, res) in join_all(calls).await {
+            if let Ok(Response::Versions(entries)) = res {
+                answered[nd] = true;
+                for e in entries {
+                    by_stripe
+                        .entry(e.key.stripe)
+                        .or_default()
+                        .push((usize::from(e.key.index), e.slots));
+                }
+            }
+        }
+        if let Some(nd) = node {
+            if !answered[nd] {
+                return Err(BlockError::Busy("node did not answer"));
+            }
+        }
+        let width = self.width();
+        let mut work = Vec::new();
+        for s in first..last {
+            let entries = by_stripe.get(&s);
+            let Some(entries) = entries else {
+                continue; // never written
+            };
+            // Whole: every position has a copy, all agree on the newest state.
+            let newest = entries
+                .iter()
+                .flat_map(|(_, sl)| sl.iter())
+                .max_by_key(|x| x.manifest.version)
+                .map(|x| x.manifest.clone());
+            let Some(m) = newest else { continue };
+            let whole = (0..width).all(|i| {
+                let nd = self.node_of(s, i);
+                answered[nd]
+                    && entries.iter().any(|(idx, sl)| {
+                        *idx == i
+                            && sl
+                                .first()
+                                .is_some_and(|top| top.manifest.version == self.expected(&m, i))
+                    })
+            });
+            if !whole {
+                work.push(s);
+            }
+        }
+        let mut result = Ok(());
+        for s in work {
+            let _g = self.sh.locks.lock(s, true).await;
+            if let Err(e) = self.resolve(s).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Re-read every fragment of `stripe` in full and rewrite any that is damaged, missing or
+    /// behind (caller holds the stripe).
+    async fn repair(&self, stripe: u64) -> Result<(), BlockError> {
+        self.resolve(stripe).await?;
+        let width = self.width();
+        let reads: Vec<(u64, usize, Want, u32, u32)> = (0..width)
+            .map(|i| (stripe, i, Want::Latest, 0, 0))
+            .collect();
+        let got = self.read_frags(&reads).await;
+        let Some(m) = got
+            .iter()
+            .filter_map(Got::manifest)
+            .max_by_key(|m| m.version)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let consistent: Vec<bool> = got
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                g.manifest()
+                    .is_some_and(|mf| mf.version == self.expected(&m, i))
+            })
+            .collect();
+        if consistent.iter().all(|c| *c) {
+            return Ok(());
+        }
+        let views: Vec<Option<Vec<SlotInfo>>> = got
+            .iter()
+            .map(|g| match g {
+                Got::Unavailable => None,
+                _ => Some(Vec::new()),
+            })
+            .collect();
+        let junk = vec![Vec::new(); width];
+        if self.rewrite(stripe, &m, &consistent, &junk, &views).await? {
+            Ok(())
+        } else {
+            Err(BlockError::Medium)
+        }
+    }
+}
+
+/// What a volume scrub found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScrubStats {
+    /// Stripes that hold data.
+    pub stripes: u64,
+    /// Stripes with a fragment missing, damaged, behind, or of another state.
+    pub inconsistent: u64,
+    /// Stripes whose parity does not match their data.
+    pub parity_mismatches: u64,
+}
+
+impl EcVolume {
+    /// Read every fragment of every stripe and check that each stripe is whole: every
+    /// fragment present at the stripe's state, and the parity matching the data. Stripes that
+    /// are not whole are queued for repair ([`EcVolume::maintain`]).
+    pub async fn scrub(&self) -> ScrubStats {
+        let (k, width, chunk) = (self.k(), self.width(), self.chunk());
+        let mut out = ScrubStats::default();
+        for stripe in 0..self.sh.geo.stripes() {
+            let _g = self.sh.locks.lock(stripe, false).await;
+            let reads: Vec<(u64, usize, Want, u32, u32)> = (0..width)
+                .map(|i| (stripe, i, Want::Latest, 0, 0))
+                .collect();
+            let got = self.read_frags(&reads).await;
+            if got.iter().all(|g| matches!(g, Got::Missing)) {
+                continue;
+            }
+            out.stripes += 1;
+            let Some(m) = got
+                .iter()
+                .filter_map(Got::manifest)
+                .max_by_key(|m| m.version)
+                .cloned()
+            else {
+                out.inconsistent += 1;
+                let mut st = self.sh.state.lock().expect("volume state poisoned");
+                st.repair.insert(stripe);
+                continue;
+            };
+            let whole = got.iter().enumerate().all(|(i, g)| {
+                g.manifest()
+                    .is_some_and(|mf| mf.version == self.expected(&m, i))
+            });
+            if !whole {
+                out.inconsistent += 1;
+                let mut st = self.sh.state.lock().expect("volume state poisoned");
+                st.repair.insert(stripe);
+                continue;
+            }
+            let shards: Vec<Vec<u8>> = got
+                .iter()
+                .map(|g| match g {
+                    Got::Data(d, _) => d.to_vec(),
+                    _ => vec![0u8; chunk],
+                })
+                .collect();
+            let views: Vec<&[u8]> = shards.iter().map(|x| &x[..]).collect();
+            if !self.sh.codec.verify(&views).unwrap_or(false) {
+                out.parity_mismatches += 1;
+                warn!(volume = %self.sh.spec.name, stripe, "parity does not match data");
+            }
+            let _ = k;
+        }
+        out
+    }
+}
+
+fn libc_einval() -> i32 {
+    22
+}
+
+/// Counts a write as in flight in its regions (the intent log keeps them dirty meanwhile).
+struct Inflight<'a> {
+    vol: &'a EcVolume,
+    regions: Vec<u64>,
+}
+
+impl<'a> Inflight<'a> {
+    fn new(vol: &'a EcVolume, regions: &BTreeSet<u64>) -> Self {
+        let mut st = vol.sh.state.lock().expect("volume state poisoned");
+        for r in regions {
+            *st.inflight.entry(*r).or_insert(0) += 1;
+        }
+        drop(st);
+        Self {
+            vol,
+            regions: regions.iter().copied().collect(),
+        }
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        let mut st = self.vol.sh.state.lock().expect("volume state poisoned");
+        let now = Instant::now();
+        for r in &self.regions {
+            if let Some(n) = st.inflight.get_mut(r) {
+                *n -= 1;
+                if *n == 0 {
+                    st.inflight.remove(r);
+                }
+            }
+            st.last_write.insert(*r, now);
+        }
+    }
+}
+
+impl BlockDevice for EcVolume {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            size_bytes: self.sh.spec.size,
+            thin: true,
+            unmap_granularity: u32::try_from(self.sh.geo.stripe_bytes()).unwrap_or(u32::MAX),
+            direct: true,
+        }
+    }
+
+    fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, Result<Bytes, BlockError>> {
+        Box::pin(self.do_read(offset, len))
+    }
+
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        _fua: bool,
+    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        // Every acknowledged write is durable on its quorum: FUA asks for nothing more.
+        Box::pin(self.do_write(offset, data))
+    }
+
+    fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        Box::pin(async move { self.fenced() })
+    }
+
+    fn unmap(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        Box::pin(self.do_unmap(offset, len))
+    }
+
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'_, Result<Vec<Extent>, BlockError>> {
+        Box::pin(async move {
+            Ok(vec![Extent {
+                offset,
+                len,
+                mapped: true,
+            }])
+        })
+    }
+}
