@@ -664,6 +664,20 @@ impl Request {
         }
     }
 
+    /// Whether the request only reads (an observer with epoch 0 may send these).
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Hello { .. }
+                | Request::Read { .. }
+                | Request::Versions { .. }
+                | Request::Stats
+                | Request::Epoch { epoch: 0, .. }
+                | Request::GetBlob { .. }
+                | Request::Scrub
+        )
+    }
+
     /// Encode as a whole frame with request id `id`. Fragment data is appended to `out` as
     /// is (one copy into the send buffer).
     pub fn encode(&self, id: u64, out: &mut BytesMut) {

@@ -3,6 +3,9 @@
 //!
 //! Backpressure: a connection has at most [`MAX_IN_FLIGHT`] requests executing; past that it
 //! stops reading, so a client that floods a node is slowed by TCP, not by the node's memory.
+//!
+//! Each request runs as its own task: when the client goes away (a gateway crash), requests
+//! already started still run to completion, as a disk write already issued would.
 //! A malformed frame (bad magic, oversized length) ends the connection; a malformed body gets
 //! a [`Status::BAD_REQUEST`] answer and the connection goes on.
 
@@ -64,7 +67,7 @@ pub async fn serve<H: Handler>(
     let mut inbuf = BytesMut::with_capacity(256 * 1024);
     let mut outbuf = BytesMut::with_capacity(64 * 1024);
     type Done = (Op, u64, Result<Response, Refusal>);
-    let mut running: FuturesUnordered<LocalFuture<Done>> = FuturesUnordered::new();
+    let mut running: FuturesUnordered<tokio::task::JoinHandle<Done>> = FuturesUnordered::new();
     tokio::pin!(stop);
     let mut eof = false;
     loop {
@@ -87,7 +90,8 @@ pub async fn serve<H: Handler>(
                     match Request::decode(op, f.body) {
                         Ok(req) => {
                             let fut = handler.handle(req);
-                            running.push(Box::pin(async move { (op, id, fut.await) }));
+                            running
+                                .push(tokio::task::spawn_local(async move { (op, id, fut.await) }));
                         }
                         Err(e) => {
                             let status = if matches!(e, msg::DecodeError::Invalid("opcode")) {
@@ -107,8 +111,10 @@ pub async fn serve<H: Handler>(
             }
         }
         // Collect whatever has finished without waiting.
-        while let Some(Some((op, id, r))) = futures_util::FutureExt::now_or_never(running.next()) {
-            answer(op, id, r, &mut outbuf);
+        while let Some(Some(done)) = futures_util::FutureExt::now_or_never(running.next()) {
+            if let Ok((op, id, r)) = done {
+                answer(op, id, r, &mut outbuf);
+            }
         }
         if !outbuf.is_empty() {
             wr.write_all(&outbuf).await?;
@@ -127,8 +133,10 @@ pub async fn serve<H: Handler>(
                     eof = true;
                 }
             }
-            Some((op, id, r)) = running.next(), if !running.is_empty() => {
-                answer(op, id, r, &mut outbuf);
+            Some(done) = running.next(), if !running.is_empty() => {
+                if let Ok((op, id, r)) = done {
+                    answer(op, id, r, &mut outbuf);
+                }
             }
             _ = &mut stop => return Ok(()),
         }

@@ -134,6 +134,13 @@ pub struct GatewayFile {
     /// Accept CRC32C digests when initiators offer them.
     #[serde(default = "yes")]
     pub digests: bool,
+    /// Milliseconds a storage node may take to answer a fragment request.
+    #[serde(default = "default_node_timeout")]
+    pub node_timeout_ms: u64,
+}
+
+fn default_node_timeout() -> u64 {
+    5000
 }
 
 fn default_portals() -> Vec<Spanned<String>> {
@@ -231,6 +238,37 @@ pub struct LunFile {
     /// Removable medium (START STOP UNIT with LOEJ ejects it).
     #[serde(default)]
     pub removable: bool,
+    /// ec backend: the volume's name (default: `<target iqn>/lun<id>`).
+    pub volume: Option<Spanned<String>>,
+    /// ec backend: the erasure-code profile, `K+M`.
+    pub ec: Option<Spanned<String>>,
+    /// ec backend: bytes per chunk (a power of two, 4 KiB to 1 MiB).
+    pub chunk: Option<Spanned<SizeValue>>,
+    /// ec backend: placement groups (a power of two).
+    pub pgs: Option<Spanned<u32>>,
+    /// ec backend: fragments durable before a write is acknowledged (k to k + m).
+    pub write_quorum: Option<Spanned<usize>>,
+}
+
+/// `[[node]]`: a storage node the gateway's ec volumes use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// The node's id (as in its own configuration).
+    pub id: Spanned<String>,
+    /// Where its fragment protocol listens (`host:port`).
+    pub address: Spanned<String>,
+    /// Failure-domain labels.
+    #[serde(default)]
+    pub zone: String,
+    /// Rack label.
+    #[serde(default)]
+    pub rack: String,
+    /// Host label.
+    #[serde(default)]
+    pub host: String,
+    /// Relative capacity (default 1).
+    pub weight: Option<Spanned<f64>>,
 }
 
 fn file_backend() -> Spanned<String> {
@@ -255,6 +293,9 @@ pub struct ConfigFile {
     /// Targets.
     #[serde(default)]
     pub target: Vec<TargetFile>,
+    /// Storage nodes (for ec LUNs).
+    #[serde(default)]
+    pub node: Vec<NodeFile>,
 }
 
 /// Backend kinds.
@@ -264,6 +305,38 @@ pub enum Backend {
     File,
     /// Memory (tests, demos).
     Mem,
+    /// Erasure-coded over the configured storage nodes.
+    Ec,
+}
+
+/// The erasure-coded volume behind an ec LUN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcLun {
+    /// Volume name.
+    pub volume: String,
+    /// Profile.
+    pub profile: tessera_ec::Profile,
+    /// Placement groups.
+    pub pgs: u32,
+    /// Write quorum.
+    pub write_quorum: usize,
+}
+
+/// A storage node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRef {
+    /// Its id.
+    pub id: String,
+    /// Its fragment-protocol address.
+    pub address: SocketAddr,
+    /// Zone label.
+    pub zone: String,
+    /// Rack label.
+    pub rack: String,
+    /// Host label.
+    pub host: String,
+    /// Relative capacity.
+    pub weight: f64,
 }
 
 /// O_DIRECT policy.
@@ -315,6 +388,8 @@ pub struct Lun {
     pub serial: Option<String>,
     /// Removable.
     pub removable: bool,
+    /// The ec volume (ec backend).
+    pub ec: Option<EcLun>,
 }
 
 /// A validated target.
@@ -339,7 +414,7 @@ pub struct Target {
 }
 
 /// A validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Where it came from.
     pub file: PathBuf,
@@ -375,6 +450,10 @@ pub struct Config {
     pub discovery_mutual_chap: Option<Chap>,
     /// Targets.
     pub targets: Vec<Target>,
+    /// Storage nodes.
+    pub nodes: Vec<NodeRef>,
+    /// How long a node may take to answer a fragment request.
+    pub node_timeout_ms: u64,
 }
 
 /// Whether `s` is a plausible iSCSI name (iqn., eui. or naa. format, RFC 7143 §4.2.7).
@@ -409,6 +488,88 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    fn ec_lun(
+        &self,
+        l: &LunFile,
+        lkey: &str,
+        iqn: &str,
+        id: u64,
+        nodes: usize,
+    ) -> Result<EcLun, ConfigError> {
+        let km =
+            l.ec.as_ref()
+                .map_or("4+2".to_string(), |e| e.get_ref().clone());
+        let ec_span = l.ec.as_ref().map_or(l.backend.span(), Spanned::span);
+        let chunk = match &l.chunk {
+            None => 16 << 10,
+            Some(c) => match c.get_ref() {
+                SizeValue::Bytes(n) => *n,
+                SizeValue::Text(t) => {
+                    parse_size(t).map_err(|m| self.err(c.span(), format!("{lkey}.chunk"), m))?
+                }
+            },
+        };
+        let profile = tessera_ec::Profile::parse(&km, chunk).map_err(|e| {
+            let (span, key) = match e {
+                tessera_ec::ProfileError::ChunkSize(_) => (
+                    l.chunk.as_ref().map_or(ec_span.clone(), Spanned::span),
+                    format!("{lkey}.chunk"),
+                ),
+                _ => (ec_span.clone(), format!("{lkey}.ec")),
+            };
+            self.err(span, key, e.to_string())
+        })?;
+        if nodes < profile.width() {
+            return Err(self.err(
+                ec_span,
+                format!("{lkey}.ec"),
+                format!(
+                    "{km} needs {} storage nodes; the file lists {nodes} ([[node]])",
+                    profile.width()
+                ),
+            ));
+        }
+        let pgs = l.pgs.as_ref().map_or(64, |p| *p.get_ref());
+        if !pgs.is_power_of_two() || pgs > 1 << 16 {
+            let span = l.pgs.as_ref().map_or(0..0, Spanned::span);
+            return Err(self.err(
+                span,
+                format!("{lkey}.pgs"),
+                "must be a power of two from 1 to 65536",
+            ));
+        }
+        let q = l
+            .write_quorum
+            .as_ref()
+            .map_or(profile.default_write_quorum(), |q| *q.get_ref());
+        if q < usize::from(profile.k) || q > profile.width() {
+            let span = l.write_quorum.as_ref().map_or(0..0, Spanned::span);
+            return Err(self.err(
+                span,
+                format!("{lkey}.write_quorum"),
+                format!(
+                    "must be from k ({}) to k + m ({})",
+                    profile.k,
+                    profile.width()
+                ),
+            ));
+        }
+        let volume = l
+            .volume
+            .as_ref()
+            .map_or(format!("{iqn}/lun{id}"), |v| v.get_ref().clone());
+        if volume.is_empty() || volume.len() > 255 {
+            let span = l.volume.as_ref().map_or(0..0, Spanned::span);
+            return Err(self.err(span, format!("{lkey}.volume"), "1 to 255 characters"));
+        }
+        Ok(EcLun {
+            volume,
+            profile,
+            pgs,
+            write_quorum: q,
+        })
+    }
+
     fn err(
         &self,
         span: Range<usize>,
@@ -611,14 +772,32 @@ impl Config {
                 let backend = match l.backend.get_ref().as_str() {
                     "file" => Backend::File,
                     "mem" => Backend::Mem,
+                    "ec" => Backend::Ec,
                     other => {
                         return Err(cx.err(
                             l.backend.span(),
                             format!("{lkey}.backend"),
-                            format!("unknown backend {other:?} (this gateway has: file, mem)"),
+                            format!("unknown backend {other:?} (this gateway has: file, mem, ec)"),
                         ))
                     }
                 };
+                if backend != Backend::Ec {
+                    let stray = [
+                        ("volume", l.volume.as_ref().map(Spanned::span)),
+                        ("ec", l.ec.as_ref().map(Spanned::span)),
+                        ("chunk", l.chunk.as_ref().map(Spanned::span)),
+                        ("pgs", l.pgs.as_ref().map(Spanned::span)),
+                        ("write_quorum", l.write_quorum.as_ref().map(Spanned::span)),
+                    ];
+                    if let Some((name, Some(span))) = stray.into_iter().find(|(_, sp)| sp.is_some())
+                    {
+                        return Err(cx.err(
+                            span,
+                            format!("{lkey}.{name}"),
+                            "only ec LUNs take this key",
+                        ));
+                    }
+                }
                 let bs = *l.block_size.get_ref();
                 if bs != 512 && bs != 4096 {
                     return Err(cx.err(
@@ -654,15 +833,20 @@ impl Config {
                             "the file backend needs a path",
                         ))
                     }
-                    Backend::Mem if size.is_none() => {
+                    Backend::Mem | Backend::Ec if size.is_none() => {
                         return Err(cx.err(
                             l.backend.span(),
                             format!("{lkey}.size"),
-                            "the mem backend needs a size",
+                            format!("the {} backend needs a size", l.backend.get_ref()),
                         ))
                     }
                     _ => {}
                 }
+                let ec = if backend == Backend::Ec {
+                    Some(cx.ec_lun(l, &lkey, &iqn, id, raw.node.len())?)
+                } else {
+                    None
+                };
                 let direct = match l.direct.get_ref().as_str() {
                     "auto" => Direct::Auto,
                     "on" => Direct::On,
@@ -695,6 +879,7 @@ impl Config {
                     direct,
                     serial,
                     removable: l.removable,
+                    ec,
                 });
             }
             targets.push(Target {
@@ -710,6 +895,37 @@ impl Config {
                 chap,
                 mutual_chap,
                 luns,
+            });
+        }
+        let mut nodes: Vec<NodeRef> = Vec::new();
+        for (i, n) in raw.node.iter().enumerate() {
+            let key = format!("node[{i}]");
+            let id = n.id.get_ref().clone();
+            if id.is_empty() || id.len() > 255 {
+                return Err(cx.err(n.id.span(), format!("{key}.id"), "1 to 255 characters"));
+            }
+            if nodes.iter().any(|o| o.id == id) {
+                return Err(cx.err(n.id.span(), format!("{key}.id"), "duplicate node id"));
+            }
+            let address: SocketAddr = n.address.get_ref().parse().map_err(|_| {
+                cx.err(
+                    n.address.span(),
+                    format!("{key}.address"),
+                    format!("not an address:port: {:?}", n.address.get_ref()),
+                )
+            })?;
+            let weight = n.weight.as_ref().map_or(1.0, |w| *w.get_ref());
+            if !(weight.is_finite() && weight >= 0.0) {
+                let span = n.weight.as_ref().map_or(0..0, Spanned::span);
+                return Err(cx.err(span, format!("{key}.weight"), "must be a number >= 0"));
+            }
+            nodes.push(NodeRef {
+                id,
+                address,
+                zone: n.zone.clone(),
+                rack: n.rack.clone(),
+                host: n.host.clone(),
+                weight,
             });
         }
         let discovery_chap = cx.chap(&raw.discovery.chap, "discovery.chap")?;
@@ -732,6 +948,151 @@ impl Config {
             discovery_chap,
             discovery_mutual_chap,
             targets,
+            nodes,
+            node_timeout_ms: g.node_timeout_ms.max(1),
+        })
+    }
+}
+
+/// `[node]` of a storage node's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node's id: stable for the life of its store.
+    pub id: Spanned<String>,
+    /// Where the fragment protocol listens (`host:port`).
+    pub listen: Spanned<String>,
+    /// The store: a file (created sparse) or a block device.
+    pub data: Spanned<String>,
+    /// Bytes the store may use on a file (default: unlimited).
+    pub capacity: Option<Spanned<SizeValue>>,
+    /// `batched` (writes then one shared fdatasync) or `dsync` (O_DSYNC writes).
+    #[serde(default = "batched")]
+    pub sync: Spanned<String>,
+    /// Background scrub speed in bytes a second (0: off).
+    pub scrub_rate: Option<Spanned<SizeValue>>,
+    /// Seconds between background scrubs.
+    #[serde(default = "day")]
+    pub scrub_interval_secs: u64,
+    /// Failure-domain labels (for operators; gateways take theirs from `[[node]]`).
+    #[serde(default)]
+    pub zone: String,
+    /// Rack label.
+    #[serde(default)]
+    pub rack: String,
+    /// Host label.
+    #[serde(default)]
+    pub host: String,
+}
+
+fn batched() -> Spanned<String> {
+    Spanned::new(0..0, "batched".into())
+}
+fn day() -> u64 {
+    86400
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFileTop {
+    node: NodeSection,
+}
+
+/// A validated storage-node configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Node id.
+    pub id: String,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Store path.
+    pub data: PathBuf,
+    /// Capacity in bytes (0: unlimited).
+    pub capacity: u64,
+    /// O_DSYNC writes instead of batched fdatasync.
+    pub dsync: bool,
+    /// Background scrub rate (bytes a second, 0: off).
+    pub scrub_rate: u64,
+    /// Seconds between background scrubs.
+    pub scrub_interval_secs: u64,
+}
+
+impl NodeConfig {
+    /// Read and validate a node configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.into(),
+            line: 0,
+            col: 0,
+            key: String::new(),
+            msg: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &src)
+    }
+
+    /// Parse and validate node configuration text.
+    pub fn parse(path: &Path, src: &str) -> Result<Self, ConfigError> {
+        let cx = Ctx { file: path, src };
+        let raw: NodeFileTop = toml::from_str(src).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let (line, col) = line_col(src, span.start);
+            let key = src
+                .lines()
+                .nth(line.saturating_sub(1))
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim().to_string())
+                .unwrap_or_default();
+            ConfigError {
+                file: path.into(),
+                line,
+                col,
+                key,
+                msg: e.message().trim().to_string(),
+            }
+        })?;
+        let n = raw.node;
+        let size = |v: &Option<Spanned<SizeValue>>, key: &str| -> Result<u64, ConfigError> {
+            match v {
+                None => Ok(0),
+                Some(s) => match s.get_ref() {
+                    SizeValue::Bytes(b) => Ok(*b),
+                    SizeValue::Text(t) => parse_size(t).map_err(|m| cx.err(s.span(), key, m)),
+                },
+            }
+        };
+        let id = n.id.get_ref().clone();
+        if id.is_empty() || id.len() > 255 {
+            return Err(cx.err(n.id.span(), "node.id", "1 to 255 characters"));
+        }
+        let listen: SocketAddr = n.listen.get_ref().parse().map_err(|_| {
+            cx.err(
+                n.listen.span(),
+                "node.listen",
+                format!("not an address:port: {:?}", n.listen.get_ref()),
+            )
+        })?;
+        if n.data.get_ref().is_empty() {
+            return Err(cx.err(n.data.span(), "node.data", "a file or block device path"));
+        }
+        let dsync = match n.sync.get_ref().as_str() {
+            "batched" => false,
+            "dsync" => true,
+            other => {
+                return Err(cx.err(
+                    n.sync.span(),
+                    "node.sync",
+                    format!("must be batched or dsync (got {other:?})"),
+                ))
+            }
+        };
+        Ok(Self {
+            id,
+            listen,
+            data: PathBuf::from(n.data.get_ref()),
+            capacity: size(&n.capacity, "node.capacity")?,
+            dsync,
+            scrub_rate: size(&n.scrub_rate, "node.scrub_rate")?,
+            scrub_interval_secs: n.scrub_interval_secs.max(1),
         })
     }
 }
@@ -794,6 +1155,83 @@ block_size = 4096
         let syntax = GOOD.replace("id = 0", "id = ");
         let e = parse(&syntax).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (10, "id"));
+    }
+
+    const EC: &str = r#"
+[gateway]
+portals = ["127.0.0.1:3260"]
+
+[[node]]
+id = "n1"
+address = "127.0.0.1:7101"
+[[node]]
+id = "n2"
+address = "127.0.0.1:7102"
+[[node]]
+id = "n3"
+address = "127.0.0.1:7103"
+zone = "b"
+
+[[target]]
+iqn = "iqn.2024-01.io.tessera:ec"
+
+[[target.lun]]
+id = 0
+backend = "ec"
+size = "1GiB"
+ec = "2+1"
+chunk = "4KiB"
+"#;
+
+    #[test]
+    fn ec_luns_and_nodes() {
+        let c = parse(EC).unwrap();
+        let ec = c.targets[0].luns[0].ec.as_ref().unwrap();
+        assert_eq!(
+            (ec.profile.k, ec.profile.m, ec.profile.chunk_size),
+            (2, 1, 4096)
+        );
+        assert_eq!((ec.pgs, ec.write_quorum), (64, 3));
+        assert_eq!(ec.volume, "iqn.2024-01.io.tessera:ec/lun0");
+        assert_eq!(c.nodes.len(), 3);
+        assert_eq!(c.nodes[2].zone, "b");
+        let e = parse(&EC.replace("ec = \"2+1\"", "ec = \"4+2\"")).unwrap_err();
+        assert_eq!(e.key, "target[0].lun[0].ec");
+        assert!(e.msg.contains("needs 6 storage nodes"), "{}", e.msg);
+        let e = parse(&EC.replace("chunk = \"4KiB\"", "chunk = \"3KiB\"")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (24, "target[0].lun[0].chunk"));
+        let e = parse(&EC.replace("ec = \"2+1\"", "ec = \"2x1\"")).unwrap_err();
+        assert_eq!(e.key, "target[0].lun[0].ec");
+        let e = parse(&EC.replace("address = \"127.0.0.1:7102\"", "address = \"nowhere\""))
+            .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (10, "node[1].address"));
+        let e = parse(&EC.replace("id = \"n2\"", "id = \"n1\"")).unwrap_err();
+        assert_eq!(e.key, "node[1].id");
+        let e =
+            parse(&GOOD.replace("block_size = 4096", "block_size = 4096\npgs = 8")).unwrap_err();
+        assert_eq!(e.key, "target[0].lun[0].pgs");
+        assert!(e.msg.contains("only ec LUNs"));
+    }
+
+    #[test]
+    fn node_files() {
+        let good = "[node]\nid = \"n1\"\nlisten = \"127.0.0.1:7101\"\ndata = \"/tmp/n1\"\ncapacity = \"10GiB\"\nscrub_rate = \"8MiB\"\n";
+        let n = NodeConfig::parse(Path::new("n.toml"), good).unwrap();
+        assert_eq!(
+            (n.capacity, n.scrub_rate, n.dsync),
+            (10 << 30, 8 << 20, false)
+        );
+        let e = NodeConfig::parse(Path::new("n.toml"), &good.replace("127.0.0.1:7101", "x"))
+            .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (3, "node.listen"));
+        let e = NodeConfig::parse(
+            Path::new("n.toml"),
+            &format!("{good}sync = \"sometimes\"\n"),
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (7, "node.sync"));
+        let e = NodeConfig::parse(Path::new("n.toml"), &format!("{good}colour = 1\n")).unwrap_err();
+        assert_eq!(e.key, "colour");
     }
 
     #[test]

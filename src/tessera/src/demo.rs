@@ -1,9 +1,12 @@
 //! `tessera demo`: a complete local setup in one command.
 //!
-//! Writes a gateway configuration into `--dir`, starts `tessera gateway` as a child process,
-//! waits until its portal answers, records everything in `DIR/demo.json` (portal, IQN, LUNs,
-//! and the PID, role and address of every process it runs), prints how to use it, and runs
-//! until SIGINT or SIGTERM, which it passes on to its children before it exits.
+//! Writes a gateway configuration into `--dir`, starts `tessera gateway` as a child process
+//! (and, with `--backend ec`, one `tessera node` process per fragment of a stripe first),
+//! waits until everything answers, records it all in `DIR/demo.json` (portal, IQN, LUNs, and
+//! the PID, role, address and command line of every process it runs), prints how to use it,
+//! and runs until SIGINT or SIGTERM, which it passes on to its children (gateway first) before
+//! it exits. A node that dies is left dead (tests kill nodes on purpose); the demo ends if the
+//! gateway dies.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -27,9 +30,16 @@ pub struct DemoArgs {
     /// LUN size (e.g. 1GiB, 512MiB).
     #[arg(long, default_value = "1GiB")]
     pub size: String,
-    /// Backend: file (a sparse file in --dir, through io_uring) or mem.
+    /// Backend: file (a sparse file in --dir, through io_uring), mem, or ec (erasure-coded
+    /// over local storage-node processes).
     #[arg(long, default_value = "file")]
     pub backend: String,
+    /// With --backend ec: the erasure-code profile K+M (K + M node processes are started).
+    #[arg(long, default_value = "4+2")]
+    pub ec: String,
+    /// With --backend ec: bytes per chunk.
+    #[arg(long, default_value = "16KiB")]
+    pub chunk: String,
     /// Require CHAP: USER:SECRET (the secret needs 12 to 255 characters).
     #[arg(long)]
     pub chap: Option<String>,
@@ -58,6 +68,8 @@ struct DemoProcess {
     role: &'static str,
     pid: u32,
     address: String,
+    /// The command line that starts it again (for a node killed on purpose).
+    command: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,8 +96,20 @@ fn toml_str(s: &str) -> String {
     out
 }
 
-/// Build the gateway configuration text for the demo.
-pub fn config_text(a: &DemoArgs, dir: &Path) -> anyhow::Result<String> {
+/// A storage node the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoNode {
+    /// Node id.
+    pub id: String,
+    /// Listen address.
+    pub address: SocketAddr,
+    /// Store file.
+    pub data: PathBuf,
+}
+
+/// Build the gateway configuration text for the demo (`nodes`: the storage nodes of an ec
+/// backend).
+pub fn config_text(a: &DemoArgs, dir: &Path, nodes: &[DemoNode]) -> anyhow::Result<String> {
     let size = parse_size(&a.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
     let mut t = String::new();
     t.push_str("# Written by `tessera demo`.\n[gateway]\n");
@@ -116,6 +140,21 @@ pub fn config_text(a: &DemoArgs, dir: &Path) -> anyhow::Result<String> {
     if a.removable {
         t.push_str("removable = true\n");
     }
+    if a.backend == "ec" {
+        t.push_str(&format!(
+            "volume = \"demo\"\nec = {}\nchunk = {}\n",
+            toml_str(&a.ec),
+            toml_str(&a.chunk)
+        ));
+        for n in nodes {
+            t.push_str(&format!(
+                "\n[[node]]\nid = {}\naddress = {}\nhost = {}\n",
+                toml_str(&n.id),
+                toml_str(&n.address.to_string()),
+                toml_str(&n.id)
+            ));
+        }
+    }
     if a.backend == "file" {
         t.push_str(&format!(
             "path = {}\n",
@@ -132,10 +171,10 @@ fn wait_listening(addr: SocketAddr, child: &mut Child, limit: Duration) -> anyho
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
-            bail!("the gateway exited during startup ({status})");
+            bail!("the process exited during startup ({status})");
         }
         if start.elapsed() > limit {
-            bail!("the gateway did not listen on {addr} within {limit:?}");
+            bail!("nothing listened on {addr} within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -183,25 +222,84 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         _ => {}
     }
     let cfg_path = dir.join("gateway.toml");
-    std::fs::write(&cfg_path, config_text(&a, &dir)?)
+    let exe = std::env::current_exe().context("locating the tessera binary")?;
+    let mut nodes = Vec::new();
+    if a.backend == "ec" {
+        let profile =
+            tessera_ec::Profile::parse(&a.ec, 4096).map_err(|e| anyhow::anyhow!("--ec: {e}"))?;
+        std::fs::create_dir_all(dir.join("nodes"))?;
+        for i in 0..profile.width() {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            nodes.push(DemoNode {
+                id: format!("node-{i}"),
+                address: SocketAddr::from(([127, 0, 0, 1], port)),
+                data: dir.join("nodes").join(format!("node-{i}.store")),
+            });
+        }
+    }
+    std::fs::write(&cfg_path, config_text(&a, &dir, &nodes)?)
         .with_context(|| format!("writing {}", cfg_path.display()))?;
     // Validate before starting anything, so a bad flag gets a clear message.
     let cfg = Config::load(&cfg_path)?;
     let portal = cfg.portals[0];
-    let exe = std::env::current_exe().context("locating the tessera binary")?;
-    let mut child = Command::new(exe)
-        .arg("gateway")
-        .arg("--config")
-        .arg(&cfg_path)
-        .spawn()
-        .context("starting the gateway")?;
+    let mut node_children: Vec<(DemoNode, Child, Vec<String>)> = Vec::new();
+    for n in &nodes {
+        let argv: Vec<String> = vec![
+            exe.to_string_lossy().into_owned(),
+            "node".into(),
+            "--id".into(),
+            n.id.clone(),
+            "--listen".into(),
+            n.address.to_string(),
+            "--data".into(),
+            n.data.to_string_lossy().into_owned(),
+        ];
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .spawn()
+            .with_context(|| format!("starting {}", n.id))?;
+        node_children.push((n.clone(), child, argv));
+    }
+    let mut failed = None;
+    for (n, c, _) in &mut node_children {
+        if let Err(e) = wait_listening(n.address, c, Duration::from_secs(20)) {
+            failed = Some(e.context(format!("storage node {}", n.id)));
+            break;
+        }
+    }
+    if let Some(e) = failed {
+        for (_, c, _) in &mut node_children {
+            terminate(c, Duration::from_secs(2));
+        }
+        return Err(e);
+    }
+    let gw_argv: Vec<String> = vec![
+        exe.to_string_lossy().into_owned(),
+        "gateway".into(),
+        "--config".into(),
+        cfg_path.to_string_lossy().into_owned(),
+    ];
+    let mut child = match Command::new(&gw_argv[0]).args(&gw_argv[1..]).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            for (_, c, _) in &mut node_children {
+                terminate(c, Duration::from_secs(2));
+            }
+            return Err(anyhow::Error::from(e).context("starting the gateway"));
+        }
+    };
     let connect_to = if portal.ip().is_unspecified() {
         SocketAddr::new([127, 0, 0, 1].into(), portal.port())
     } else {
         portal
     };
-    if let Err(e) = wait_listening(connect_to, &mut child, Duration::from_secs(20)) {
+    if let Err(e) = wait_listening(connect_to, &mut child, Duration::from_secs(30)) {
         terminate(&mut child, Duration::from_secs(2));
+        for (_, c, _) in &mut node_children {
+            terminate(c, Duration::from_secs(2));
+        }
         return Err(e);
     }
     let lun = &cfg.targets[0].luns[0];
@@ -218,11 +316,19 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         chap_user: cfg.targets[0].chap.as_ref().map(|c| c.user.clone()),
         config: cfg_path,
         pid: std::process::id(),
-        processes: vec![DemoProcess {
+        processes: std::iter::once(DemoProcess {
             role: "gateway",
             pid: child.id(),
             address: portal.to_string(),
-        }],
+            command: gw_argv,
+        })
+        .chain(node_children.iter().map(|(n, c, argv)| DemoProcess {
+            role: "node",
+            pid: c.id(),
+            address: n.address.to_string(),
+            command: argv.clone(),
+        }))
+        .collect(),
     };
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")?;
     let url_auth = a
@@ -238,6 +344,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         "  LUN 0   {} bytes, {}-byte blocks, {} backend",
         json.luns[0].size_bytes, lun.block_size, a.backend
     );
+    for (n, c, _) in &node_children {
+        println!("  node    {} on {} (pid {})", n.id, n.address, c.id());
+    }
     println!("  state   {}", json_path.display());
     println!();
     println!("Try it:");
@@ -263,10 +372,17 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         }
     })?;
     if let Some(st) = died {
+        for (_, c, _) in &mut node_children {
+            terminate(c, Duration::from_secs(5));
+        }
         bail!("the gateway exited unexpectedly ({st})");
     }
     println!("stopping");
+    // The gateway first: it finishes the writes in flight, which need the nodes.
     terminate(&mut child, Duration::from_secs(15));
+    for (_, c, _) in &mut node_children {
+        terminate(c, Duration::from_secs(10));
+    }
     Ok(())
 }
 
@@ -285,8 +401,10 @@ mod tests {
             block_size: 4096,
             iqn: "iqn.2024-01.io.tessera:demo".into(),
             removable: true,
+            ec: "4+2".into(),
+            chunk: "16KiB".into(),
         };
-        let text = config_text(&a, Path::new("/tmp/x")).unwrap();
+        let text = config_text(&a, Path::new("/tmp/x"), &[]).unwrap();
         let c = Config::parse(Path::new("demo.toml"), &text).unwrap();
         assert_eq!(c.targets[0].luns[0].size, Some(64 << 20));
         assert_eq!(c.targets[0].chap.as_ref().unwrap().user, "user");
@@ -298,6 +416,27 @@ mod tests {
             chap: Some("nocolon".into()),
             ..a
         };
-        assert!(config_text(&bad, Path::new("/tmp/x")).is_err());
+        assert!(config_text(&bad, Path::new("/tmp/x"), &[]).is_err());
+        let ec = DemoArgs {
+            backend: "ec".into(),
+            ec: "2+1".into(),
+            chunk: "4KiB".into(),
+            chap: None,
+            ..bad
+        };
+        let nodes: Vec<DemoNode> = (0..3)
+            .map(|i| DemoNode {
+                id: format!("node-{i}"),
+                address: SocketAddr::from(([127, 0, 0, 1], 7000 + i)),
+                data: format!("/tmp/x/n{i}").into(),
+            })
+            .collect();
+        let c = Config::parse(
+            Path::new("demo.toml"),
+            &config_text(&ec, Path::new("/tmp/x"), &nodes).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.nodes.len(), 3);
+        assert_eq!(c.targets[0].luns[0].ec.as_ref().unwrap().profile.k, 2);
     }
 }

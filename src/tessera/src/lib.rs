@@ -1,8 +1,10 @@
 //! tessera: a userspace block-storage target. This crate is the `tessera` binary's library:
-//! the configuration, the gateway daemon with its iSCSI connection driver, and `tessera demo`.
+//! the configuration, the gateway daemon with its iSCSI connection driver, the storage node
+//! daemon, and `tessera demo`.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod logging;
+pub mod node;

@@ -1,4 +1,4 @@
-//! The `tessera` command: `gateway`, `demo`, `config check`.
+//! The `tessera` command: `gateway`, `node`, `demo`, `config check`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +25,8 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run a storage node (fragments of erasure-coded volumes on one file or disk).
+    Node(NodeCli),
     /// Serve a LUN locally with one command (see README).
     Demo(tessera::demo::DemoArgs),
     /// Configuration tools.
@@ -32,6 +34,77 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct NodeCli {
+    #[command(subcommand)]
+    cmd: Option<NodeCmd>,
+    /// Configuration file (TOML; see target-config/node.toml). Flags override nothing: give
+    /// either a file or the flags.
+    #[arg(long, conflicts_with_all = ["id", "listen", "data"])]
+    config: Option<PathBuf>,
+    /// Node id (stable for the life of its store).
+    #[arg(long)]
+    id: Option<String>,
+    /// Fragment-protocol listen address.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Store file or block device.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Bytes the store may use on a file (e.g. 100GiB).
+    #[arg(long)]
+    capacity: Option<String>,
+    /// Durability: batched (writes + one shared fdatasync) or dsync.
+    #[arg(long, default_value = "batched")]
+    sync: String,
+    /// Background scrub rate (e.g. 16MiB a second; 0: off).
+    #[arg(long, default_value = "0")]
+    scrub_rate: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// Ask a running node to verify every fragment's checksum now.
+    Scrub {
+        /// The node's fragment-protocol address.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+    },
+    /// Print a running node's counters.
+    Stats {
+        /// The node's fragment-protocol address.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+    },
+}
+
+fn node_config(n: NodeCli) -> anyhow::Result<tessera::config::NodeConfig> {
+    use tessera::config::{parse_size, NodeConfig};
+    if let Some(path) = n.config {
+        return Ok(NodeConfig::load(&path)?);
+    }
+    let (Some(id), Some(listen), Some(data)) = (n.id, n.listen, n.data) else {
+        anyhow::bail!("tessera node needs --config FILE, or --id, --listen and --data");
+    };
+    let text = format!(
+        "[node]\nid = {:?}\nlisten = {:?}\ndata = {:?}\nsync = {:?}\ncapacity = {}\nscrub_rate = {}\n",
+        id,
+        listen,
+        data.to_string_lossy(),
+        n.sync,
+        n.capacity
+            .as_deref()
+            .map_or(Ok(0), parse_size)
+            .map_err(|e| anyhow::anyhow!("--capacity: {e}"))?,
+        parse_size(&n.scrub_rate).map_err(|e| anyhow::anyhow!("--scrub-rate: {e}"))?,
+    );
+    Ok(NodeConfig::parse(
+        std::path::Path::new("command line"),
+        &text,
+    )?)
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,6 +121,11 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let r = match cli.cmd {
         Cmd::Gateway { config } => tessera::gateway::run_config(&config),
+        Cmd::Node(n) => match n.cmd {
+            Some(NodeCmd::Scrub { addr }) => tessera::node::scrub(addr),
+            Some(NodeCmd::Stats { addr }) => tessera::node::stats(addr),
+            None => node_config(n).and_then(tessera::node::run),
+        },
         Cmd::Demo(a) => tessera::demo::run(a),
         Cmd::Config {
             cmd: ConfigCmd::Check { file },

@@ -205,9 +205,7 @@ fn a_restarted_gateway_reads_everything_and_nodes_reopen_from_disk() {
     run(async {
         let v = open(&s).await;
         write(&v, 0, &data).await.unwrap();
-        write(&v, 4096, &pattern(4, 4096))
-            .await
-            .unwrap();
+        write(&v, 4096, &pattern(4, 4096)).await.unwrap();
         v.close();
     });
     let mut model = data;

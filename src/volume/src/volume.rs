@@ -338,6 +338,12 @@ impl EcVolume {
         &self.sh.stats
     }
 
+    /// Forget the calling thread's node handles (a thread that will not use the volume again,
+    /// such as the one that opened it).
+    pub fn release_thread(&self) {
+        nodes::forget(self.sh.instance);
+    }
+
     /// Stop the maintenance loop (see [`EcVolume::maintain`]) and forget this thread's node
     /// handles.
     pub fn close(&self) {

@@ -16,6 +16,7 @@ pub const MEMORY_BUDGET: usize = 256 << 20;
 pub struct NodeHandler {
     store: FragmentStore,
     budget: Rc<Semaphore>,
+    inflight: Rc<std::cell::Cell<usize>>,
     /// Bytes a second for scrubs asked for over the protocol (0: unlimited).
     pub scrub_rate: u64,
 }
@@ -26,6 +27,7 @@ impl NodeHandler {
         Self {
             store,
             budget: Rc::new(Semaphore::new(MEMORY_BUDGET >> 12)),
+            inflight: Rc::default(),
             scrub_rate: 0,
         }
     }
@@ -33,6 +35,11 @@ impl NodeHandler {
     /// The store.
     pub fn store(&self) -> &FragmentStore {
         &self.store
+    }
+
+    /// Requests running now.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.get()
     }
 }
 
@@ -53,13 +60,29 @@ impl Handler for NodeHandler {
         let store = self.store.clone();
         let budget = self.budget.clone();
         let scrub_rate = self.scrub_rate;
+        let inflight = self.inflight.clone();
+        inflight.set(inflight.get() + 1);
         Box::pin(async move {
+            struct Done(Rc<std::cell::Cell<usize>>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.set(self.0.get() - 1);
+                }
+            }
+            let _done = Done(inflight);
             let _permit = budget
                 .acquire_many(weight(&req))
                 .await
                 .map_err(|_| Refusal::new(Status::BUSY, "shutting down"))?;
-            if let Some((volume, epoch)) = req.fencing() {
-                store.check_epoch(volume, epoch).await?;
+            // Epoch 0 is no writer's: an observer (a scrub from outside the owner) may read
+            // with it, without moving the volume's epoch, and never write.
+            match req.fencing() {
+                Some((_, 0)) if req.is_read_only() => {}
+                Some((_, 0)) => {
+                    return Err(Refusal::new(Status::BAD_REQUEST, "epoch 0 may only read"))
+                }
+                Some((volume, epoch)) => store.check_epoch(volume, epoch).await?,
+                None => {}
             }
             Ok(match req {
                 Request::Hello { client } => {

@@ -152,6 +152,8 @@ struct Inner {
     extents: RefCell<HashMap<ExtentKey, Rc<ExtentMem>>>,
     allocating: RefCell<HashSet<ExtentKey>>,
     allocated: Notify,
+    /// The next extent number not yet handed out (allocations in flight included).
+    reserved: Cell<u32>,
     busy: RefCell<HashSet<(ExtentKey, u32)>>,
     released: Notify,
     flush: Flusher,
@@ -337,6 +339,7 @@ impl FragmentStore {
                 extents: RefCell::new(extents),
                 allocating: RefCell::default(),
                 allocated: Notify::new(),
+                reserved: Cell::new(0),
                 busy: RefCell::default(),
                 released: Notify::new(),
                 flush: Flusher::default(),
@@ -492,7 +495,14 @@ impl FragmentStore {
         chunk: u32,
         pgs: u32,
     ) -> Result<Rc<ExtentMem>, Status> {
-        let no = self.inner.meta.with_state(|s| s.next_extent);
+        // Reserve the number before the (asynchronous) log append, so that allocations of
+        // other keys meanwhile take other numbers.
+        let no = self
+            .inner
+            .meta
+            .with_state(|s| s.next_extent)
+            .max(self.inner.reserved.get());
+        self.inner.reserved.set(no + 1);
         let end = EXTENT_AREA + (u64::from(no) + 1) * EXTENT_SIZE;
         if self.inner.capacity != 0 && end > self.inner.capacity {
             return Err(Status::NO_SPACE);

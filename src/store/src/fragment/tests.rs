@@ -413,3 +413,31 @@ fn concurrent_writes_to_one_fragment_are_serialized() {
         }
     });
 }
+
+#[test]
+fn concurrent_writes_to_new_extents_get_distinct_extents() {
+    // On a real disk file the metadata appends complete asynchronously, so allocations of
+    // different extents overlap in time.
+    let dir = tmpdir(false);
+    run(async {
+        let s = FragmentStore::open(dir.path().join("store"), &opts()).unwrap();
+        let v = VolumeCtx {
+            pgs: 64,
+            ..vol(4096)
+        };
+        let writes = (0..64u64).map(|stripe| {
+            let s = s.clone();
+            let d = pattern(stripe + 1, 4096);
+            async move { s.write(&v, vec![item(stripe, 0, 5, &d)]).await.unwrap() }
+        });
+        for st in futures_util::future::join_all(writes).await {
+            assert_eq!(st, vec![Status::OK]);
+        }
+        assert_eq!(s.stats().allocated, 64 * EXTENT_SIZE, "one extent per PG");
+        for stripe in 0..64u64 {
+            let r = read1(&s, &v, stripe, 0, Want::Latest).await;
+            assert_eq!(r.status, Status::OK, "stripe {stripe}");
+            assert_eq!(&r.data[..], &pattern(stripe + 1, 4096)[..]);
+        }
+    });
+}

@@ -43,6 +43,8 @@ pub struct Gateway {
     /// Sessions, for reinstatement.
     pub sessions: SessionRegistry,
     devices: Vec<Arc<dyn BlockDevice>>,
+    /// Erasure-coded volumes, for their maintenance loop.
+    volumes: Vec<tessera_volume::EcVolume>,
     next_tsih: AtomicU16,
     next_nexus: AtomicU64,
 }
@@ -67,8 +69,61 @@ fn creds(c: &Option<config::Chap>) -> Option<Credentials> {
     })
 }
 
+/// Open the erasure-coded volume of an ec LUN (on a thread of its own: opening talks to the
+/// nodes on a private runtime).
+fn open_ec(cfg: &Config, lun: &config::Lun) -> anyhow::Result<tessera_volume::EcVolume> {
+    let ec = lun.ec.as_ref().context("ec LUN without a profile")?;
+    let size = lun.size.context("ec backend needs a size")?;
+    let id = stable_hash(&[b"tessera-volume", ec.volume.as_bytes()]);
+    let nodes: Vec<tessera_ec::placement::Node> = cfg
+        .nodes
+        .iter()
+        .map(|n| tessera_ec::placement::Node {
+            id: n.id.clone(),
+            weight: n.weight,
+            zone: n.zone.clone(),
+            rack: n.rack.clone(),
+            host: n.host.clone(),
+        })
+        .collect();
+    let map = tessera_ec::placement::compute(id, ec.pgs, &nodes, ec.profile.width(), None)
+        .with_context(|| format!("placing volume {}", ec.volume))?;
+    let spec = tessera_volume::VolumeSpec {
+        id,
+        name: ec.volume.clone(),
+        size,
+        block_size: lun.block_size,
+        profile: ec.profile,
+        pgs: ec.pgs,
+        write_quorum: ec.write_quorum,
+        region_stripes: 1024,
+        clear_after: tessera_volume::CLEAR_AFTER,
+        map,
+        node_names: cfg.nodes.iter().map(|n| n.id.clone()).collect(),
+    };
+    let connector: Arc<dyn tessera_volume::nodes::Connector> =
+        Arc::new(tessera_volume::nodes::RpcConnector::new(
+            cfg.nodes.iter().map(|n| n.address).collect(),
+            Duration::from_millis(cfg.node_timeout_ms),
+        ));
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let local = tokio::task::LocalSet::new();
+            let v = local.block_on(&rt, tessera_volume::EcVolume::open(spec, connector))?;
+            v.release_thread();
+            Ok(v)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("opening the volume panicked")))
+    })
+}
+
 fn open_device(lun: &config::Lun) -> anyhow::Result<Arc<dyn BlockDevice>> {
     Ok(match lun.backend {
+        Backend::Ec => anyhow::bail!("ec LUNs are opened with their volume"),
         Backend::Mem => Arc::new(MemDevice::new(
             lun.size.context("mem backend needs a size")?,
         )),
@@ -118,6 +173,7 @@ impl Gateway {
         let mut targets = HashMap::new();
         let mut entries = Vec::new();
         let mut devices = Vec::new();
+        let mut volumes = Vec::new();
         if let Some(dir) = &cfg.state_dir {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating state directory {}", dir.display()))?;
@@ -125,7 +181,14 @@ impl Gateway {
         for t in &cfg.targets {
             let target = Target::new(&t.iqn);
             for l in &t.luns {
-                let dev = open_device(l)?;
+                let dev: Arc<dyn BlockDevice> = if l.backend == Backend::Ec {
+                    let v =
+                        open_ec(&cfg, l).with_context(|| format!("LUN {} of {}", l.id, t.iqn))?;
+                    volumes.push(v.clone());
+                    Arc::new(v)
+                } else {
+                    open_device(l)?
+                };
                 devices.push(dev.clone());
                 let id_hash =
                     stable_hash(&[t.iqn.to_ascii_lowercase().as_bytes(), &l.id.to_be_bytes()]);
@@ -191,6 +254,7 @@ impl Gateway {
             limits,
             sessions: SessionRegistry::default(),
             devices,
+            volumes,
             next_tsih: AtomicU16::new(1),
             next_nexus: AtomicU64::new(1),
         })
@@ -284,6 +348,15 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
                 .spawn(move || worker(gw, rx, sd))?,
         );
     }
+    if !gw.volumes.is_empty() {
+        let vols = gw.volumes.clone();
+        let sd = shutdown_rx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("tessera-maint".into())
+                .spawn(move || maintenance(vols, sd))?,
+        );
+    }
     let sd = shutdown_rx;
     threads.push(
         std::thread::Builder::new()
@@ -301,6 +374,38 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
         threads,
         gateway: gw,
     })
+}
+
+/// Background work of the erasure-coded volumes: checks after an unclean stop, nodes catching
+/// up, repairs, clearing the write-intent log.
+fn maintenance(vols: Vec<tessera_volume::EcVolume>, mut shutdown: watch::Receiver<bool>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("maintenance runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        loop {
+            let mut busy = false;
+            for v in &vols {
+                busy |= v.maintain().await;
+            }
+            let pause = if busy { 20 } else { 250 };
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        for v in &vols {
+            v.close();
+        }
+    });
 }
 
 fn acceptor(

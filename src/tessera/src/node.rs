@@ -1,0 +1,161 @@
+//! `tessera node`: the storage node daemon. One event loop: the fragment store on the thread's
+//! io_uring engine, the fragment protocol on a TCP listener, and a background scrub.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tessera_rpc::{Client, Request, Response};
+use tessera_store::fragment::{FragmentStore, NodeHandler, StoreOptions, SyncMode};
+use tessera_store::{EngineConfig, Uring};
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+
+/// Serve the store until SIGINT or SIGTERM; in-flight requests finish before exit.
+pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, serve(cfg))
+}
+
+async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    if let Err(e) = Uring::init_current(&EngineConfig::from_env()) {
+        warn!("io engine: {e}");
+    }
+    if let Some(dir) = cfg.data.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    let opts = StoreOptions {
+        node_id: cfg.id.clone(),
+        capacity: cfg.capacity,
+        sync: if cfg.dsync {
+            SyncMode::Dsync
+        } else {
+            SyncMode::Batched
+        },
+        direct: true,
+    };
+    let store = FragmentStore::open(&cfg.data, &opts)?;
+    let mut handler = NodeHandler::new(store.clone());
+    handler.scrub_rate = cfg.scrub_rate;
+    let handler = Rc::new(handler);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    info!(node = %cfg.id, listen = %cfg.listen, data = %cfg.data.display(), "storage node listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if cfg.scrub_rate > 0 {
+        let store = store.clone();
+        let mut stop = stop_rx.clone();
+        let (rate, every) = (cfg.scrub_rate, Duration::from_secs(cfg.scrub_interval_secs));
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => return,
+                }
+                let r = store.scrub(rate).await;
+                if r.mismatches > 0 {
+                    warn!(
+                        checked = r.checked,
+                        mismatches = r.mismatches,
+                        "background scrub found damaged fragments"
+                    );
+                } else {
+                    info!(
+                        checked = r.checked,
+                        bytes = r.bytes,
+                        "background scrub clean"
+                    );
+                }
+            }
+        });
+    }
+    loop {
+        tokio::select! {
+            a = listener.accept() => match a {
+                Ok((s, peer)) => {
+                    let h = handler.clone();
+                    let mut stop = stop_rx.clone();
+                    tokio::task::spawn_local(async move {
+                        let stopped = async move {
+                            let _ = stop.changed().await;
+                        };
+                        if let Err(e) = tessera_rpc::server::serve(h, s, stopped).await {
+                            tracing::debug!(%peer, "connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!(node = %cfg.id, "stopping");
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Requests already started finish (they may be writes the gateway is waiting for).
+    for _ in 0..500 {
+        if handler.in_flight() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    info!(node = %cfg.id, "stopped");
+    Ok(())
+}
+
+/// Ask the node at `addr` to scrub now; prints its report. Fails if anything mismatched.
+pub fn scrub(addr: SocketAddr) -> anyhow::Result<()> {
+    let r = call(addr, Request::Scrub, Duration::from_secs(3600))?;
+    let Response::Scrub(r) = r else {
+        anyhow::bail!("unexpected answer {r:?}");
+    };
+    println!(
+        "{addr}: scrub checked {} fragment copies ({} bytes): {} mismatches",
+        r.checked, r.bytes, r.mismatches
+    );
+    if r.mismatches > 0 {
+        anyhow::bail!("{} damaged fragment copies", r.mismatches);
+    }
+    Ok(())
+}
+
+/// Print the node's counters.
+pub fn stats(addr: SocketAddr) -> anyhow::Result<()> {
+    let r = call(addr, Request::Stats, Duration::from_secs(10))?;
+    let Response::Stats(s) = r else {
+        anyhow::bail!("unexpected answer {r:?}");
+    };
+    println!(
+        "{addr}: capacity {} allocated {} writes {} reads {} checksum_errors {} stale_epoch_rejects {}",
+        s.capacity, s.allocated, s.writes, s.reads, s.checksum_errors, s.stale_epoch_rejects
+    );
+    Ok(())
+}
+
+fn call(addr: SocketAddr, req: Request, timeout: Duration) -> anyhow::Result<Response> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local
+        .block_on(
+            &rt,
+            async move { Client::new(addr, timeout).call(&req).await },
+        )
+        .with_context(|| format!("asking node {addr}"))
+}
