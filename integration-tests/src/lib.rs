@@ -86,6 +86,19 @@ pub struct Demo {
     pub iqn: String,
     /// demo.json, parsed.
     pub json: serde_json::Value,
+    /// Nodes restarted by the test (not the demo's children): stopped on drop.
+    restarted: Vec<Child>,
+}
+
+/// A storage node of an ec demo, as demo.json lists it.
+#[derive(Debug, Clone)]
+pub struct NodeProc {
+    /// Its PID when the demo started it.
+    pub pid: u32,
+    /// Its fragment-protocol address.
+    pub address: SocketAddr,
+    /// The command line that starts it.
+    pub command: Vec<String>,
 }
 
 impl Demo {
@@ -108,6 +121,13 @@ impl Demo {
             .arg(portal.to_string())
             .args(extra)
             .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.path().join("demo.log"))
+                    .expect("demo log"),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -120,6 +140,7 @@ impl Demo {
             portal,
             iqn: String::new(),
             json: serde_json::Value::Null,
+            restarted: Vec::new(),
         };
         let start = Instant::now();
         let json_path = d.dir.path().join("demo.json");
@@ -140,6 +161,11 @@ impl Demo {
         d.json = serde_json::from_str(&text).expect("demo.json parses");
         d.iqn = d.json["iqn"].as_str().expect("iqn").to_string();
         d
+    }
+
+    /// What the demo and its processes logged (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("demo.log")).unwrap_or_default()
     }
 
     /// `iscsi://[auth@]portal/iqn/lun`.
@@ -165,9 +191,112 @@ impl Demo {
             .unwrap_or_default()
     }
 
+    /// The storage nodes (ec backend), in demo.json's order.
+    pub fn nodes(&self) -> Vec<NodeProc> {
+        self.json["processes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|p| p["role"] == "node")
+                    .map(|p| NodeProc {
+                        pid: p["pid"].as_u64().expect("pid") as u32,
+                        address: p["address"]
+                            .as_str()
+                            .expect("address")
+                            .parse()
+                            .expect("addr"),
+                        command: p["command"]
+                            .as_array()
+                            .expect("command")
+                            .iter()
+                            .map(|x| x.as_str().expect("arg").to_string())
+                            .collect(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL storage node `i` (by its PID).
+    pub fn kill_node(&self, i: usize) {
+        let n = &self.nodes()[i];
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(n.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        // Wait until its port is free again (the process is gone).
+        let start = Instant::now();
+        while TcpStream::connect(n.address).is_ok() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Start storage node `i` again with its command line; wait until it listens.
+    pub fn restart_node(&mut self, i: usize) {
+        let n = self.nodes()[i].clone();
+        let child = Command::new(&n.command[0])
+            .args(&n.command[1..])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .spawn()
+            .expect("restart node");
+        self.restarted.push(child);
+        let start = Instant::now();
+        while TcpStream::connect(n.address).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "node {i} did not come back"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Run `tessera node SUB --addr ADDR` against every node; returns the outputs.
+    pub fn node_cmd(&self, sub: &str) -> Vec<Output> {
+        self.nodes()
+            .iter()
+            .map(|n| {
+                run(
+                    Command::new(tessera_bin())
+                        .arg("node")
+                        .arg(sub)
+                        .arg("--addr")
+                        .arg(n.address.to_string()),
+                    Duration::from_secs(300),
+                )
+            })
+            .collect()
+    }
+
     /// Send SIGTERM and wait for a clean exit; returns whether it exited with success.
     pub fn stop(mut self) -> bool {
-        self.terminate()
+        let ok = self.terminate();
+        self.stop_restarted();
+        ok
+    }
+
+    fn stop_restarted(&mut self) {
+        for c in &mut self.restarted {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        for c in &mut self.restarted {
+            let start = Instant::now();
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.restarted.clear();
     }
 
     /// Stop cleanly and hand back the directory (for a restart with [`Demo::start_in`]).
@@ -195,6 +324,7 @@ impl Demo {
 
 impl Drop for Demo {
     fn drop(&mut self) {
+        self.stop_restarted();
         if let Ok(None) = self.child.try_wait() {
             let children = self.process_pids();
             self.terminate();
@@ -228,14 +358,18 @@ impl Gateway {
             .replace("{DIR}", &dir.path().to_string_lossy());
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, text).expect("write config");
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
         let child = Command::new(tessera_bin())
             .arg("gateway")
             .arg("--config")
             .arg(&path)
+            .arg("--log-format")
+            .arg("json")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .stderr(log)
             .spawn()
             .expect("start tessera gateway");
         let portal: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -252,6 +386,13 @@ impl Gateway {
             std::thread::sleep(Duration::from_millis(50));
         }
         g
+    }
+}
+
+impl Gateway {
+    /// What the gateway has logged so far (JSON lines).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
 }
 

@@ -103,3 +103,20 @@ fn fio_verify() {
     guest(&demo, "iscsi-fio", &[]);
     assert!(demo.stop());
 }
+
+/// The ext4 cycle and fio's verified random writes on an erasure-coded volume (4+2 over six
+/// node processes), healthy and with one node killed before the run.
+#[test]
+fn ec_volume_ext4_and_fio() {
+    for killed in [false, true] {
+        for test in ["iscsi-ext4", "iscsi-fio"] {
+            let demo = Demo::start(&["--backend", "ec", "--ec", "4+2", "--size", "256MiB"]);
+            if killed {
+                demo.kill_node(4);
+                println!("node 4 killed before the run");
+            }
+            guest(&demo, test, &[]);
+            assert!(demo.stop(), "{test}: demo did not stop cleanly");
+        }
+    }
+}
