@@ -130,7 +130,8 @@ impl Demo {
             )
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                // The volume's maintenance reports at info level what tests wait for.
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,tessera_volume=info".into()),
             )
             .spawn()
             .expect("start tessera demo");

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tracing::debug;
@@ -73,8 +73,8 @@ impl CallError {
 type Reply = oneshot::Sender<Result<Response, CallError>>;
 
 struct Conn {
-    /// Encoded requests waiting to be written.
-    out: BytesMut,
+    /// Encoded requests waiting to be written, as segments (fragment data is not copied).
+    out: Vec<Bytes>,
     /// Calls waiting for an answer: id → (op, epoch sent, reply).
     pending: HashMap<u64, (msg::Op, u64, Reply)>,
     /// The connection's generation; bumped when it breaks.
@@ -112,7 +112,7 @@ impl Client {
                 timeout,
                 next_id: RefCell::new(1),
                 conn: RefCell::new(Conn {
-                    out: BytesMut::new(),
+                    out: Vec::new(),
                     pending: HashMap::new(),
                     generation: 0,
                     running: false,
@@ -138,7 +138,7 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         {
             let mut c = self.inner.conn.borrow_mut();
-            req.encode(id, &mut c.out);
+            req.encode_vectored(id, &mut c.out);
             c.pending.insert(id, (req.op(), epoch, tx));
             if !c.running {
                 c.running = true;
@@ -220,13 +220,13 @@ async fn drive(inner: Rc<Inner>, generation: u64) {
                     if c.generation != generation {
                         return Err::<(), String>("superseded".into());
                     }
-                    c.out.split()
+                    std::mem::take(&mut c.out)
                 };
                 if chunk.is_empty() {
                     inner.wake.notified().await;
                     continue;
                 }
-                if let Err(e) = wr.write_all(&chunk).await {
+                if let Err(e) = crate::write_segments(&mut wr, chunk).await {
                     return Err(e.to_string());
                 }
             }

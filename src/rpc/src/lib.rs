@@ -11,6 +11,40 @@ pub mod client;
 pub mod msg;
 pub mod server;
 
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes};
+use tokio::io::AsyncWriteExt;
+
+/// Write every segment with vectored writes (at most 256 a call), however the socket splits
+/// them.
+pub(crate) async fn write_segments<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    segs: Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut q: VecDeque<Bytes> = segs.into_iter().filter(|s| !s.is_empty()).collect();
+    while !q.is_empty() {
+        let slices: Vec<IoSlice<'_>> = q.iter().take(256).map(|b| IoSlice::new(b)).collect();
+        let mut n = w.write_vectored(&slices).await?;
+        drop(slices);
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let front = q.front_mut().expect("written bytes belong to a segment");
+            if n >= front.len() {
+                n -= front.len();
+                q.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 pub use client::{CallError, Client};
 pub use msg::{
     FragKey, Manifest, NodeStats, Op, ReadItem, ReadResult, Request, Response, ScrubReport,

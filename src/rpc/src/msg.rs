@@ -356,7 +356,8 @@ impl Manifest {
     }
 }
 
-/// One fragment to write.
+/// One fragment to write: a whole chunk, or (with `base`) the copy at version `base` with
+/// the 4 KiB-aligned range at `offset` replaced by `data`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteItem {
     /// Which fragment.
@@ -365,8 +366,26 @@ pub struct WriteItem {
     pub manifest: Manifest,
     /// The fragment is all zeroes (deallocated): `data` is empty.
     pub zero: bool,
-    /// Exactly one chunk of data, unless `zero`.
+    /// A whole chunk (`base == 0`), or the changed range.
     pub data: Bytes,
+    /// Where `data` goes in the chunk (0 for a whole chunk).
+    pub offset: u32,
+    /// 0: `data` is the whole chunk. Else the version of the copy the new one is made from.
+    pub base: u64,
+}
+
+impl WriteItem {
+    /// A whole-chunk write (or a zero fragment when `data` is empty and `zero`).
+    pub fn whole(key: FragKey, manifest: Manifest, zero: bool, data: Bytes) -> Self {
+        Self {
+            key,
+            manifest,
+            zero,
+            data,
+            offset: 0,
+            base: 0,
+        }
+    }
 }
 
 /// Which copy of a fragment a read wants.
@@ -621,6 +640,30 @@ fn put_bytes(out: &mut BytesMut, b: &[u8]) {
     out.put_slice(b);
 }
 
+/// Data of at least this many bytes travels as its own segment in a vectored frame.
+const SEGMENT_MIN: usize = 1024;
+
+fn put_segment(out: &mut BytesMut, b: &Bytes, segs: &mut Vec<Bytes>) {
+    out.put_u32(b.len() as u32);
+    if b.len() >= SEGMENT_MIN {
+        segs.push(out.split().freeze());
+        segs.push(b.clone());
+    } else {
+        out.put_slice(b);
+    }
+}
+
+/// The body length an encoder produces, without copying its data.
+fn body_len(enc: impl FnOnce(&mut BytesMut, &mut dyn FnMut(&mut BytesMut, &Bytes))) -> u32 {
+    let mut scratch = BytesMut::new();
+    let mut data = 0usize;
+    enc(&mut scratch, &mut |o, b| {
+        o.put_u32(b.len() as u32);
+        data += b.len();
+    });
+    (scratch.len() + data) as u32
+}
+
 fn put_statuses(out: &mut BytesMut, s: &[Status]) {
     out.put_u32(s.len() as u32);
     for x in s {
@@ -678,8 +721,7 @@ impl Request {
         )
     }
 
-    /// Encode as a whole frame with request id `id`. Fragment data is appended to `out` as
-    /// is (one copy into the send buffer).
+    /// Encode as a whole frame with request id `id`, fragment data copied in.
     pub fn encode(&self, id: u64, out: &mut BytesMut) {
         let start = out.len();
         Header {
@@ -690,6 +732,29 @@ impl Request {
             status: Status::OK,
         }
         .encode(out);
+        self.encode_body(out, &mut |o, b| put_bytes(o, b));
+        let body = (out.len() - start - HEADER_LEN) as u32;
+        out[start + 4..start + 8].copy_from_slice(&body.to_be_bytes());
+    }
+
+    /// Encode as a whole frame in segments for a vectored write: fragment data is not copied,
+    /// its `Bytes` become segments of their own.
+    pub fn encode_vectored(&self, id: u64, segs: &mut Vec<Bytes>) {
+        let body_len = body_len(|o, d| self.encode_body(o, d));
+        let mut cur = BytesMut::with_capacity(256);
+        Header {
+            op: self.op(),
+            response: false,
+            body_len,
+            id,
+            status: Status::OK,
+        }
+        .encode(&mut cur);
+        self.encode_body(&mut cur, &mut |o, b| put_segment(o, b, segs));
+        segs.push(cur.freeze());
+    }
+
+    fn encode_body(&self, out: &mut BytesMut, data: &mut dyn FnMut(&mut BytesMut, &Bytes)) {
         match self {
             Request::Hello { client } => put_bytes(out, client.as_bytes()),
             Request::Write { vol, items } => {
@@ -699,7 +764,9 @@ impl Request {
                     it.key.encode(out);
                     it.manifest.encode(out);
                     out.put_u8(u8::from(it.zero));
-                    put_bytes(out, &it.data);
+                    out.put_u32(it.offset);
+                    out.put_u64(it.base);
+                    data(out, &it.data);
                 }
             }
             Request::Read { vol, items } => {
@@ -751,21 +818,19 @@ impl Request {
                 epoch,
                 name,
                 seq,
-                data,
+                data: blob,
             } => {
                 out.put_u64(*volume);
                 out.put_u64(*epoch);
                 out.put_u8(*name);
                 out.put_u64(*seq);
-                put_bytes(out, data);
+                put_bytes(out, blob);
             }
             Request::GetBlob { volume, name } => {
                 out.put_u64(*volume);
                 out.put_u8(*name);
             }
         }
-        let body = (out.len() - start - HEADER_LEN) as u32;
-        out[start + 4..start + 8].copy_from_slice(&body.to_be_bytes());
     }
 
     /// Decode the body of a request frame.
@@ -777,7 +842,7 @@ impl Request {
             },
             Op::WRITE => {
                 let vol = VolumeCtx::decode(&mut r)?;
-                let n = r.count("write items", 9 + 9 + 1 + 4)?;
+                let n = r.count("write items", 9 + 9 + 1 + 4 + 8 + 4)?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     let key = FragKey::decode(&mut r, &vol)?;
@@ -786,16 +851,33 @@ impl Request {
                         return Err(DecodeError::Invalid("manifest length"));
                     }
                     let zero = r.u8("zero flag")? != 0;
+                    let offset = r.u32("offset")?;
+                    let base = r.u64("base version")?;
                     let data = r.bytes("fragment data")?;
-                    let want = if zero { 0 } else { vol.chunk as usize };
-                    if data.len() != want {
-                        return Err(DecodeError::Invalid("fragment length"));
+                    if base == 0 {
+                        let want = if zero { 0 } else { vol.chunk as usize };
+                        if data.len() != want || offset != 0 {
+                            return Err(DecodeError::Invalid("fragment length"));
+                        }
+                    } else {
+                        let end = u64::from(offset) + data.len() as u64;
+                        if zero
+                            || data.is_empty()
+                            || offset % 4096 != 0
+                            || data.len() % 4096 != 0
+                            || end > u64::from(vol.chunk)
+                            || base >= manifest.version
+                        {
+                            return Err(DecodeError::Invalid("partial fragment write"));
+                        }
                     }
                     items.push(WriteItem {
                         key,
                         manifest,
                         zero,
                         data,
+                        offset,
+                        base,
                     });
                 }
                 Request::Write { vol, items }
@@ -888,7 +970,7 @@ impl Request {
 }
 
 impl Response {
-    /// Encode as an OK response frame to request `id` of `op`.
+    /// Encode as an OK response frame to request `id` of `op`, data copied in.
     pub fn encode(&self, op: Op, id: u64, out: &mut BytesMut) {
         let start = out.len();
         Header {
@@ -899,6 +981,29 @@ impl Response {
             status: Status::OK,
         }
         .encode(out);
+        self.encode_body(out, &mut |o, b| put_bytes(o, b));
+        let body = (out.len() - start - HEADER_LEN) as u32;
+        out[start + 4..start + 8].copy_from_slice(&body.to_be_bytes());
+    }
+
+    /// Encode as an OK response frame in segments (data not copied; see
+    /// [`Request::encode_vectored`]).
+    pub fn encode_vectored(&self, op: Op, id: u64, segs: &mut Vec<Bytes>) {
+        let body_len = body_len(|o, d| self.encode_body(o, d));
+        let mut cur = BytesMut::with_capacity(256);
+        Header {
+            op,
+            response: true,
+            body_len,
+            id,
+            status: Status::OK,
+        }
+        .encode(&mut cur);
+        self.encode_body(&mut cur, &mut |o, b| put_segment(o, b, segs));
+        segs.push(cur.freeze());
+    }
+
+    fn encode_body(&self, out: &mut BytesMut, data: &mut dyn FnMut(&mut BytesMut, &Bytes)) {
         match self {
             Response::Hello { node_id, capacity } => {
                 put_bytes(out, node_id.as_bytes());
@@ -911,7 +1016,7 @@ impl Response {
                     out.put_u8(it.status.0);
                     it.manifest.encode(out);
                     out.put_u8(u8::from(it.zero));
-                    put_bytes(out, &it.data);
+                    data(out, &it.data);
                 }
             }
             Response::Versions(entries) => {
@@ -944,13 +1049,11 @@ impl Response {
                 out.put_u64(s.bytes);
             }
             Response::PutBlob => {}
-            Response::GetBlob { seq, data } => {
+            Response::GetBlob { seq, data: blob } => {
                 out.put_u64(*seq);
-                put_bytes(out, data);
+                put_bytes(out, blob);
             }
         }
-        let body = (out.len() - start - HEADER_LEN) as u32;
-        out[start + 4..start + 8].copy_from_slice(&body.to_be_bytes());
     }
 
     /// Decode an OK response body to a request of `op`. `k` is the volume's data-chunk count
@@ -1116,6 +1219,8 @@ mod tests {
                         manifest: m.clone(),
                         zero: false,
                         data: Bytes::from(vec![7u8; 4096]),
+                        offset: 0,
+                        base: 0,
                     },
                     WriteItem {
                         key: FragKey {
@@ -1125,6 +1230,8 @@ mod tests {
                         manifest: m.clone(),
                         zero: true,
                         data: Bytes::new(),
+                        offset: 0,
+                        base: 0,
                     },
                 ],
             },
@@ -1268,6 +1375,77 @@ mod tests {
     }
 
     #[test]
+    fn vectored_frames_equal_flat_ones() {
+        let reqs = [
+            Request::Write {
+                vol: vol(),
+                items: vec![
+                    WriteItem {
+                        key: FragKey {
+                            stripe: 5,
+                            index: 1,
+                        },
+                        manifest: Manifest {
+                            version: 3,
+                            data: vec![3, 3, 1, 2],
+                        },
+                        zero: false,
+                        data: Bytes::from(vec![7u8; 4096]),
+                        offset: 0,
+                        base: 0,
+                    },
+                    WriteItem {
+                        key: FragKey {
+                            stripe: 6,
+                            index: 1,
+                        },
+                        manifest: Manifest {
+                            version: 4,
+                            data: vec![4, 4, 4, 4],
+                        },
+                        zero: true,
+                        data: Bytes::new(),
+                        offset: 0,
+                        base: 0,
+                    },
+                ],
+            },
+            Request::Stats,
+            Request::PutBlob {
+                volume: 1,
+                epoch: 2,
+                name: 1,
+                seq: 3,
+                data: Bytes::from_static(b"xyz"),
+            },
+        ];
+        for r in &reqs {
+            let mut flat = BytesMut::new();
+            r.encode(9, &mut flat);
+            let mut segs = Vec::new();
+            r.encode_vectored(9, &mut segs);
+            let joined: Vec<u8> = segs.iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(&flat[..], &joined[..], "{r:?}");
+        }
+        let resp = Response::Read(vec![ReadResult {
+            status: Status::OK,
+            manifest: Manifest {
+                version: 1,
+                data: vec![1, 1],
+            },
+            zero: false,
+            data: Bytes::from(vec![1u8; 8192]),
+        }]);
+        let mut flat = BytesMut::new();
+        resp.encode(Op::READ, 4, &mut flat);
+        let mut segs = Vec::new();
+        resp.encode_vectored(Op::READ, 4, &mut segs);
+        assert!(segs.len() >= 3, "the data is a segment of its own");
+        let joined: Vec<u8> = segs.iter().flat_map(|s| s.iter().copied()).collect();
+        assert_eq!(&flat[..], &joined[..]);
+    }
+
+    #[test]
     fn frames_arrive_in_pieces() {
         let mut all = BytesMut::new();
         Request::Stats.encode(1, &mut all);
@@ -1319,6 +1497,8 @@ mod tests {
                 },
                 zero: false,
                 data: Bytes::from_static(b"short"),
+                offset: 0,
+                base: 0,
             }],
         };
         let mut out = BytesMut::new();

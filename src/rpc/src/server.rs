@@ -13,9 +13,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -65,7 +65,7 @@ pub async fn serve<H: Handler>(
     let peer = stream.peer_addr().ok();
     let (mut rd, mut wr) = stream.into_split();
     let mut inbuf = BytesMut::with_capacity(256 * 1024);
-    let mut outbuf = BytesMut::with_capacity(64 * 1024);
+    let mut outbuf: Vec<Bytes> = Vec::new();
     type Done = (Op, u64, Result<Response, Refusal>);
     let mut running: FuturesUnordered<tokio::task::JoinHandle<Done>> = FuturesUnordered::new();
     tokio::pin!(stop);
@@ -77,14 +77,7 @@ pub async fn serve<H: Handler>(
                 Ok(Some(f)) => {
                     let (op, id) = (f.header.op, f.header.id);
                     if f.header.response {
-                        msg::encode_error(
-                            op,
-                            id,
-                            Status::BAD_REQUEST,
-                            "a response",
-                            0,
-                            &mut outbuf,
-                        );
+                        error_frame(op, id, Status::BAD_REQUEST, "a response", 0, &mut outbuf);
                         continue;
                     }
                     match Request::decode(op, f.body) {
@@ -99,7 +92,7 @@ pub async fn serve<H: Handler>(
                             } else {
                                 Status::BAD_REQUEST
                             };
-                            msg::encode_error(op, id, status, &e.to_string(), 0, &mut outbuf);
+                            error_frame(op, id, status, &e.to_string(), 0, &mut outbuf);
                         }
                     }
                 }
@@ -117,8 +110,7 @@ pub async fn serve<H: Handler>(
             }
         }
         if !outbuf.is_empty() {
-            wr.write_all(&outbuf).await?;
-            outbuf.clear();
+            crate::write_segments(&mut wr, std::mem::take(&mut outbuf)).await?;
         }
         if eof && running.is_empty() {
             return Ok(());
@@ -143,9 +135,15 @@ pub async fn serve<H: Handler>(
     }
 }
 
-fn answer(op: Op, id: u64, r: Result<Response, Refusal>, out: &mut BytesMut) {
+fn answer(op: Op, id: u64, r: Result<Response, Refusal>, out: &mut Vec<Bytes>) {
     match r {
-        Ok(resp) => resp.encode(op, id, out),
-        Err(f) => msg::encode_error(op, id, f.status, &f.reason, f.epoch, out),
+        Ok(resp) => resp.encode_vectored(op, id, out),
+        Err(f) => error_frame(op, id, f.status, &f.reason, f.epoch, out),
     }
+}
+
+fn error_frame(op: Op, id: u64, status: Status, reason: &str, epoch: u64, out: &mut Vec<Bytes>) {
+    let mut b = BytesMut::new();
+    msg::encode_error(op, id, status, reason, epoch, &mut b);
+    out.push(b.freeze());
 }

@@ -405,7 +405,18 @@ mod crash {
     use std::time::Duration;
 
     fn case(km: &str, point: &str, nth: usize, off: u64, len: usize) {
-        let s = setup(km, 4096, 6, 1 << 20);
+        case_chunk(km, 4096, point, nth, off, len);
+    }
+
+    /// With 4 KiB chunks, and with 16 KiB ones, where small writes become copies built on the
+    /// nodes' current ones.
+    fn case_both(km: &str, point: &str, nth: usize, off: u64, len: usize) {
+        case_chunk(km, 4096, point, nth, off, len);
+        case_chunk(km, 16384, point, nth, off, len);
+    }
+
+    fn case_chunk(km: &str, chunk: u64, point: &str, nth: usize, off: u64, len: usize) {
+        let s = setup(km, chunk, 6, 1 << 20);
         let old = pattern(100, 1 << 20);
         let new = pattern(200 + nth as u64, len);
         run(async {
@@ -475,11 +486,11 @@ mod crash {
         // write over two chunks of one stripe, and an unaligned 512-byte write.
         for (off, len) in [(8192u64, 4096usize), (4096, 8192), (16384 + 512, 512)] {
             for nth in 1..=3 {
-                case("4+2", "write:send", nth, off, len);
-                case("4+2", "write:acked-node", nth, off, len);
+                case_both("4+2", "write:send", nth, off, len);
+                case_both("4+2", "write:acked-node", nth, off, len);
             }
-            case("4+2", "write:after-read", 1, off, len);
-            case("4+2", "write:before-ack", 1, off, len);
+            case_both("4+2", "write:after-read", 1, off, len);
+            case_both("4+2", "write:before-ack", 1, off, len);
         }
     }
 

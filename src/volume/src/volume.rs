@@ -129,6 +129,8 @@ struct Shared {
     t0: Instant,
     stats: VolumeStats,
     closed: AtomicBool,
+    /// Whether the last maintenance round left stale, unchecked or damaged stripes behind.
+    unwhole: AtomicBool,
 }
 
 /// An erasure-coded volume. Cheap to clone; shared by every core.
@@ -192,8 +194,19 @@ fn decode_regions(b: &[u8]) -> BTreeSet<u64> {
         .collect()
 }
 
+/// Whether `b` is all zeroes, 64 bytes at a time (vectorized), stopping at the first block
+/// that is not.
 fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
+    let mut blocks = b.chunks_exact(64);
+    for c in &mut blocks {
+        let acc = c.chunks_exact(8).fold(0u64, |a, w| {
+            a | u64::from_le_bytes(w.try_into().expect("8 bytes"))
+        });
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&x| x == 0)
 }
 
 impl EcVolume {
@@ -318,6 +331,7 @@ impl EcVolume {
                 t0: Instant::now(),
                 stats: VolumeStats::default(),
                 closed: AtomicBool::new(false),
+                unwhole: AtomicBool::new(false),
                 spec,
             }),
         })
@@ -935,6 +949,8 @@ impl EcVolume {
                     } else {
                         Bytes::from(shards[i].clone())
                     },
+                    offset: 0,
+                    base: 0,
                 },
             ));
         }
@@ -1245,6 +1261,8 @@ impl EcVolume {
                     manifest: manifest.clone(),
                     zero,
                     data: if zero { Bytes::new() } else { d.clone() },
+                    offset: 0,
+                    base: 0,
                 },
             ));
         }
@@ -1261,6 +1279,8 @@ impl EcVolume {
                     manifest: manifest.clone(),
                     zero,
                     data: if zero { Bytes::new() } else { Bytes::from(p) },
+                    offset: 0,
+                    base: 0,
                 },
             ));
         }
@@ -1399,6 +1419,14 @@ impl EcVolume {
             .count();
         let rewrite_all =
             force_all || untouched_now + reachable_targets < self.sh.spec.write_quorum;
+        if delta && healthy && !rewrite_all {
+            if let Some(r) = self
+                .write_delta(sp, data, &pieces, &written, untouched_now)
+                .await
+            {
+                return r;
+            }
+        }
         let reads: Vec<(u64, usize, Want, u32, u32)> = need
             .iter()
             .map(|&i| (stripe, i, Want::Latest, 0, 0))
@@ -1540,6 +1568,8 @@ impl EcVolume {
                     } else {
                         Bytes::from(bytes)
                     },
+                    offset: 0,
+                    base: 0,
                 },
             ));
         }
@@ -1556,6 +1586,8 @@ impl EcVolume {
                     manifest: manifest.clone(),
                     zero,
                     data: if zero { Bytes::new() } else { Bytes::from(p) },
+                    offset: 0,
+                    base: 0,
                 },
             ));
         }
@@ -1576,6 +1608,164 @@ impl EcVolume {
         fault::point("write:before-ack").await;
         let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
         self.settle(&keys, &ok, &already)
+    }
+
+    /// The small-write fast path: read only the 4 KiB blocks each written chunk changes (and
+    /// the same blocks of the parity), update the parity by the change, and send just those
+    /// blocks, each as a new copy built on the node's current one. `None` if the reads did
+    /// not come back whole and consistent (the caller takes the general path).
+    async fn write_delta(
+        &self,
+        sp: &StripeSpan,
+        data: &Bytes,
+        pieces: &[tessera_ec::ChunkPiece],
+        written: &BTreeSet<usize>,
+        untouched: usize,
+    ) -> Option<Result<(), BlockError>> {
+        const B: usize = 4096;
+        let (k, m, chunk) = (self.k(), usize::from(self.sh.spec.profile.m), self.chunk());
+        let stripe = sp.stripe;
+        // Each written chunk's window of whole blocks, and their hull for the parity.
+        let win: HashMap<usize, (usize, usize)> = pieces
+            .iter()
+            .map(|p| {
+                (
+                    p.index,
+                    (p.start / B * B, (p.start + p.len).div_ceil(B) * B),
+                )
+            })
+            .collect();
+        let hull = (
+            win.values().map(|w| w.0).min().unwrap_or(0),
+            win.values().map(|w| w.1).max().unwrap_or(chunk),
+        );
+        let mut reads: Vec<(u64, usize, Want, u32, u32)> = written
+            .iter()
+            .map(|&i| {
+                (
+                    stripe,
+                    i,
+                    Want::Latest,
+                    win[&i].0 as u32,
+                    (win[&i].1 - win[&i].0) as u32,
+                )
+            })
+            .collect();
+        for j in k..k + m {
+            reads.push((
+                stripe,
+                j,
+                Want::Latest,
+                hull.0 as u32,
+                (hull.1 - hull.0) as u32,
+            ));
+        }
+        let got = self.read_frags(&reads).await;
+        fault::point("write:after-read").await;
+        let need: Vec<usize> = reads.iter().map(|r| r.1).collect();
+        let sized = reads.iter().zip(&got).all(|(r, g)| match g {
+            Got::Data(d, _) => d.len() == r.4 as usize,
+            Got::Zero(_) => true,
+            _ => false,
+        });
+        if !sized || !self.consistent(&need, &got, true) {
+            return None;
+        }
+        let old = |pos: usize| -> Vec<u8> {
+            match &got[pos] {
+                Got::Data(d, _) => d.to_vec(),
+                _ => vec![0u8; reads[pos].4 as usize],
+            }
+        };
+        let pm = got[written.len()].manifest().expect("parity read").clone();
+        let v = self.next_version();
+        let mut parity: Vec<Vec<u8>> = (0..m).map(|j| old(written.len() + j)).collect();
+        let mut items = Vec::new();
+        let mut dv = pm.data.clone();
+        for &i in written {
+            dv[i] = v;
+        }
+        let manifest = Manifest {
+            version: v,
+            data: dv,
+        };
+        for (pos, &i) in written.iter().enumerate() {
+            let (w0, w1) = win[&i];
+            let before = old(pos);
+            let mut after = before.clone();
+            for p in pieces.iter().filter(|p| p.index == i) {
+                let from = sp.buf_offset as usize + p.buf_offset;
+                after[p.start - w0..p.start - w0 + p.len]
+                    .copy_from_slice(&data[from..from + p.len]);
+            }
+            {
+                let mut pr: Vec<&mut [u8]> = parity
+                    .iter_mut()
+                    .map(|p| &mut p[w0 - hull.0..w1 - hull.0])
+                    .collect();
+                if self
+                    .sh
+                    .codec
+                    .apply_delta(i, &before, &after, &mut pr)
+                    .is_err()
+                {
+                    return Some(Err(BlockError::Io(libc_einval())));
+                }
+            }
+            let base = got[pos].manifest().expect("read").version;
+            items.push((
+                stripe,
+                i,
+                self.range_item(stripe, i, &manifest, w0, after, base),
+            ));
+        }
+        for (j, p) in parity.into_iter().enumerate() {
+            let base = got[written.len() + j].manifest().expect("read").version;
+            items.push((
+                stripe,
+                k + j,
+                self.range_item(stripe, k + j, &manifest, hull.0, p, base),
+            ));
+        }
+        let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
+        let ok = self.write_frags(items).await;
+        fault::point("write:before-ack").await;
+        let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
+        Some(self.settle(&keys, &ok, &already))
+    }
+
+    /// A write of `bytes` at `offset` of a fragment: a whole-chunk write when it covers the
+    /// chunk, else a new copy built on the node's copy at `base`.
+    fn range_item(
+        &self,
+        stripe: u64,
+        index: usize,
+        m: &Manifest,
+        offset: usize,
+        bytes: Vec<u8>,
+        base: u64,
+    ) -> WriteItem {
+        let key = FragKey {
+            stripe,
+            index: index as u8,
+        };
+        if offset == 0 && bytes.len() == self.chunk() {
+            let zero = is_zero(&bytes);
+            let data = if zero {
+                Bytes::new()
+            } else {
+                Bytes::from(bytes)
+            };
+            return WriteItem::whole(key, m.clone(), zero, data);
+        }
+        WriteItem {
+            key,
+            manifest: m.clone(),
+            zero: false,
+            data: Bytes::from(bytes),
+            offset: offset as u32,
+            base,
+        }
     }
 
     /// Whether fragments read for a partial write belong to one stripe state.
@@ -1726,6 +1916,10 @@ impl EcVolume {
         // 4. Idle regions out of the intent log.
         let _ = self.persist_intent(true).await;
         let (a, b, c, d) = self.pending();
+        let unwhole = a + b + c > 0;
+        if self.sh.unwhole.swap(unwhole, Ordering::SeqCst) && !unwhole {
+            info!(volume = %self.sh.spec.name, "volume whole again: every node current, nothing to repair");
+        }
         a + b + c + d > 0
     }
 

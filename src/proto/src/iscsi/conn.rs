@@ -641,6 +641,7 @@ impl Connection {
                 &mut task.held_bytes,
                 &mut self.held_write_bytes,
                 unsol_end,
+                c.edtl,
             );
             buf.put_slice(&p.data);
         }
@@ -724,6 +725,7 @@ impl Connection {
                         held_bytes,
                         &mut self.held_write_bytes,
                         c.next_r2t_offset,
+                        *edtl,
                     );
                 }
                 done = c.next_r2t_offset >= *edtl;
@@ -802,6 +804,7 @@ impl Connection {
                 &mut task.held_bytes,
                 &mut self.held_write_bytes,
                 c.unsol_end,
+                task.edtl,
             );
         }
         c.buf.put_slice(&p.data);
@@ -1327,11 +1330,22 @@ impl Connection {
 }
 
 /// Make room in a task's buffer for data up to offset `upto`, accounting it to the task and
-/// to the connection's write budget.
-fn reserve_upto(buf: &mut BytesMut, task_held: &mut usize, conn_held: &mut usize, upto: u32) {
+/// to the connection's write budget. The buffer is sized for the whole command (`total`) the
+/// first time, so it never grows by copying what it holds; the budget counts only what may
+/// arrive (large buffers are mapped lazily, so untouched capacity costs no memory).
+fn reserve_upto(
+    buf: &mut BytesMut,
+    task_held: &mut usize,
+    conn_held: &mut usize,
+    upto: u32,
+    total: u32,
+) {
     let upto = upto as usize;
     if upto > *task_held {
-        buf.reserve(upto - buf.len());
+        let want = (total as usize).max(upto);
+        if buf.capacity() < want {
+            buf.reserve(want - buf.len());
+        }
         *conn_held += upto - *task_held;
         *task_held = upto;
     }

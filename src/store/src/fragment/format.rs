@@ -141,13 +141,16 @@ pub struct SlotHeader {
     pub version: u64,
     /// Versions of the stripe's data chunks in that state (`k` of them).
     pub data_versions: Vec<u64>,
-    /// crc32c of the chunk's data (0 for zero fragments).
-    pub data_crc: u32,
+    /// crc32c of each 4 KiB block of the chunk's data (empty for zero fragments).
+    pub block_crcs: Vec<u32>,
 }
 
 /// Offset of the manifest's data-version count in the header.
 const H_NVERS: usize = 56;
-const H_DATA_CRC: usize = BLOCK - 8;
+/// Offset of the number of block checksums, then the checksums (up to 256: 1 MiB chunks).
+const H_NCRC: usize = 1024;
+/// Most block checksums a header holds.
+pub const MAX_BLOCKS: usize = 256;
 const H_CRC: usize = BLOCK - 4;
 
 impl SlotHeader {
@@ -172,7 +175,11 @@ impl SlotHeader {
         for (i, v) in self.data_versions.iter().enumerate() {
             put_u64(b, H_NVERS + 1 + 8 * i, *v);
         }
-        put_u32(b, H_DATA_CRC, self.data_crc);
+        let n = self.block_crcs.len().min(MAX_BLOCKS);
+        put_u32(b, H_NCRC, n as u32);
+        for (i, c) in self.block_crcs.iter().take(n).enumerate() {
+            put_u32(b, H_NCRC + 4 + 4 * i, *c);
+        }
         let c = crc(&b[..H_CRC]);
         put_u32(b, H_CRC, c);
     }
@@ -187,7 +194,8 @@ impl SlotHeader {
             return None;
         }
         let n = usize::from(b[H_NVERS]);
-        if n > 16 {
+        let ncrc = get_u32(b, H_NCRC) as usize;
+        if n > 16 || ncrc > MAX_BLOCKS {
             return None;
         }
         Some(Self {
@@ -203,13 +211,25 @@ impl SlotHeader {
             version: get_u64(b, 40),
             store: get_u64(b, 48),
             data_versions: (0..n).map(|i| get_u64(b, H_NVERS + 1 + 8 * i)).collect(),
-            data_crc: get_u32(b, H_DATA_CRC),
+            block_crcs: (0..ncrc).map(|i| get_u32(b, H_NCRC + 4 + 4 * i)).collect(),
         })
     }
 
-    /// The crc32c of fragment data as stored in headers.
+    /// The crc32c of one block as stored in headers.
     pub fn checksum(data: &[u8]) -> u32 {
         crc(data)
+    }
+
+    /// The checksums of every 4 KiB block of `data`.
+    pub fn block_checksums(data: &[u8]) -> Vec<u32> {
+        data.chunks(BLOCK).map(crc).collect()
+    }
+
+    /// Whether blocks `first..` of the chunk, given as `data` (whole blocks), match.
+    pub fn blocks_match(&self, first: usize, data: &[u8]) -> bool {
+        data.chunks(BLOCK)
+            .enumerate()
+            .all(|(i, blk)| self.block_crcs.get(first + i) == Some(&crc(blk)))
     }
 }
 
@@ -544,7 +564,7 @@ mod tests {
             store: 0x1122,
             version: 77,
             data_versions: vec![1, 2, 77, 4],
-            data_crc: 0xdead_beef,
+            block_crcs: vec![1, 2, 3, 0xdead_beef],
         };
         let mut b = vec![0u8; BLOCK];
         h.encode_into(&mut b);

@@ -145,6 +145,8 @@ struct Inner {
     engine: Uring,
     sync: SyncMode,
     is_block: bool,
+    /// The descriptor was opened with `O_DIRECT` (memory and offsets must be aligned).
+    direct: bool,
     capacity: u64,
     store_id: u64,
     node_id: String,
@@ -230,18 +232,18 @@ impl FragmentStore {
             return Err(fmt_err("not a regular file or block device".into()));
         }
         let memory_fs = !is_block && sys::is_memory_fs(file.as_fd()).unwrap_or(false);
-        let file = if opts.direct && !memory_fs {
+        let (file, direct) = if opts.direct && !memory_fs {
             let mut oo = oo.clone();
             oo.create(false).custom_flags(libc::O_DIRECT);
             match oo.open(&path) {
-                Ok(f) => f,
+                Ok(f) => (f, true),
                 Err(e) => {
                     tracing::info!(path = %path.display(), error = %e, "O_DIRECT refused; using buffered I/O");
-                    file
+                    (file, false)
                 }
             }
         } else {
-            file
+            (file, false)
         };
         let capacity = if is_block {
             sys::blk_size_bytes(file.as_fd()).map_err(ioe("BLKGETSIZE64"))?
@@ -333,6 +335,7 @@ impl FragmentStore {
                 fd,
                 sync: opts.sync,
                 is_block,
+                direct,
                 capacity,
                 store_id,
                 node_id: sb.node_id,
@@ -745,7 +748,19 @@ impl FragmentStore {
         let guard = self.lock_pair(loc.key, loc.pair).await;
         let cur = Self::slots(&e, loc.pair);
         let v = it.manifest.version;
-        let slot = if cur[0].kind != EMPTY && cur[0].version == v {
+        let chunk = vol.chunk as usize;
+        // A partial write builds on the copy at `base`, which must stay untouched.
+        let base_slot = if it.base != 0 {
+            match (0..2).find(|&s| cur[s].kind != EMPTY && cur[s].version == it.base) {
+                Some(s) => Some(s),
+                None => return Err(Status::NOT_FOUND),
+            }
+        } else {
+            None
+        };
+        let slot = if let Some(b) = base_slot {
+            1 - b
+        } else if cur[0].kind != EMPTY && cur[0].version == v {
             0
         } else if cur[1].kind != EMPTY && cur[1].version == v {
             1
@@ -758,8 +773,66 @@ impl FragmentStore {
         } else {
             1
         };
+        // The new copy's whole data and its block checksums.
+        let (data, crcs): (Bytes, Vec<u32>) = match base_slot {
+            None if it.zero => (Bytes::new(), Vec::new()),
+            None => {
+                let crcs = SlotHeader::block_checksums(&it.data);
+                (it.data.clone(), crcs)
+            }
+            Some(b) => {
+                let off = it.offset as usize;
+                let (old_h, old) = match cur[b].kind {
+                    ZERO => (None, vec![0u8; chunk]),
+                    _ => {
+                        let (r, buf) = self
+                            .inner
+                            .engine
+                            .read_at(
+                                &self.inner.fd,
+                                AlignedBuf::for_overwrite(BLOCK + chunk, BLOCK),
+                                e.rec.slot_offset(loc.pair, b),
+                            )
+                            .await;
+                        if !matches!(r, Ok(n) if n == BLOCK + chunk) {
+                            return Err(Status::IO_ERROR);
+                        }
+                        let Some(h) = SlotHeader::decode(&buf) else {
+                            self.counters_checksum();
+                            return Err(Status::CHECKSUM);
+                        };
+                        // The blocks carried over must be sound, or the new copy would
+                        // inherit the damage under fresh checksums.
+                        let keep_ok = (0..chunk / BLOCK).all(|blk| {
+                            let a = blk * BLOCK;
+                            (a >= off && a < off + it.data.len())
+                                || h.block_crcs.get(blk)
+                                    == Some(&SlotHeader::checksum(
+                                        &buf[BLOCK + a..BLOCK + a + BLOCK],
+                                    ))
+                        });
+                        if h.version != it.base || !keep_ok {
+                            self.counters_checksum();
+                            return Err(Status::CHECKSUM);
+                        }
+                        (Some(h), buf[BLOCK..].to_vec())
+                    }
+                };
+                let mut merged = old;
+                merged[off..off + it.data.len()].copy_from_slice(&it.data);
+                let mut crcs = match old_h {
+                    Some(h) if h.block_crcs.len() == chunk / BLOCK => h.block_crcs,
+                    _ => SlotHeader::block_checksums(&merged),
+                };
+                for (i, blk) in it.data.chunks(BLOCK).enumerate() {
+                    crcs[off / BLOCK + i] = SlotHeader::checksum(blk);
+                }
+                (Bytes::from(merged), crcs)
+            }
+        };
+        let zero = it.zero && base_slot.is_none();
         let h = SlotHeader {
-            flags: if it.zero { FLAG_ZERO } else { 0 },
+            flags: if zero { FLAG_ZERO } else { 0 },
             codec: vol.codec,
             k: vol.k,
             m: vol.m,
@@ -771,28 +844,40 @@ impl FragmentStore {
             store: self.inner.store_id,
             version: v,
             data_versions: it.manifest.data.clone(),
-            data_crc: if it.zero {
-                0
-            } else {
-                SlotHeader::checksum(&it.data)
-            },
+            block_crcs: crcs,
         };
-        let len = if it.zero {
-            BLOCK
-        } else {
-            BLOCK + vol.chunk as usize
-        };
-        let mut buf = AlignedBuf::for_overwrite(len, BLOCK);
-        h.encode_into(&mut buf);
-        if !it.zero {
-            buf[BLOCK..].copy_from_slice(&it.data);
-        }
+        let len = if zero { BLOCK } else { BLOCK + chunk };
         let off = e.rec.slot_offset(loc.pair, slot);
-        let (r, _) = self
-            .inner
-            .engine
-            .write_at(&self.inner.fd, buf, off, self.write_flags())
-            .await;
+        // Header and data in one write: straight from the data's buffer where its memory suits
+        // the descriptor (buffered I/O, or aligned memory), else copied once into an aligned
+        // buffer.
+        let aligned =
+            (data.as_ptr() as usize).is_multiple_of(BLOCK) && data.len().is_multiple_of(BLOCK);
+        let r = if !zero && (!self.inner.direct || aligned) {
+            let mut hb = AlignedBuf::for_overwrite(BLOCK, BLOCK);
+            h.encode_into(&mut hb);
+            self.inner
+                .engine
+                .write_vectored_at(
+                    &self.inner.fd,
+                    vec![hb.into_bytes(), data],
+                    off,
+                    self.write_flags(),
+                )
+                .await
+                .0
+        } else {
+            let mut buf = AlignedBuf::for_overwrite(len, BLOCK);
+            h.encode_into(&mut buf);
+            if !zero {
+                buf[BLOCK..].copy_from_slice(&data);
+            }
+            self.inner
+                .engine
+                .write_at(&self.inner.fd, buf, off, self.write_flags())
+                .await
+                .0
+        };
         match r {
             Ok(n) if n == len => {}
             Ok(_) => return Err(Status::IO_ERROR),
@@ -801,7 +886,7 @@ impl FragmentStore {
                 return Err(io_status(&err));
             }
         }
-        if it.zero && !self.inner.is_block {
+        if zero && !self.inner.is_block {
             // Give the old data's space back (the header says the copy is zeroes).
             let _ = self
                 .inner
@@ -820,7 +905,7 @@ impl FragmentStore {
             slot,
             state: Slot {
                 version: v,
-                kind: if it.zero { ZERO } else { DATA },
+                kind: if zero { ZERO } else { DATA },
             },
             guard,
         })
@@ -867,36 +952,83 @@ impl FragmentStore {
         let Some(slot) = pick else {
             return Self::not(Status::NOT_FOUND);
         };
+        let chunk = vol.chunk as usize;
         let zero = cur[slot].kind == ZERO;
-        let len = if zero {
-            BLOCK
-        } else {
-            BLOCK + vol.chunk as usize
-        };
+        let (from, to) = (
+            it.offset as usize,
+            if it.len == 0 {
+                chunk
+            } else {
+                (it.offset + it.len) as usize
+            },
+        );
+        // Whole blocks covering the range; the header and those blocks in one read when they
+        // are most of the chunk, else two reads.
+        let (b0, b1) = (from / BLOCK, to.div_ceil(BLOCK));
         let off = e.rec.slot_offset(loc.pair, slot);
-        let (r, buf) = self
-            .inner
-            .engine
-            .read_at(&self.inner.fd, AlignedBuf::for_overwrite(len, BLOCK), off)
-            .await;
-        match r {
-            Ok(n) if n == len => {}
-            Ok(_) => return self.corrupt(),
-            Err(err) => {
-                return Self::not(
-                    if matches!(
-                        err.raw_os_error(),
-                        Some(libc::EIO | libc::EILSEQ | libc::EBADMSG)
-                    ) {
-                        self.counters_checksum();
-                        Status::CHECKSUM
-                    } else {
-                        Status::IO_ERROR
-                    },
-                )
+        let io_err = |err: io::Error| {
+            if matches!(
+                err.raw_os_error(),
+                Some(libc::EIO | libc::EILSEQ | libc::EBADMSG)
+            ) {
+                self.counters_checksum();
+                Status::CHECKSUM
+            } else {
+                Status::IO_ERROR
             }
-        }
-        let Some(h) = SlotHeader::decode(&buf) else {
+        };
+        let (hbuf, dbuf, dstart): (Bytes, Bytes, usize) = if zero {
+            let (r, b) = self
+                .inner
+                .engine
+                .read_at(&self.inner.fd, AlignedBuf::for_overwrite(BLOCK, BLOCK), off)
+                .await;
+            match r {
+                Ok(n) if n == BLOCK => {}
+                Ok(_) => return self.corrupt(),
+                Err(err) => return Self::not(io_err(err)),
+            }
+            (b.into_bytes(), Bytes::new(), 0)
+        } else if b0 == 0 || (b1 - b0) * 2 >= chunk / BLOCK {
+            let len = BLOCK + b1 * BLOCK;
+            let (r, b) = self
+                .inner
+                .engine
+                .read_at(&self.inner.fd, AlignedBuf::for_overwrite(len, BLOCK), off)
+                .await;
+            match r {
+                Ok(n) if n == len => {}
+                Ok(_) => return self.corrupt(),
+                Err(err) => return Self::not(io_err(err)),
+            }
+            let all = b.into_bytes();
+            (all.slice(..BLOCK), all.slice(BLOCK..), 0)
+        } else {
+            let dlen = (b1 - b0) * BLOCK;
+            let eng = &self.inner.engine;
+            let (hr, dr) = futures_util::future::join(
+                eng.read_at(&self.inner.fd, AlignedBuf::for_overwrite(BLOCK, BLOCK), off),
+                eng.read_at(
+                    &self.inner.fd,
+                    AlignedBuf::for_overwrite(dlen, BLOCK),
+                    off + (BLOCK + b0 * BLOCK) as u64,
+                ),
+            )
+            .await;
+            for (r, want) in [(&hr.0, BLOCK), (&dr.0, dlen)] {
+                match r {
+                    Ok(n) if *n == want => {}
+                    Ok(_) => return self.corrupt(),
+                    Err(err) => {
+                        return Self::not(io_err(io::Error::from_raw_os_error(
+                            err.raw_os_error().unwrap_or(libc::EIO),
+                        )))
+                    }
+                }
+            }
+            (hr.1.into_bytes(), dr.1.into_bytes(), b0 * BLOCK)
+        };
+        let Some(h) = SlotHeader::decode(&hbuf) else {
             return self.corrupt();
         };
         if !self.header_matches(&h, vol.volume, it.key.stripe, it.key.index)
@@ -917,20 +1049,14 @@ impl FragmentStore {
                 data: Bytes::new(),
             };
         }
-        if SlotHeader::checksum(&buf[BLOCK..]) != h.data_crc {
+        if !h.blocks_match(dstart / BLOCK, &dbuf) {
             return self.corrupt();
         }
-        let from = BLOCK + it.offset as usize;
-        let to = if it.len == 0 {
-            BLOCK + vol.chunk as usize
-        } else {
-            from + it.len as usize
-        };
         ReadResult {
             status: Status::OK,
             manifest,
             zero: false,
-            data: buf.into_bytes().slice(from..to),
+            data: dbuf.slice(from - dstart..to - dstart),
         }
     }
 
@@ -1058,7 +1184,7 @@ impl FragmentStore {
             store: self.inner.store_id,
             version: 0,
             data_versions: Vec::new(),
-            data_crc: 0,
+            block_crcs: Vec::new(),
         };
         let mut buf = AlignedBuf::for_overwrite(BLOCK, BLOCK);
         h.encode_into(&mut buf);
@@ -1190,8 +1316,7 @@ impl FragmentStore {
                     report.bytes += len as u64;
                     let ok = matches!(r, Ok(n) if n == len)
                         && SlotHeader::decode(&buf).is_some_and(|h| {
-                            h.version == cur[slot].version
-                                && SlotHeader::checksum(&buf[BLOCK..]) == h.data_crc
+                            h.version == c.version && h.blocks_match(0, &buf[BLOCK..])
                         });
                     if !ok {
                         report.mismatches += 1;

@@ -30,6 +30,8 @@ fn item(stripe: u64, index: u8, version: u64, data: &[u8]) -> WriteItem {
         },
         zero: false,
         data: Bytes::copy_from_slice(data),
+        offset: 0,
+        base: 0,
     }
 }
 
@@ -162,6 +164,8 @@ fn revert_trim_and_zero_fragments() {
             },
             zero: true,
             data: Bytes::new(),
+            offset: 0,
+            base: 0,
         };
         s.write(&v, vec![z]).await.unwrap();
         let r = read1(&s, &v, 9, 0, Want::Latest).await;
@@ -439,5 +443,89 @@ fn concurrent_writes_to_new_extents_get_distinct_extents() {
             assert_eq!(r.status, Status::OK, "stripe {stripe}");
             assert_eq!(&r.data[..], &pattern(stripe + 1, 4096)[..]);
         }
+    });
+}
+
+#[test]
+fn partial_writes_build_on_their_base_and_reads_check_only_their_blocks() {
+    let dir = tmpdir(false);
+    let path = dir.path().join("store");
+    let v = vol(16384);
+    let a = pattern(20, 16384);
+    let b = pattern(21, 4096);
+    let partial = |version: u64, base: u64, offset: u32, data: &[u8]| WriteItem {
+        offset,
+        base,
+        ..item(4, 1, version, data)
+    };
+    let slot_of = run(async {
+        let s = FragmentStore::open(&path, &opts()).unwrap();
+        s.write(&v, vec![item(4, 1, 1, &a)]).await.unwrap();
+        assert_eq!(
+            s.write(&v, vec![partial(2, 1, 8192, &b)]).await.unwrap(),
+            vec![Status::OK]
+        );
+        let mut want = a.clone();
+        want[8192..12288].copy_from_slice(&b);
+        let r = read1(&s, &v, 4, 1, Want::Latest).await;
+        assert_eq!((r.manifest.version, &r.data[..]), (2, &want[..]));
+        // The base copy is untouched.
+        assert_eq!(
+            read1(&s, &v, 4, 1, Want::Version(1)).await.data,
+            Bytes::from(a.clone())
+        );
+        // A base the store does not hold.
+        assert_eq!(
+            s.write(&v, vec![partial(9, 7, 0, &b)]).await.unwrap(),
+            vec![Status::NOT_FOUND]
+        );
+        // Building on version 2 replaces version 1, keeps version 2.
+        s.write(&v, vec![partial(3, 2, 0, &b)]).await.unwrap();
+        assert_eq!(
+            read1(&s, &v, 4, 1, Want::Version(2)).await.data,
+            Bytes::from(want.clone())
+        );
+        assert_eq!(
+            read1(&s, &v, 4, 1, Want::Version(1)).await.status,
+            Status::NOT_FOUND
+        );
+        let loc = locate(&v, &key(4, 1));
+        let e = s.extent(&loc.key).unwrap();
+        let slot = (0..2)
+            .find(|&i| FragmentStore::slots(&e, loc.pair)[i].version == 3)
+            .unwrap();
+        e.rec.slot_offset(loc.pair, slot)
+    });
+    // Damage block 0 of version 3's copy.
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0xee; 8], slot_of + BLOCK as u64 + 10)
+        .unwrap();
+    drop(f);
+    run(async {
+        let s = FragmentStore::open(&path, &opts()).unwrap();
+        let range = |offset: u32, len: u32| ReadItem {
+            key: key(4, 1),
+            want: Want::Latest,
+            offset,
+            len,
+        };
+        let r = s.read(&v, vec![range(8192, 4096)]).await.remove(0);
+        assert_eq!(
+            (r.status, &r.data[..]),
+            (Status::OK, &b[..]),
+            "an undamaged block reads"
+        );
+        let r = s.read(&v, vec![range(100, 200)]).await.remove(0);
+        assert_eq!(r.status, Status::CHECKSUM, "the damaged block is refused");
+        // Building on a damaged copy would carry the damage over: refused.
+        assert_eq!(
+            s.write(&v, vec![partial(4, 3, 12288, &b)]).await.unwrap(),
+            vec![Status::CHECKSUM]
+        );
+        // Nothing changed: version 2 is intact.
+        assert_eq!(
+            read1(&s, &v, 4, 1, Want::Version(2)).await.status,
+            Status::OK
+        );
     });
 }
