@@ -4,7 +4,7 @@
 #   make test   everything CI checks
 #
 # Other targets: deps, build, fmt-check, lint, unit, it, conformance, guest, fuzz-smoke,
-# bench, install, clean. Test runners print their own summary lines.
+# bench (bench-codec, bench-compare), install, clean. Test runners print their own summary lines.
 
 SHELL        := /bin/bash
 CARGO        ?= cargo
@@ -25,7 +25,7 @@ DEB_PACKAGES := build-essential pkg-config libiscsi-bin qemu-utils qemu-block-ex
 export CARGO_TERM_COLOR = never
 
 .PHONY: all deps build run test fmt-check lint unit it conformance guest guest-build \
-        fuzz-smoke bench install clean
+        fuzz-smoke bench bench-deps bench-codec bench-compare install clean
 
 all: build
 
@@ -59,6 +59,7 @@ run: deps build
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path bench/codec/Cargo.toml -- --check
 
 lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
@@ -93,7 +94,29 @@ fuzz-smoke:
 test: deps fmt-check lint unit it fuzz-smoke
 	@echo "make test: all checks passed"
 
-bench: deps build
+# Packages only the codec benchmark needs (ISA-L and bindgen's libclang).
+BENCH_PACKAGES := libisal-dev libclang-dev
+
+bench-deps: deps
+	@missing=""; \
+	for p in $(BENCH_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make bench-deps: installing$$missing"; \
+	  if [ "$$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# Codec throughput (bench/codec.sh), then tessera beside tgt and istgt (bench/compare.sh:
+# file backend on tmpfs and disk, and an ec volume over local node processes).
+bench: bench-codec bench-compare
+
+bench-codec: bench-deps
+	bench/codec.sh
+
+bench-compare: deps build
 	bench/compare.sh
 
 install: build

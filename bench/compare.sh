@@ -12,19 +12,24 @@
 #                  so its disk-direct figures are not like for like)
 #   disk-buffered  the same files through the page cache (tgt's and istgt's default,
 #                  tessera direct = "off"), read into the cache before the first run
+#   ec             tgt and istgt on files in /dev/shm; tessera serves an erasure-coded volume
+#                  (`tessera demo --backend ec`, profile EC, default 4+2, 16 KiB chunks) whose
+#                  node processes keep their stores in /dev/shm, filled with the same random
+#                  data through iSCSI first. Every tessera process (gateway and nodes) is
+#                  pinned where the single-process peers are.
 #
 # and runs, interleaved (tgt, istgt, tessera, tgt, ...) for ROUNDS rounds:
 #
 #   4k-randread-qd1    iscsi-perf -m 1  -b 8 -r     (client and target pinned to core 0)
 #   4k-randread-qd32   iscsi-perf -m 32 -b 8 -r     (target on core 1, client on core 0)
-#   4k-write-qd1       qemu-img bench -w -d 1  -s 4k, stride 4096*100003 (scattered)
+#   4k-write-qd1       qemu-img bench -w -d 1  -s 4k, stride 4096*100003 (scattered), data 0xa5
 #   4k-write-qd32      qemu-img bench -w -d 32 -s 4k, same stride
 #   1m-seqread-qd8     qemu-img bench    -d 8 -s 1M
 #   1m-seqwrite-qd8    qemu-img bench -w -d 8 -s 1M
 #
 # and prints one table: the median of each, and the tessera/tgt and tessera/istgt ratios.
-# Environment: ROUNDS (3), SECONDS_PER_RUN (5), BACKINGS ("tmpfs disk-direct disk-buffered"),
-# PEERS ("tgt istgt"), TESSERA_BIN.
+# Environment: ROUNDS (3), SECONDS_PER_RUN (5), BACKINGS ("tmpfs disk-direct disk-buffered ec"),
+# PEERS ("tgt istgt"), EC ("4+2"), TESSERA_BIN.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,7 +37,8 @@ ROOT=$(cd "$HERE/.." && pwd)
 BIN=${TESSERA_BIN:-$ROOT/target/release/tessera}
 ROUNDS=${ROUNDS:-3}
 SECS=${SECONDS_PER_RUN:-5}
-BACKINGS=${BACKINGS:-"tmpfs disk-direct disk-buffered"}
+BACKINGS=${BACKINGS:-"tmpfs disk-direct disk-buffered ec"}
+EC=${EC:-4+2}
 WORK=$ROOT/build/bench
 SHM=/dev/shm/tessera-bench
 TGT_PORT=${TGT_PORT:-3290}
@@ -160,8 +166,31 @@ EOF
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$TSR_PORT) 2>/dev/null && break; sleep 0.1; done
 }
 
-pin() { # pid cpu
-    taskset -a -p -c "$2" "$1" >/dev/null
+start_tessera_ec() { # source-image: prints nothing; sets TSR_PID (all pids) and TSR_URL
+    local d=$SHM/ec
+    rm -rf "$d"
+    mkdir -p "$d"
+    RUST_LOG=warn "$BIN" demo --dir "$d" --portal 127.0.0.1:$TSR_PORT --backend ec --ec "$EC" \
+        --size ${SIZE_MB}MiB >"$WORK/tessera-ec.log" 2>&1 &
+    PIDS+=("$!")
+    for _ in $(seq 300); do
+        [ -f "$d/demo.json" ] && (exec 3<>/dev/tcp/127.0.0.1/$TSR_PORT) 2>/dev/null && break
+        sleep 0.1
+    done
+    [ -f "$d/demo.json" ] || die "tessera demo --backend ec did not start (see $WORK/tessera-ec.log)"
+    TSR_PID=$(python3 -c 'import json,sys; print(" ".join(str(p["pid"]) for p in json.load(open(sys.argv[1]))["processes"]))' "$d/demo.json")
+    # shellcheck disable=SC2206
+    PIDS+=($TSR_PID)
+    local iqn
+    iqn=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["iqn"])' "$d/demo.json")
+    TSR_URL=iscsi://127.0.0.1:$TSR_PORT/$iqn/0
+    say "filling the ec volume ($EC, processes $TSR_PID) with $SIZE_MB MiB of random data"
+    qemu-img convert -n -f raw -O raw "$1" "$TSR_URL"
+}
+
+pin() { # "pid..." cpu
+    local p
+    for p in $1; do taskset -a -p -c "$2" "$p" >/dev/null; done
 }
 
 # One measurement: prints "value unit".
@@ -180,13 +209,13 @@ measure() { # workload url target-pid
             local d=1 c=20000 cpu=0
             [ "$w" = 4k-write-qd32 ] && { d=32; c=100000; cpu=1; }
             pin "$pid" $cpu
-            out=$(taskset -c 0 qemu-img bench -f raw -w -c $c -d $d -s 4096 -S 409612288 "$url" 2>&1)
+            out=$(taskset -c 0 qemu-img bench -f raw -w --pattern=165 -c $c -d $d -s 4096 -S 409612288 "$url" 2>&1)
             echo "$out" | awk -v c=$c '/Run completed in/ {printf "%.0f IOPS\n", c/$4}' ;;
         1m-seqread-qd8|1m-seqwrite-qd8)
             local wflag="" c=3000
             [ "$w" = 1m-seqwrite-qd8 ] && wflag=-w
             pin "$pid" 1
-            out=$(taskset -c 0 qemu-img bench -f raw $wflag -c $c -d 8 -s 1048576 "$url" 2>&1)
+            out=$(taskset -c 0 qemu-img bench -f raw $wflag --pattern=165 -c $c -d 8 -s 1048576 "$url" 2>&1)
             echo "$out" | awk -v c=$c '/Run completed in/ {printf "%.0f MB/s\n", c*1.048576/$4}' ;;
     esac
 }
@@ -202,6 +231,7 @@ for backing in $BACKINGS; do
         tmpfs) dir=$SHM; tgt_flags=""; tsr_direct=auto ;;
         disk-direct) dir=$WORK; tgt_flags=direct; tsr_direct=on ;;
         disk-buffered) dir=$WORK; tgt_flags=""; tsr_direct=off ;;
+        ec) dir=$SHM; tgt_flags=""; tsr_direct=ec ;;
         *) die "unknown backing $backing" ;;
     esac
     for t in $TARGETS; do
@@ -214,8 +244,15 @@ for backing in $BACKINGS; do
                  URL[tgt]=iscsi://127.0.0.1:$TGT_PORT/$TGT_IQN/1; PID[tgt]=$TGT_PID ;;
             istgt) start_istgt "$dir/istgt.img"
                  URL[istgt]=iscsi://127.0.0.1:$IST_PORT/$IST_IQN/0; PID[istgt]=$IST_PID ;;
-            tessera) start_tessera "$dir/tessera.img" "$tsr_direct"
-                 URL[tessera]=iscsi://127.0.0.1:$TSR_PORT/$TSR_IQN/0; PID[tessera]=$TSR_PID ;;
+            tessera)
+                if [ "$tsr_direct" = ec ]; then
+                    start_tessera_ec "$dir/tessera.img"
+                    URL[tessera]=$TSR_URL
+                else
+                    start_tessera "$dir/tessera.img" "$tsr_direct"
+                    URL[tessera]=iscsi://127.0.0.1:$TSR_PORT/$TSR_IQN/0
+                fi
+                PID[tessera]=$TSR_PID ;;
             *) die "unknown peer $t" ;;
         esac
     done

@@ -372,6 +372,9 @@ pub struct WriteItem {
     pub offset: u32,
     /// 0: `data` is the whole chunk. Else the version of the copy the new one is made from.
     pub base: u64,
+    /// With `base`: `data` is XORed into the range instead of replacing it (a parity update
+    /// by its delta). The base must then be the node's newest copy.
+    pub xor: bool,
 }
 
 impl WriteItem {
@@ -384,6 +387,7 @@ impl WriteItem {
             data,
             offset: 0,
             base: 0,
+            xor: false,
         }
     }
 }
@@ -763,7 +767,7 @@ impl Request {
                 for it in items {
                     it.key.encode(out);
                     it.manifest.encode(out);
-                    out.put_u8(u8::from(it.zero));
+                    out.put_u8(u8::from(it.zero) | (u8::from(it.xor) << 1));
                     out.put_u32(it.offset);
                     out.put_u64(it.base);
                     data(out, &it.data);
@@ -850,9 +854,16 @@ impl Request {
                     if manifest.data.len() != usize::from(vol.k) {
                         return Err(DecodeError::Invalid("manifest length"));
                     }
-                    let zero = r.u8("zero flag")? != 0;
+                    let flags = r.u8("write flags")?;
+                    if flags > 3 {
+                        return Err(DecodeError::Invalid("write flags"));
+                    }
+                    let (zero, xor) = (flags & 1 != 0, flags & 2 != 0);
                     let offset = r.u32("offset")?;
                     let base = r.u64("base version")?;
+                    if xor && base == 0 {
+                        return Err(DecodeError::Invalid("xor without a base"));
+                    }
                     let data = r.bytes("fragment data")?;
                     if base == 0 {
                         let want = if zero { 0 } else { vol.chunk as usize };
@@ -878,6 +889,7 @@ impl Request {
                         data,
                         offset,
                         base,
+                        xor,
                     });
                 }
                 Request::Write { vol, items }
@@ -1221,6 +1233,7 @@ mod tests {
                         data: Bytes::from(vec![7u8; 4096]),
                         offset: 0,
                         base: 0,
+                        xor: false,
                     },
                     WriteItem {
                         key: FragKey {
@@ -1232,6 +1245,7 @@ mod tests {
                         data: Bytes::new(),
                         offset: 0,
                         base: 0,
+                        xor: false,
                     },
                 ],
             },
@@ -1393,6 +1407,7 @@ mod tests {
                         data: Bytes::from(vec![7u8; 4096]),
                         offset: 0,
                         base: 0,
+                        xor: false,
                     },
                     WriteItem {
                         key: FragKey {
@@ -1407,6 +1422,7 @@ mod tests {
                         data: Bytes::new(),
                         offset: 0,
                         base: 0,
+                        xor: false,
                     },
                 ],
             },
@@ -1499,6 +1515,7 @@ mod tests {
                 data: Bytes::from_static(b"short"),
                 offset: 0,
                 base: 0,
+                xor: false,
             }],
         };
         let mut out = BytesMut::new();

@@ -110,7 +110,14 @@ struct State {
     repair: BTreeSet<u64>,
     /// Why the volume no longer writes (a newer epoch exists).
     fenced: Option<String>,
+    /// The settled state of recently written stripes whose every fragment took the write:
+    /// lets a partial write update parity by its delta without reading it first. Dropped
+    /// for a stripe as soon as anything is sent to its fragments.
+    manifests: HashMap<u64, Manifest>,
 }
+
+/// Most stripes whose state [`State::manifests`] keeps (about 64 bytes each).
+const MANIFEST_CACHE: usize = 1 << 20;
 
 struct Shared {
     spec: VolumeSpec,
@@ -443,6 +450,21 @@ impl EcVolume {
     /// request short). A node that fails is marked down for a moment (reads then go around
     /// it without waiting); one that answers is marked up.
     async fn call(&self, node: usize, req: Request) -> Result<Response, CallError> {
+        // Whatever changes fragments makes the cached state of their stripes unknown.
+        let touched: Vec<u64> = match &req {
+            Request::Write { items, .. } => items.iter().map(|it| it.key.stripe).collect(),
+            Request::Revert { items, .. } => items.iter().map(|(k, _)| k.stripe).collect(),
+            Request::Trim { items, .. } => items.iter().map(|k| k.stripe).collect(),
+            _ => Vec::new(),
+        };
+        if !touched.is_empty() {
+            let mut st = self.sh.state.lock().expect("volume state poisoned");
+            if !st.manifests.is_empty() {
+                for s in touched {
+                    st.manifests.remove(&s);
+                }
+            }
+        }
         let io = nodes::handle(self.sh.instance, &*self.sh.connector, node);
         let r = match tokio::task::spawn_local(io.call(req)).await {
             Ok(r) => r,
@@ -607,6 +629,25 @@ impl EcVolume {
 
     fn next_version(&self) -> u64 {
         self.sh.next_version.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Remember `stripe`'s state after a write every fragment took.
+    fn remember(&self, stripe: u64, m: Manifest) {
+        let mut st = self.sh.state.lock().expect("volume state poisoned");
+        if st.manifests.len() >= MANIFEST_CACHE {
+            st.manifests.clear();
+        }
+        st.manifests.insert(stripe, m);
+    }
+
+    fn remembered(&self, stripe: u64) -> Option<Manifest> {
+        let st = self.sh.state.lock().expect("volume state poisoned");
+        st.manifests.get(&stripe).cloned()
+    }
+
+    fn forget(&self, stripe: u64) {
+        let mut st = self.sh.state.lock().expect("volume state poisoned");
+        st.manifests.remove(&stripe);
     }
 
     fn expected(&self, m: &Manifest, index: usize) -> u64 {
@@ -951,6 +992,7 @@ impl EcVolume {
                     },
                     offset: 0,
                     base: 0,
+                    xor: false,
                 },
             ));
         }
@@ -1263,6 +1305,7 @@ impl EcVolume {
                     data: if zero { Bytes::new() } else { d.clone() },
                     offset: 0,
                     base: 0,
+                    xor: false,
                 },
             ));
         }
@@ -1281,6 +1324,7 @@ impl EcVolume {
                     data: if zero { Bytes::new() } else { Bytes::from(p) },
                     offset: 0,
                     base: 0,
+                    xor: false,
                 },
             ));
         }
@@ -1315,8 +1359,22 @@ impl EcVolume {
             items.extend(self.stripe_items(sp.stripe, v, &chunks, parity));
         }
         let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
+        let states: Vec<(u64, Manifest)> = items
+            .iter()
+            .filter(|(_, i, _)| *i == 0)
+            .map(|(s, _, it)| (*s, it.manifest.clone()))
+            .collect();
         let ok = self.write_frags(items).await;
-        self.settle(&keys, &ok, &HashMap::new())
+        let r = self.settle(&keys, &ok, &HashMap::new());
+        if r.is_ok() {
+            let w = self.width();
+            for (n, (s, m)) in states.into_iter().enumerate() {
+                if ok[n * w..(n + 1) * w].iter().all(|b| *b) {
+                    self.remember(s, m);
+                }
+            }
+        }
+        r
     }
 
     /// Count durable fragments per stripe; mark failures stale; a stripe below its quorum
@@ -1420,6 +1478,14 @@ impl EcVolume {
         let rewrite_all =
             force_all || untouched_now + reachable_targets < self.sh.spec.write_quorum;
         if delta && healthy && !rewrite_all {
+            if let Some(known) = self.remembered(stripe) {
+                if let Some(r) = self
+                    .write_xor(sp, data, &pieces, &written, untouched_now, known)
+                    .await
+                {
+                    return r;
+                }
+            }
             if let Some(r) = self
                 .write_delta(sp, data, &pieces, &written, untouched_now)
                 .await
@@ -1570,6 +1636,7 @@ impl EcVolume {
                     },
                     offset: 0,
                     base: 0,
+                    xor: false,
                 },
             ));
         }
@@ -1588,6 +1655,7 @@ impl EcVolume {
                     data: if zero { Bytes::new() } else { Bytes::from(p) },
                     offset: 0,
                     base: 0,
+                    xor: false,
                 },
             ));
         }
@@ -1731,7 +1799,138 @@ impl EcVolume {
         let ok = self.write_frags(items).await;
         fault::point("write:before-ack").await;
         let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
-        Some(self.settle(&keys, &ok, &already))
+        let r = self.settle(&keys, &ok, &already);
+        if r.is_ok() && ok.iter().all(|b| *b) {
+            self.remember(stripe, manifest);
+        }
+        Some(r)
+    }
+
+    /// A partial write of a stripe whose state is remembered: read the old copies of the
+    /// written ranges only, then send the new ranges to their chunks and each parity chunk the
+    /// change's encoding, which its node XORs into its newest copy (the one at the remembered
+    /// version, or it refuses). `None`: the state was not as remembered; nothing was sent.
+    async fn write_xor(
+        &self,
+        sp: &StripeSpan,
+        data: &Bytes,
+        pieces: &[tessera_ec::ChunkPiece],
+        written: &BTreeSet<usize>,
+        untouched: usize,
+        known: Manifest,
+    ) -> Option<Result<(), BlockError>> {
+        const B: usize = 4096;
+        let (k, m, chunk) = (self.k(), usize::from(self.sh.spec.profile.m), self.chunk());
+        let stripe = sp.stripe;
+        let win: HashMap<usize, (usize, usize)> = pieces
+            .iter()
+            .map(|p| {
+                (
+                    p.index,
+                    (p.start / B * B, (p.start + p.len).div_ceil(B) * B),
+                )
+            })
+            .collect();
+        let hull = (
+            win.values().map(|w| w.0).min().unwrap_or(0),
+            win.values().map(|w| w.1).max().unwrap_or(chunk),
+        );
+        let reads: Vec<(u64, usize, Want, u32, u32)> = written
+            .iter()
+            .map(|&i| {
+                (
+                    stripe,
+                    i,
+                    Want::Latest,
+                    win[&i].0 as u32,
+                    (win[&i].1 - win[&i].0) as u32,
+                )
+            })
+            .collect();
+        let got = self.read_frags(&reads).await;
+        fault::point("write:after-read").await;
+        let as_known = reads.iter().zip(&got).all(|(r, g)| {
+            let at = g.manifest().map(|mf| mf.version) == known.data.get(r.1).copied();
+            match g {
+                Got::Data(d, _) => at && d.len() == r.4 as usize,
+                Got::Zero(_) => at,
+                _ => false,
+            }
+        });
+        if !as_known {
+            self.forget(stripe);
+            return None;
+        }
+        let v = self.next_version();
+        let mut dv = known.data.clone();
+        for &i in written {
+            dv[i] = v;
+        }
+        let manifest = Manifest {
+            version: v,
+            data: dv,
+        };
+        let mut contrib: Vec<Vec<u8>> = vec![vec![0u8; hull.1 - hull.0]; m];
+        let mut items = Vec::new();
+        for (pos, &i) in written.iter().enumerate() {
+            let (w0, w1) = win[&i];
+            let before = match &got[pos] {
+                Got::Data(d, _) => d.to_vec(),
+                _ => vec![0u8; w1 - w0],
+            };
+            let mut after = before.clone();
+            for p in pieces.iter().filter(|p| p.index == i) {
+                let from = sp.buf_offset as usize + p.buf_offset;
+                after[p.start - w0..p.start - w0 + p.len]
+                    .copy_from_slice(&data[from..from + p.len]);
+            }
+            {
+                let mut pr: Vec<&mut [u8]> = contrib
+                    .iter_mut()
+                    .map(|c| &mut c[w0 - hull.0..w1 - hull.0])
+                    .collect();
+                if self
+                    .sh
+                    .codec
+                    .apply_delta(i, &before, &after, &mut pr)
+                    .is_err()
+                {
+                    return Some(Err(BlockError::Io(libc_einval())));
+                }
+            }
+            items.push((
+                stripe,
+                i,
+                self.range_item(stripe, i, &manifest, w0, after, known.data[i]),
+            ));
+        }
+        for (j, c) in contrib.into_iter().enumerate() {
+            items.push((
+                stripe,
+                k + j,
+                WriteItem {
+                    key: FragKey {
+                        stripe,
+                        index: (k + j) as u8,
+                    },
+                    manifest: manifest.clone(),
+                    zero: false,
+                    data: Bytes::from(c),
+                    offset: hull.0 as u32,
+                    base: known.version,
+                    xor: true,
+                },
+            ));
+        }
+        let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
+        let ok = self.write_frags(items).await;
+        fault::point("write:before-ack").await;
+        let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
+        let r = self.settle(&keys, &ok, &already);
+        if r.is_ok() && ok.iter().all(|b| *b) {
+            self.remember(stripe, manifest);
+        }
+        Some(r)
     }
 
     /// A write of `bytes` at `offset` of a fragment: a whole-chunk write when it covers the
@@ -1765,6 +1964,7 @@ impl EcVolume {
             data: Bytes::from(bytes),
             offset: offset as u32,
             base,
+            xor: false,
         }
     }
 

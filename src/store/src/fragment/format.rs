@@ -180,8 +180,14 @@ impl SlotHeader {
         for (i, c) in self.block_crcs.iter().take(n).enumerate() {
             put_u32(b, H_NCRC + 4 + 4 * i, *c);
         }
-        let c = crc(&b[..H_CRC]);
+        let c = crc(&b[..Self::covered(n)]);
         put_u32(b, H_CRC, c);
+    }
+
+    /// Bytes the header checksum covers: everything up to the last block checksum (the rest
+    /// of the block is zero and never read).
+    fn covered(ncrc: usize) -> usize {
+        H_NCRC + 4 + 4 * ncrc
     }
 
     /// Decode a header block; `None` if it is not a valid header (never written, torn, or
@@ -190,12 +196,12 @@ impl SlotHeader {
         if b.len() < BLOCK || b[0..4] != SLOT_MAGIC || b[4] != 1 {
             return None;
         }
-        if get_u32(b, H_CRC) != crc(&b[..H_CRC]) {
-            return None;
-        }
         let n = usize::from(b[H_NVERS]);
         let ncrc = get_u32(b, H_NCRC) as usize;
         if n > 16 || ncrc > MAX_BLOCKS {
+            return None;
+        }
+        if get_u32(b, H_CRC) != crc(&b[..Self::covered(ncrc)]) {
             return None;
         }
         Some(Self {
@@ -571,6 +577,15 @@ mod tests {
         assert_eq!(SlotHeader::decode(&b), Some(h));
         b[30] ^= 0x40;
         assert_eq!(SlotHeader::decode(&b), None, "a flipped bit is detected");
+        b[30] ^= 0x40;
+        b[1024 + 4 + 15] ^= 1;
+        assert_eq!(
+            SlotHeader::decode(&b),
+            None,
+            "a flipped block checksum is detected"
+        );
+        b[1024 + 4 + 15] ^= 1;
+        assert!(SlotHeader::decode(&b).is_some());
         assert_eq!(SlotHeader::decode(&[0u8; BLOCK]), None);
     }
 

@@ -144,6 +144,9 @@ struct Inner {
     fd: SharedFd,
     engine: Uring,
     sync: SyncMode,
+    /// The store is on a memory file system (tmpfs): there is nothing for fdatasync to make
+    /// durable, and it is skipped.
+    memory_fs: bool,
     is_block: bool,
     /// The descriptor was opened with `O_DIRECT` (memory and offsets must be aligned).
     direct: bool,
@@ -334,6 +337,7 @@ impl FragmentStore {
                 engine,
                 fd,
                 sync: opts.sync,
+                memory_fs,
                 is_block,
                 direct,
                 capacity,
@@ -716,7 +720,7 @@ impl FragmentStore {
                 Err(s) => statuses.push(s),
             }
         }
-        if self.inner.sync == SyncMode::Batched && !commits.is_empty() {
+        if self.inner.sync == SyncMode::Batched && !commits.is_empty() && !self.inner.memory_fs {
             if let Err(e) = self
                 .inner
                 .flush
@@ -752,6 +756,10 @@ impl FragmentStore {
         // A partial write builds on the copy at `base`, which must stay untouched.
         let base_slot = if it.base != 0 {
             match (0..2).find(|&s| cur[s].kind != EMPTY && cur[s].version == it.base) {
+                // A delta applies only to the copy it was computed against: the newest.
+                Some(s) if it.xor && cur[1 - s].kind != EMPTY && cur[1 - s].version > it.base => {
+                    return Err(Status::NOT_FOUND)
+                }
                 Some(s) => Some(s),
                 None => return Err(Status::NOT_FOUND),
             }
@@ -773,7 +781,11 @@ impl FragmentStore {
         } else {
             1
         };
-        // The new copy's whole data and its block checksums.
+        // The new copy's whole data and its block checksums. A partial write merges into the
+        // base copy's buffer (read with room for the header in front) and keeps the base's
+        // checksums for the blocks it carries over: a block damaged on disk keeps a checksum
+        // that does not match it, so the damage stays visible to reads and scrub.
+        let mut merged_buf: Option<AlignedBuf> = None;
         let (data, crcs): (Bytes, Vec<u32>) = match base_slot {
             None if it.zero => (Bytes::new(), Vec::new()),
             None => {
@@ -782,8 +794,12 @@ impl FragmentStore {
             }
             Some(b) => {
                 let off = it.offset as usize;
-                let (old_h, old) = match cur[b].kind {
-                    ZERO => (None, vec![0u8; chunk]),
+                let (mut buf, base_crcs) = match cur[b].kind {
+                    ZERO => {
+                        let mut buf = AlignedBuf::for_overwrite(BLOCK + chunk, BLOCK);
+                        buf[BLOCK..].fill(0);
+                        (buf, None)
+                    }
                     _ => {
                         let (r, buf) = self
                             .inner
@@ -801,33 +817,29 @@ impl FragmentStore {
                             self.counters_checksum();
                             return Err(Status::CHECKSUM);
                         };
-                        // The blocks carried over must be sound, or the new copy would
-                        // inherit the damage under fresh checksums.
-                        let keep_ok = (0..chunk / BLOCK).all(|blk| {
-                            let a = blk * BLOCK;
-                            (a >= off && a < off + it.data.len())
-                                || h.block_crcs.get(blk)
-                                    == Some(&SlotHeader::checksum(
-                                        &buf[BLOCK + a..BLOCK + a + BLOCK],
-                                    ))
-                        });
-                        if h.version != it.base || !keep_ok {
+                        if h.version != it.base {
                             self.counters_checksum();
                             return Err(Status::CHECKSUM);
                         }
-                        (Some(h), buf[BLOCK..].to_vec())
+                        (buf, Some(h.block_crcs))
                     }
                 };
-                let mut merged = old;
-                merged[off..off + it.data.len()].copy_from_slice(&it.data);
-                let mut crcs = match old_h {
-                    Some(h) if h.block_crcs.len() == chunk / BLOCK => h.block_crcs,
-                    _ => SlotHeader::block_checksums(&merged),
+                let range = &mut buf[BLOCK + off..BLOCK + off + it.data.len()];
+                if it.xor {
+                    xor_into(range, &it.data);
+                } else {
+                    range.copy_from_slice(&it.data);
+                }
+                let mut crcs = match base_crcs {
+                    Some(c) if c.len() == chunk / BLOCK => c,
+                    _ => SlotHeader::block_checksums(&buf[BLOCK..]),
                 };
-                for (i, blk) in it.data.chunks(BLOCK).enumerate() {
+                let range = &buf[BLOCK + off..BLOCK + off + it.data.len()];
+                for (i, blk) in range.chunks(BLOCK).enumerate() {
                     crcs[off / BLOCK + i] = SlotHeader::checksum(blk);
                 }
-                (Bytes::from(merged), crcs)
+                merged_buf = Some(buf);
+                (Bytes::new(), crcs)
             }
         };
         let zero = it.zero && base_slot.is_none();
@@ -853,7 +865,14 @@ impl FragmentStore {
         // buffer.
         let aligned =
             (data.as_ptr() as usize).is_multiple_of(BLOCK) && data.len().is_multiple_of(BLOCK);
-        let r = if !zero && (!self.inner.direct || aligned) {
+        let r = if let Some(mut buf) = merged_buf {
+            h.encode_into(&mut buf);
+            self.inner
+                .engine
+                .write_at(&self.inner.fd, buf, off, self.write_flags())
+                .await
+                .0
+        } else if !zero && (!self.inner.direct || aligned) {
             let mut hb = AlignedBuf::for_overwrite(BLOCK, BLOCK);
             h.encode_into(&mut hb);
             self.inner
@@ -1364,6 +1383,20 @@ impl Drop for PairGuard {
     fn drop(&mut self) {
         self.store.busy.borrow_mut().remove(&(self.key, self.pair));
         self.store.released.notify_waiters();
+    }
+}
+
+/// `dst ^= src`, eight bytes at a time.
+fn xor_into(dst: &mut [u8], src: &[u8]) {
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (a, b) in (&mut d).zip(&mut s) {
+        let x = u64::from_le_bytes((&*a).try_into().expect("8 bytes"))
+            ^ u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        a.copy_from_slice(&x.to_le_bytes());
+    }
+    for (a, b) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *a ^= b;
     }
 }
 

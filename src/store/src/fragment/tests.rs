@@ -32,6 +32,7 @@ fn item(stripe: u64, index: u8, version: u64, data: &[u8]) -> WriteItem {
         data: Bytes::copy_from_slice(data),
         offset: 0,
         base: 0,
+        xor: false,
     }
 }
 
@@ -166,6 +167,7 @@ fn revert_trim_and_zero_fragments() {
             data: Bytes::new(),
             offset: 0,
             base: 0,
+            xor: false,
         };
         s.write(&v, vec![z]).await.unwrap();
         let r = read1(&s, &v, 9, 0, Want::Latest).await;
@@ -517,15 +519,84 @@ fn partial_writes_build_on_their_base_and_reads_check_only_their_blocks() {
         );
         let r = s.read(&v, vec![range(100, 200)]).await.remove(0);
         assert_eq!(r.status, Status::CHECKSUM, "the damaged block is refused");
-        // Building on a damaged copy would carry the damage over: refused.
+        // A copy built on the damaged one carries the damaged block with its old checksum,
+        // so the damage is still seen; the new range reads back.
         assert_eq!(
             s.write(&v, vec![partial(4, 3, 12288, &b)]).await.unwrap(),
-            vec![Status::CHECKSUM]
+            vec![Status::OK]
         );
-        // Nothing changed: version 2 is intact.
+        let mut at4 = range(100, 200);
+        at4.want = Want::Version(4);
+        let r = s.read(&v, vec![at4]).await.remove(0);
         assert_eq!(
-            read1(&s, &v, 4, 1, Want::Version(2)).await.status,
-            Status::OK
+            r.status,
+            Status::CHECKSUM,
+            "the carried-over damage is refused"
         );
+        let r = s.read(&v, vec![range(12288, 4096)]).await.remove(0);
+        assert_eq!((r.status, &r.data[..]), (Status::OK, &b[..]));
+    });
+}
+
+#[test]
+fn xor_writes_apply_a_delta_to_the_newest_copy_only() {
+    let dir = tmpdir(true);
+    let v = vol(16384);
+    let a = pattern(30, 16384);
+    let d = pattern(31, 4096);
+    let xor = |version: u64, base: u64, offset: u32, data: &[u8]| WriteItem {
+        offset,
+        base,
+        xor: true,
+        ..item(6, 4, version, data)
+    };
+    run(async {
+        let s = FragmentStore::open(dir.path().join("store"), &opts()).unwrap();
+        s.write(&v, vec![item(6, 4, 1, &a)]).await.unwrap();
+        assert_eq!(
+            s.write(&v, vec![xor(2, 1, 4096, &d)]).await.unwrap(),
+            vec![Status::OK]
+        );
+        let mut want = a.clone();
+        for (w, x) in want[4096..8192].iter_mut().zip(&d) {
+            *w ^= x;
+        }
+        let r = read1(&s, &v, 6, 4, Want::Latest).await;
+        assert_eq!((r.manifest.version, &r.data[..]), (2, &want[..]));
+        // Block checksums follow the merged content: a range read checks out.
+        let r = s
+            .read(
+                &v,
+                vec![ReadItem {
+                    key: key(6, 4),
+                    want: Want::Latest,
+                    offset: 4096,
+                    len: 4096,
+                }],
+            )
+            .await
+            .remove(0);
+        assert_eq!((r.status, &r.data[..]), (Status::OK, &want[4096..8192]));
+        // Version 1 is still held, but a delta against it would be applied to a copy that is
+        // no longer the newest: refused.
+        assert_eq!(
+            s.write(&v, vec![xor(3, 1, 0, &d)]).await.unwrap(),
+            vec![Status::NOT_FOUND]
+        );
+        // A delta on a zero copy is the delta itself.
+        let z = WriteItem {
+            zero: true,
+            data: Bytes::new(),
+            ..item(7, 4, 5, &[])
+        };
+        s.write(&v, vec![z]).await.unwrap();
+        let it = WriteItem {
+            key: key(7, 4),
+            ..xor(6, 5, 0, &d)
+        };
+        assert_eq!(s.write(&v, vec![it]).await.unwrap(), vec![Status::OK]);
+        let r = read1(&s, &v, 7, 4, Want::Latest).await;
+        assert_eq!(&r.data[..4096], &d[..]);
+        assert!(r.data[4096..].iter().all(|b| *b == 0));
     });
 }
