@@ -15,8 +15,10 @@
 #   ec             tgt and istgt on files in /dev/shm; tessera serves an erasure-coded volume
 #                  (`tessera demo --backend ec`, profile EC, default 4+2, 16 KiB chunks) whose
 #                  node processes keep their stores in /dev/shm, filled with the same random
-#                  data through iSCSI first. Every tessera process (gateway and nodes) is
-#                  pinned where the single-process peers are.
+#                  data through iSCSI first. Nothing is pinned in these rows (neither the
+#                  peers nor tessera's seven processes nor the client): in a cluster the
+#                  nodes run on other machines, and squeezing them onto the one core a
+#                  single-process peer gets would measure the scheduler, not the target.
 #
 # and runs, interleaved (tgt, istgt, tessera, tgt, ...) for ROUNDS rounds:
 #
@@ -188,9 +190,15 @@ start_tessera_ec() { # source-image: prints nothing; sets TSR_PID (all pids) and
     qemu-img convert -n -f raw -O raw "$1" "$TSR_URL"
 }
 
+# PINNED=1: targets and client pinned as described above; 0 (the ec rows): nothing pinned.
+PINNED=1
 pin() { # "pid..." cpu
     local p
+    [ "$PINNED" = 1 ] || return 0
     for p in $1; do taskset -a -p -c "$2" "$p" >/dev/null; done
+}
+client() { # command...: the load generator, on core 0 when pinned
+    if [ "$PINNED" = 1 ]; then taskset -c 0 "$@"; else "$@"; fi
 }
 
 # One measurement: prints "value unit".
@@ -199,23 +207,23 @@ measure() { # workload url target-pid
     case $w in
         4k-randread-qd1)
             pin "$pid" 0
-            out=$(taskset -c 0 iscsi-perf -m 1 -b 8 -r -t "$SECS" "$url" 2>&1 | tr '\r' '\n')
+            out=$(client iscsi-perf -m 1 -b 8 -r -t "$SECS" "$url" 2>&1 | tr '\r' '\n')
             echo "$out" | awk '/iops average/ {v=$3} END {print v, "IOPS"}' ;;
         4k-randread-qd32)
             pin "$pid" 1
-            out=$(taskset -c 0 iscsi-perf -m 32 -b 8 -r -t "$SECS" "$url" 2>&1 | tr '\r' '\n')
+            out=$(client iscsi-perf -m 32 -b 8 -r -t "$SECS" "$url" 2>&1 | tr '\r' '\n')
             echo "$out" | awk '/iops average/ {v=$3} END {print v, "IOPS"}' ;;
         4k-write-qd1|4k-write-qd32)
             local d=1 c=20000 cpu=0
             [ "$w" = 4k-write-qd32 ] && { d=32; c=100000; cpu=1; }
             pin "$pid" $cpu
-            out=$(taskset -c 0 qemu-img bench -f raw -w --pattern=165 -c $c -d $d -s 4096 -S 409612288 "$url" 2>&1)
+            out=$(client qemu-img bench -f raw -w --pattern=165 -c $c -d $d -s 4096 -S 409612288 "$url" 2>&1)
             echo "$out" | awk -v c=$c '/Run completed in/ {printf "%.0f IOPS\n", c/$4}' ;;
         1m-seqread-qd8|1m-seqwrite-qd8)
             local wflag="" c=3000
             [ "$w" = 1m-seqwrite-qd8 ] && wflag=-w
             pin "$pid" 1
-            out=$(taskset -c 0 qemu-img bench -f raw $wflag --pattern=165 -c $c -d 8 -s 1048576 "$url" 2>&1)
+            out=$(client qemu-img bench -f raw $wflag --pattern=165 -c $c -d 8 -s 1048576 "$url" 2>&1)
             echo "$out" | awk -v c=$c '/Run completed in/ {printf "%.0f MB/s\n", c*1.048576/$4}' ;;
     esac
 }
@@ -234,6 +242,8 @@ for backing in $BACKINGS; do
         ec) dir=$SHM; tgt_flags=""; tsr_direct=ec ;;
         *) die "unknown backing $backing" ;;
     esac
+    PINNED=1
+    [ "$backing" = ec ] && PINNED=0
     for t in $TARGETS; do
         make_lun "$dir/$t.img"
         # Buffered rows start with every LUN in the page cache, so no target pays for
