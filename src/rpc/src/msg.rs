@@ -1249,6 +1249,24 @@ mod tests {
                     },
                 ],
             },
+            Request::Write {
+                vol: vol(),
+                items: vec![WriteItem {
+                    key: FragKey {
+                        stripe: 3,
+                        index: 4,
+                    },
+                    manifest: Manifest {
+                        version: 9,
+                        data: vec![9, 1, 1, 1],
+                    },
+                    zero: false,
+                    data: Bytes::from(vec![5u8; 4096]),
+                    offset: 0,
+                    base: 8,
+                    xor: true,
+                }],
+            },
             Request::Read {
                 vol: vol(),
                 items: vec![
@@ -1525,6 +1543,38 @@ mod tests {
             Request::decode(f.header.op, f.body),
             Err(DecodeError::Invalid("fragment length"))
         );
+        // Unknown write flags, and a delta with no base to apply it to.
+        for (flags, base, why) in [(4u8, 8u64, "write flags"), (2, 0, "xor without a base")] {
+            let req = Request::Write {
+                vol: vol(),
+                items: vec![WriteItem {
+                    key: FragKey {
+                        stripe: 0,
+                        index: 4,
+                    },
+                    manifest: Manifest {
+                        version: 9,
+                        data: vec![1, 0, 0, 0],
+                    },
+                    zero: false,
+                    data: Bytes::from(vec![1u8; 4096]),
+                    offset: 0,
+                    base,
+                    xor: false,
+                }],
+            };
+            let mut out = BytesMut::new();
+            req.encode(1, &mut out);
+            // The flags byte follows the key (9 bytes) and the manifest (1 + 8 + 4 × 8).
+            let at = HEADER_LEN + VOLUME_CTX_LEN + 4 + 9 + 9 + 4 * 8;
+            assert_eq!(out[at], 0);
+            out[at] = flags;
+            let f = decode_frame(&mut out).unwrap().unwrap();
+            assert_eq!(
+                Request::decode(f.header.op, f.body),
+                Err(DecodeError::Invalid(why))
+            );
+        }
         // An index beyond k + m.
         let req = Request::Trim {
             vol: vol(),

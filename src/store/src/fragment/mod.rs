@@ -981,8 +981,9 @@ impl FragmentStore {
                 (it.offset + it.len) as usize
             },
         );
-        // Whole blocks covering the range; the header and those blocks in one read when they
-        // are most of the chunk, else two reads.
+        // Whole blocks covering the range; the header and everything up to the last of them in
+        // one read when that is at most 64 KiB (one I/O instead of two; only the covering
+        // blocks are checked), else two reads.
         let (b0, b1) = (from / BLOCK, to.div_ceil(BLOCK));
         let off = e.rec.slot_offset(loc.pair, slot);
         let io_err = |err: io::Error| {
@@ -1008,7 +1009,7 @@ impl FragmentStore {
                 Err(err) => return Self::not(io_err(err)),
             }
             (b.into_bytes(), Bytes::new(), 0)
-        } else if b0 == 0 || (b1 - b0) * 2 >= chunk / BLOCK {
+        } else if b0 == 0 || (b1 - b0) * 2 >= chunk / BLOCK || (1 + b1) * BLOCK <= ONE_READ {
             let len = BLOCK + b1 * BLOCK;
             let (r, b) = self
                 .inner
@@ -1021,7 +1022,11 @@ impl FragmentStore {
                 Err(err) => return Self::not(io_err(err)),
             }
             let all = b.into_bytes();
-            (all.slice(..BLOCK), all.slice(BLOCK..), 0)
+            (
+                all.slice(..BLOCK),
+                all.slice(BLOCK + b0 * BLOCK..),
+                b0 * BLOCK,
+            )
         } else {
             let dlen = (b1 - b0) * BLOCK;
             let eng = &self.inner.engine;
@@ -1385,6 +1390,9 @@ impl Drop for PairGuard {
         self.store.released.notify_waiters();
     }
 }
+
+/// Largest read that fetches a slot's header together with data blocks it does not need.
+const ONE_READ: usize = 64 * 1024;
 
 /// `dst ^= src`, eight bytes at a time.
 fn xor_into(dst: &mut [u8], src: &[u8]) {
