@@ -1690,35 +1690,10 @@ impl EcVolume {
         written: &BTreeSet<usize>,
         untouched: usize,
     ) -> Option<Result<(), BlockError>> {
-        const B: usize = 4096;
-        let (k, m, chunk) = (self.k(), usize::from(self.sh.spec.profile.m), self.chunk());
+        let (k, m) = (self.k(), usize::from(self.sh.spec.profile.m));
         let stripe = sp.stripe;
-        // Each written chunk's window of whole blocks, and their hull for the parity.
-        let win: HashMap<usize, (usize, usize)> = pieces
-            .iter()
-            .map(|p| {
-                (
-                    p.index,
-                    (p.start / B * B, (p.start + p.len).div_ceil(B) * B),
-                )
-            })
-            .collect();
-        let hull = (
-            win.values().map(|w| w.0).min().unwrap_or(0),
-            win.values().map(|w| w.1).max().unwrap_or(chunk),
-        );
-        let mut reads: Vec<(u64, usize, Want, u32, u32)> = written
-            .iter()
-            .map(|&i| {
-                (
-                    stripe,
-                    i,
-                    Want::Latest,
-                    win[&i].0 as u32,
-                    (win[&i].1 - win[&i].0) as u32,
-                )
-            })
-            .collect();
+        let (win, hull) = self.windows(pieces);
+        let mut reads = Self::window_reads(stripe, written, &win);
         for j in k..k + m {
             reads.push((
                 stripe,
@@ -1758,28 +1733,12 @@ impl EcVolume {
             data: dv,
         };
         for (pos, &i) in written.iter().enumerate() {
-            let (w0, w1) = win[&i];
-            let before = old(pos);
-            let mut after = before.clone();
-            for p in pieces.iter().filter(|p| p.index == i) {
-                let from = sp.buf_offset as usize + p.buf_offset;
-                after[p.start - w0..p.start - w0 + p.len]
-                    .copy_from_slice(&data[from..from + p.len]);
-            }
-            {
-                let mut pr: Vec<&mut [u8]> = parity
-                    .iter_mut()
-                    .map(|p| &mut p[w0 - hull.0..w1 - hull.0])
-                    .collect();
-                if self
-                    .sh
-                    .codec
-                    .apply_delta(i, &before, &after, &mut pr)
-                    .is_err()
-                {
-                    return Some(Err(BlockError::Io(libc_einval())));
-                }
-            }
+            let w0 = win[&i].0;
+            let after =
+                match self.change(sp, data, pieces, i, win[&i], hull.0, old(pos), &mut parity) {
+                    Ok(a) => a,
+                    Err(e) => return Some(Err(e)),
+                };
             let base = got[pos].manifest().expect("read").version;
             items.push((
                 stripe,
@@ -1819,34 +1778,10 @@ impl EcVolume {
         untouched: usize,
         known: Manifest,
     ) -> Option<Result<(), BlockError>> {
-        const B: usize = 4096;
-        let (k, m, chunk) = (self.k(), usize::from(self.sh.spec.profile.m), self.chunk());
+        let (k, m) = (self.k(), usize::from(self.sh.spec.profile.m));
         let stripe = sp.stripe;
-        let win: HashMap<usize, (usize, usize)> = pieces
-            .iter()
-            .map(|p| {
-                (
-                    p.index,
-                    (p.start / B * B, (p.start + p.len).div_ceil(B) * B),
-                )
-            })
-            .collect();
-        let hull = (
-            win.values().map(|w| w.0).min().unwrap_or(0),
-            win.values().map(|w| w.1).max().unwrap_or(chunk),
-        );
-        let reads: Vec<(u64, usize, Want, u32, u32)> = written
-            .iter()
-            .map(|&i| {
-                (
-                    stripe,
-                    i,
-                    Want::Latest,
-                    win[&i].0 as u32,
-                    (win[&i].1 - win[&i].0) as u32,
-                )
-            })
-            .collect();
+        let (win, hull) = self.windows(pieces);
+        let reads = Self::window_reads(stripe, written, &win);
         let got = self.read_frags(&reads).await;
         fault::point("write:after-read").await;
         let as_known = reads.iter().zip(&got).all(|(r, g)| {
@@ -1878,26 +1813,11 @@ impl EcVolume {
                 Got::Data(d, _) => d.to_vec(),
                 _ => vec![0u8; w1 - w0],
             };
-            let mut after = before.clone();
-            for p in pieces.iter().filter(|p| p.index == i) {
-                let from = sp.buf_offset as usize + p.buf_offset;
-                after[p.start - w0..p.start - w0 + p.len]
-                    .copy_from_slice(&data[from..from + p.len]);
-            }
-            {
-                let mut pr: Vec<&mut [u8]> = contrib
-                    .iter_mut()
-                    .map(|c| &mut c[w0 - hull.0..w1 - hull.0])
-                    .collect();
-                if self
-                    .sh
-                    .codec
-                    .apply_delta(i, &before, &after, &mut pr)
-                    .is_err()
-                {
-                    return Some(Err(BlockError::Io(libc_einval())));
-                }
-            }
+            let after =
+                match self.change(sp, data, pieces, i, win[&i], hull.0, before, &mut contrib) {
+                    Ok(a) => a,
+                    Err(e) => return Some(Err(e)),
+                };
             items.push((
                 stripe,
                 i,
@@ -1931,6 +1851,74 @@ impl EcVolume {
             self.remember(stripe, manifest);
         }
         Some(r)
+    }
+
+    /// Each written chunk's window of whole 4 KiB blocks, and their hull (the parity range).
+    #[allow(clippy::type_complexity)]
+    fn windows(
+        &self,
+        pieces: &[tessera_ec::ChunkPiece],
+    ) -> (HashMap<usize, (usize, usize)>, (usize, usize)) {
+        const B: usize = 4096;
+        let win: HashMap<usize, (usize, usize)> = pieces
+            .iter()
+            .map(|p| {
+                (
+                    p.index,
+                    (p.start / B * B, (p.start + p.len).div_ceil(B) * B),
+                )
+            })
+            .collect();
+        let hull = (
+            win.values().map(|w| w.0).min().unwrap_or(0),
+            win.values().map(|w| w.1).max().unwrap_or(self.chunk()),
+        );
+        (win, hull)
+    }
+
+    /// Reads of the written chunks' windows.
+    fn window_reads(
+        stripe: u64,
+        written: &BTreeSet<usize>,
+        win: &HashMap<usize, (usize, usize)>,
+    ) -> Vec<(u64, usize, Want, u32, u32)> {
+        written
+            .iter()
+            .map(|&i| {
+                let (w0, w1) = win[&i];
+                (stripe, i, Want::Latest, w0 as u32, (w1 - w0) as u32)
+            })
+            .collect()
+    }
+
+    /// Chunk `i`'s new window (`before` with this write's pieces laid over it), with its
+    /// change applied to `parity` (buffers covering the hull from `hull0`).
+    #[allow(clippy::too_many_arguments)]
+    fn change(
+        &self,
+        sp: &StripeSpan,
+        data: &Bytes,
+        pieces: &[tessera_ec::ChunkPiece],
+        i: usize,
+        (w0, w1): (usize, usize),
+        hull0: usize,
+        before: Vec<u8>,
+        parity: &mut [Vec<u8>],
+    ) -> Result<Vec<u8>, BlockError> {
+        let mut after = before.clone();
+        for p in pieces.iter().filter(|p| p.index == i) {
+            let from = sp.buf_offset as usize + p.buf_offset;
+            after[p.start - w0..p.start - w0 + p.len].copy_from_slice(&data[from..from + p.len]);
+        }
+        let mut pr: Vec<&mut [u8]> = parity
+            .iter_mut()
+            .map(|p| &mut p[w0 - hull0..w1 - hull0])
+            .collect();
+        self.sh
+            .codec
+            .apply_delta(i, &before, &after, &mut pr)
+            .map_err(|_| BlockError::Io(libc_einval()))?;
+        Ok(after)
     }
 
     /// A write of `bytes` at `offset` of a fragment: a whole-chunk write when it covers the
