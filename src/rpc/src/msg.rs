@@ -66,6 +66,9 @@ impl Op {
     pub const PUT_BLOB: Op = Op(10);
     /// Fetch a per-volume record.
     pub const GET_BLOB: Op = Op(11);
+    /// Write ranges of fragments on their newest copies and return the bytes they replaced
+    /// (a data chunk's part of a small write: the old bytes give the parity delta).
+    pub const SWAP: Op = Op(12);
 }
 
 /// Outcome codes, per frame and per item.
@@ -488,6 +491,14 @@ pub enum Request {
         /// The fragments.
         items: Vec<WriteItem>,
     },
+    /// Write ranges built on each fragment's newest copy (`base` set, neither `zero` nor
+    /// `xor`), answering with the bytes each replaced.
+    Swap {
+        /// The volume.
+        vol: VolumeCtx,
+        /// The ranges.
+        items: Vec<WriteItem>,
+    },
     /// Read fragments.
     Read {
         /// The volume.
@@ -564,6 +575,8 @@ pub enum Response {
     },
     /// Per-item outcome of a write.
     Write(Vec<Status>),
+    /// Per-item outcome of a swap, with the replaced bytes (empty unless OK).
+    Swap(Vec<(Status, Bytes)>),
     /// Per-item outcome of a read.
     Read(Vec<ReadResult>),
     /// The copies held.
@@ -587,6 +600,58 @@ pub enum Response {
         /// Contents.
         data: Bytes,
     },
+}
+
+/// The body of a WRITE or SWAP request.
+fn decode_write_items(r: &mut Reader) -> Result<(VolumeCtx, Vec<WriteItem>), DecodeError> {
+    let vol = VolumeCtx::decode(r)?;
+    let n = r.count("write items", 9 + 9 + 1 + 4 + 8 + 4)?;
+    let mut items = Vec::with_capacity(n);
+    for _ in 0..n {
+        let key = FragKey::decode(r, &vol)?;
+        let manifest = Manifest::decode(r)?;
+        if manifest.data.len() != usize::from(vol.k) {
+            return Err(DecodeError::Invalid("manifest length"));
+        }
+        let flags = r.u8("write flags")?;
+        if flags > 3 {
+            return Err(DecodeError::Invalid("write flags"));
+        }
+        let (zero, xor) = (flags & 1 != 0, flags & 2 != 0);
+        let offset = r.u32("offset")?;
+        let base = r.u64("base version")?;
+        if xor && base == 0 {
+            return Err(DecodeError::Invalid("xor without a base"));
+        }
+        let data = r.bytes("fragment data")?;
+        if base == 0 {
+            let want = if zero { 0 } else { vol.chunk as usize };
+            if data.len() != want || offset != 0 {
+                return Err(DecodeError::Invalid("fragment length"));
+            }
+        } else {
+            let end = u64::from(offset) + data.len() as u64;
+            if zero
+                || data.is_empty()
+                || offset % 4096 != 0
+                || data.len() % 4096 != 0
+                || end > u64::from(vol.chunk)
+                || base >= manifest.version
+            {
+                return Err(DecodeError::Invalid("partial fragment write"));
+            }
+        }
+        items.push(WriteItem {
+            key,
+            manifest,
+            zero,
+            data,
+            offset,
+            base,
+            xor,
+        });
+    }
+    Ok((vol, items))
 }
 
 /// A body cursor over a shared buffer (slices are zero-copy).
@@ -686,6 +751,7 @@ impl Request {
         match self {
             Request::Hello { .. } => Op::HELLO,
             Request::Write { .. } => Op::WRITE,
+            Request::Swap { .. } => Op::SWAP,
             Request::Read { .. } => Op::READ,
             Request::Versions { .. } => Op::VERSIONS,
             Request::Revert { .. } => Op::REVERT,
@@ -702,6 +768,7 @@ impl Request {
     pub fn fencing(&self) -> Option<(u64, u64)> {
         match self {
             Request::Write { vol, .. }
+            | Request::Swap { vol, .. }
             | Request::Read { vol, .. }
             | Request::Versions { vol, .. }
             | Request::Revert { vol, .. }
@@ -761,7 +828,7 @@ impl Request {
     fn encode_body(&self, out: &mut BytesMut, data: &mut dyn FnMut(&mut BytesMut, &Bytes)) {
         match self {
             Request::Hello { client } => put_bytes(out, client.as_bytes()),
-            Request::Write { vol, items } => {
+            Request::Write { vol, items } | Request::Swap { vol, items } => {
                 vol.encode(out);
                 out.put_u32(items.len() as u32);
                 for it in items {
@@ -845,54 +912,17 @@ impl Request {
                 client: r.string("client")?,
             },
             Op::WRITE => {
-                let vol = VolumeCtx::decode(&mut r)?;
-                let n = r.count("write items", 9 + 9 + 1 + 4 + 8 + 4)?;
-                let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let key = FragKey::decode(&mut r, &vol)?;
-                    let manifest = Manifest::decode(&mut r)?;
-                    if manifest.data.len() != usize::from(vol.k) {
-                        return Err(DecodeError::Invalid("manifest length"));
-                    }
-                    let flags = r.u8("write flags")?;
-                    if flags > 3 {
-                        return Err(DecodeError::Invalid("write flags"));
-                    }
-                    let (zero, xor) = (flags & 1 != 0, flags & 2 != 0);
-                    let offset = r.u32("offset")?;
-                    let base = r.u64("base version")?;
-                    if xor && base == 0 {
-                        return Err(DecodeError::Invalid("xor without a base"));
-                    }
-                    let data = r.bytes("fragment data")?;
-                    if base == 0 {
-                        let want = if zero { 0 } else { vol.chunk as usize };
-                        if data.len() != want || offset != 0 {
-                            return Err(DecodeError::Invalid("fragment length"));
-                        }
-                    } else {
-                        let end = u64::from(offset) + data.len() as u64;
-                        if zero
-                            || data.is_empty()
-                            || offset % 4096 != 0
-                            || data.len() % 4096 != 0
-                            || end > u64::from(vol.chunk)
-                            || base >= manifest.version
-                        {
-                            return Err(DecodeError::Invalid("partial fragment write"));
-                        }
-                    }
-                    items.push(WriteItem {
-                        key,
-                        manifest,
-                        zero,
-                        data,
-                        offset,
-                        base,
-                        xor,
-                    });
-                }
+                let (vol, items) = decode_write_items(&mut r)?;
                 Request::Write { vol, items }
+            }
+            Op::SWAP => {
+                let (vol, items) = decode_write_items(&mut r)?;
+                if items.iter().any(|it| it.base == 0 || it.zero || it.xor) {
+                    return Err(DecodeError::Invalid(
+                        "swap of a whole chunk, zeroes or a delta",
+                    ));
+                }
+                Request::Swap { vol, items }
             }
             Op::READ => {
                 let vol = VolumeCtx::decode(&mut r)?;
@@ -1022,6 +1052,13 @@ impl Response {
                 out.put_u64(*capacity);
             }
             Response::Write(s) | Response::Revert(s) | Response::Trim(s) => put_statuses(out, s),
+            Response::Swap(items) => {
+                out.put_u32(items.len() as u32);
+                for (st, old) in items {
+                    out.put_u8(st.0);
+                    data(out, old);
+                }
+            }
             Response::Read(items) => {
                 out.put_u32(items.len() as u32);
                 for it in items {
@@ -1078,6 +1115,15 @@ impl Response {
                 capacity: r.u64("capacity")?,
             },
             Op::WRITE => Response::Write(get_statuses(&mut r)?),
+            Op::SWAP => {
+                let n = r.count("swap results", 1 + 4)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let status = Status(r.u8("status")?);
+                    items.push((status, r.bytes("replaced data")?));
+                }
+                Response::Swap(items)
+            }
             Op::REVERT => Response::Revert(get_statuses(&mut r)?),
             Op::TRIM => Response::Trim(get_statuses(&mut r)?),
             Op::READ => {
@@ -1267,6 +1313,24 @@ mod tests {
                     xor: true,
                 }],
             },
+            Request::Swap {
+                vol: vol(),
+                items: vec![WriteItem {
+                    key: FragKey {
+                        stripe: 3,
+                        index: 1,
+                    },
+                    manifest: Manifest {
+                        version: 10,
+                        data: vec![9, 10, 1, 1],
+                    },
+                    zero: false,
+                    data: Bytes::from(vec![6u8; 4096]),
+                    offset: 0,
+                    base: 1,
+                    xor: false,
+                }],
+            },
             Request::Read {
                 vol: vol(),
                 items: vec![
@@ -1341,6 +1405,13 @@ mod tests {
             (
                 Op::WRITE,
                 Response::Write(vec![Status::OK, Status::NO_SPACE]),
+            ),
+            (
+                Op::SWAP,
+                Response::Swap(vec![
+                    (Status::OK, Bytes::from(vec![7u8; 4096])),
+                    (Status::NOT_FOUND, Bytes::new()),
+                ]),
             ),
             (
                 Op::READ,
@@ -1573,6 +1644,39 @@ mod tests {
             assert_eq!(
                 Request::decode(f.header.op, f.body),
                 Err(DecodeError::Invalid(why))
+            );
+        }
+        // A swap must build on a base, and neither zero nor XOR.
+        for (flags, base) in [(0u8, 0u64), (2, 8)] {
+            let req = Request::Swap {
+                vol: vol(),
+                items: vec![WriteItem {
+                    key: FragKey {
+                        stripe: 0,
+                        index: 1,
+                    },
+                    manifest: Manifest {
+                        version: 9,
+                        data: vec![1, 9, 0, 0],
+                    },
+                    zero: false,
+                    data: Bytes::from(vec![1u8; 4096]),
+                    offset: 0,
+                    base,
+                    xor: false,
+                }],
+            };
+            let mut out = BytesMut::new();
+            req.encode(1, &mut out);
+            let at = HEADER_LEN + VOLUME_CTX_LEN + 4 + 9 + 9 + 4 * 8;
+            out[at] = flags;
+            let f = decode_frame(&mut out).unwrap().unwrap();
+            assert_eq!(
+                Request::decode(f.header.op, f.body),
+                Err(DecodeError::Invalid(
+                    "swap of a whole chunk, zeroes or a delta"
+                )),
+                "flags {flags} base {base}"
             );
         }
         // An index beyond k + m.

@@ -295,6 +295,67 @@ fn bit_rot_is_read_around_counted_and_repaired() {
 }
 
 #[test]
+fn small_aligned_writes_swap_in_one_round_trip_and_fall_back_on_damage() {
+    use std::os::unix::fs::FileExt;
+    let s = setup("4+2", 16384, 6, 1 << 20);
+    let mut model = pattern(12, 1 << 20);
+    let totals = |s: &Setup| {
+        (0..6).fold((0, 0), |(r, w), i| {
+            let st = s.nodes.store(i).stats();
+            (r + st.reads, w + st.writes)
+        })
+    };
+    run(async {
+        let v = open(&s).await;
+        write(&v, 0, &model).await.unwrap();
+        // A 4 KiB write into a stripe whose state the gateway remembers: the data node swaps
+        // (writes, answers with the old bytes), the two parity nodes take the delta. No reads.
+        let (r0, w0) = totals(&s);
+        let d = pattern(13, 4096);
+        write(&v, 8192, &d).await.unwrap();
+        model[8192..12288].copy_from_slice(&d);
+        let (r1, w1) = totals(&s);
+        assert_eq!(
+            (r1 - r0, w1 - w0),
+            (0, 3),
+            "no reads, three fragment writes"
+        );
+        assert_eq!(read(&v, 0, 1 << 20).await, model);
+
+        // Damage block 0 of every copy on the node holding stripe 1's chunk 0: the swap there
+        // is refused (it would hand back damaged bytes) and the write takes the reading path,
+        // which reconstructs around the damage.
+        let node = v.node_of(1, 0);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(s.nodes.path(node))
+            .unwrap();
+        let len = f.metadata().unwrap().len();
+        let mut off = tessera_store::fragment::format::EXTENT_AREA;
+        while off + 8192 <= len {
+            let mut hdr = [0u8; 4];
+            f.read_exact_at(&mut hdr, off).unwrap();
+            if &hdr == b"TSFR" {
+                f.write_all_at(&[0x5a; 16], off + 4096 + 100).unwrap();
+            }
+            off += 4096;
+        }
+        drop(f);
+        let errors = s.nodes.store(node).stats().checksum_errors;
+        let d = pattern(14, 4096);
+        write(&v, 65536, &d).await.unwrap();
+        model[65536..69632].copy_from_slice(&d);
+        assert!(
+            s.nodes.store(node).stats().checksum_errors > errors,
+            "the damage was seen"
+        );
+        assert_eq!(read(&v, 65536, 65536).await, &model[65536..131072]);
+        v.close();
+    });
+}
+
+#[test]
 fn an_older_epoch_is_fenced_with_a_clear_error() {
     let s = setup("2+1", 4096, 3, 1 << 20);
     run(async {

@@ -163,6 +163,18 @@ const DOWN_FOR: Duration = Duration::from_millis(1000);
 /// The default for [`VolumeSpec::clear_after`].
 pub const CLEAR_AFTER: Duration = Duration::from_secs(2);
 
+/// What became of one swap.
+#[derive(Debug, Clone)]
+enum Swapped {
+    /// Written; the bytes it replaced.
+    Old(Bytes),
+    /// The node answered that it did not write it (its newest copy is not the base, or the
+    /// replaced blocks were damaged).
+    Refused,
+    /// No usable answer: it may or may not have been written.
+    Unknown,
+}
+
 /// One fragment as read.
 #[derive(Debug, Clone)]
 enum Got {
@@ -412,7 +424,7 @@ impl EcVolume {
         stripe / self.sh.spec.region_stripes.max(1)
     }
 
-    fn node_of(&self, stripe: u64, index: usize) -> usize {
+    pub(crate) fn node_of(&self, stripe: u64, index: usize) -> usize {
         self.sh.spec.map[placement::pg_of(stripe, self.sh.spec.pgs) as usize][index]
     }
 
@@ -452,7 +464,9 @@ impl EcVolume {
     async fn call(&self, node: usize, req: Request) -> Result<Response, CallError> {
         // Whatever changes fragments makes the cached state of their stripes unknown.
         let touched: Vec<u64> = match &req {
-            Request::Write { items, .. } => items.iter().map(|it| it.key.stripe).collect(),
+            Request::Write { items, .. } | Request::Swap { items, .. } => {
+                items.iter().map(|it| it.key.stripe).collect()
+            }
             Request::Revert { items, .. } => items.iter().map(|(k, _)| k.stripe).collect(),
             Request::Trim { items, .. } => items.iter().map(|k| k.stripe).collect(),
             _ => Vec::new(),
@@ -625,6 +639,51 @@ impl EcVolume {
             fault::point("write:acked-node").await;
         }
         ok
+    }
+
+    /// Send swaps (ranges written on the nodes' newest copies, answered with what they
+    /// replaced), one request per node, all in parallel.
+    async fn swap_frags(&self, items: Vec<(u64, usize, WriteItem)>) -> Vec<Swapped> {
+        let mut per_node: HashMap<usize, (Vec<usize>, Vec<WriteItem>)> = HashMap::new();
+        let n = items.len();
+        for (i, (stripe, index, it)) in items.into_iter().enumerate() {
+            let e = per_node.entry(self.node_of(stripe, index)).or_default();
+            e.0.push(i);
+            e.1.push(it);
+        }
+        let vol = self.ctx();
+        let mut calls = Vec::new();
+        let mut nodes_sorted: Vec<_> = per_node.into_iter().collect();
+        nodes_sorted.sort_by_key(|(node, _)| *node);
+        for (node, (idx, its)) in nodes_sorted {
+            fault::point("write:send").await;
+            let this = self.clone();
+            let req = Request::Swap { vol, items: its };
+            let h = tokio::task::spawn_local(async move { this.call(node, req).await });
+            calls.push((node, idx, h));
+        }
+        let mut out = vec![Swapped::Unknown; n];
+        for (node, idx, h) in calls {
+            match h.await {
+                Ok(Ok(Response::Swap(st))) if st.len() == idx.len() => {
+                    for (i, (s, old)) in idx.into_iter().zip(st) {
+                        out[i] = match s {
+                            Status::OK => Swapped::Old(old),
+                            // Refused before anything was written.
+                            Status::NOT_FOUND | Status::CHECKSUM | Status::BAD_REQUEST => {
+                                Swapped::Refused
+                            }
+                            _ => Swapped::Unknown,
+                        };
+                    }
+                }
+                other => {
+                    debug!(node = %self.sh.spec.node_names[node], "swap failed: {other:?}");
+                }
+            }
+            fault::point("write:acked-node").await;
+        }
+        out
     }
 
     fn next_version(&self) -> u64 {
@@ -1479,7 +1538,18 @@ impl EcVolume {
             force_all || untouched_now + reachable_targets < self.sh.spec.write_quorum;
         if delta && healthy && !rewrite_all {
             if let Some(known) = self.remembered(stripe) {
-                if let Some(r) = self
+                let whole_blocks = pieces
+                    .iter()
+                    .all(|p| p.start % 4096 == 0 && p.len % 4096 == 0);
+                let based = written.iter().all(|&i| known.data.get(i) > Some(&0));
+                if whole_blocks && based {
+                    if let Some(r) = self
+                        .write_swap(sp, data, &pieces, &written, untouched_now, known.clone())
+                        .await
+                    {
+                        return r;
+                    }
+                } else if let Some(r) = self
                     .write_xor(sp, data, &pieces, &written, untouched_now, known)
                     .await
                 {
@@ -1844,6 +1914,132 @@ impl EcVolume {
         }
         let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
         let ok = self.write_frags(items).await;
+        fault::point("write:before-ack").await;
+        let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
+        let r = self.settle(&keys, &ok, &already);
+        if r.is_ok() && ok.iter().all(|b| *b) {
+            self.remember(stripe, manifest);
+        }
+        Some(r)
+    }
+
+    /// A small write of whole 4 KiB blocks on a stripe whose settled state is remembered:
+    /// each written chunk's node writes the range on its newest copy (which must be at the
+    /// remembered version) and answers with the bytes replaced, so one round trip does what a
+    /// read and a write did; then the parity nodes get the change's encoding as deltas, as in
+    /// [`Self::write_xor`]. `None`: nothing was written (the nodes refused: their newest copy
+    /// was not the remembered one, or its blocks were damaged), take another path.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_swap(
+        &self,
+        sp: &StripeSpan,
+        data: &Bytes,
+        pieces: &[tessera_ec::ChunkPiece],
+        written: &BTreeSet<usize>,
+        untouched: usize,
+        known: Manifest,
+    ) -> Option<Result<(), BlockError>> {
+        let (k, m) = (self.k(), usize::from(self.sh.spec.profile.m));
+        let stripe = sp.stripe;
+        let (win, hull) = self.windows(pieces);
+        let v = self.next_version();
+        let mut dv = known.data.clone();
+        for &i in written {
+            dv[i] = v;
+        }
+        let manifest = Manifest {
+            version: v,
+            data: dv,
+        };
+        let swaps: Vec<(u64, usize, WriteItem)> = written
+            .iter()
+            .map(|&i| {
+                let (w0, w1) = win[&i];
+                let mut after = vec![0u8; w1 - w0];
+                for p in pieces.iter().filter(|p| p.index == i) {
+                    let from = sp.buf_offset as usize + p.buf_offset;
+                    after[p.start - w0..p.start - w0 + p.len]
+                        .copy_from_slice(&data[from..from + p.len]);
+                }
+                let item = WriteItem {
+                    key: FragKey {
+                        stripe,
+                        index: i as u8,
+                    },
+                    manifest: manifest.clone(),
+                    zero: false,
+                    data: Bytes::from(after),
+                    offset: w0 as u32,
+                    base: known.data[i],
+                    xor: false,
+                };
+                (stripe, i, item)
+            })
+            .collect();
+        let got = self.swap_frags(swaps).await;
+        // The old bytes came back: this path's read.
+        fault::point("write:after-read").await;
+        if got.iter().all(|g| matches!(g, Swapped::Refused)) {
+            self.forget(stripe);
+            return None;
+        }
+        let mut keys: Vec<(u64, usize)> = written.iter().map(|&i| (stripe, i)).collect();
+        let mut ok: Vec<bool> = written
+            .iter()
+            .zip(&got)
+            .map(|(i, g)| matches!(g, Swapped::Old(b) if b.len() == win[i].1 - win[i].0))
+            .collect();
+        if !ok.iter().all(|b| *b) {
+            // Some of the new state landed, but without every replaced range the parity
+            // cannot follow: the stripe is suspect, and the caller's retry resolves it (rolling
+            // the partial state back or forward) before it rewrites the stripe whole.
+            self.forget(stripe);
+            let r = self.settle(&keys, &ok, &HashMap::new());
+            let mut st = self.sh.state.lock().expect("volume state poisoned");
+            st.suspect.insert(stripe);
+            drop(st);
+            let busy = BlockError::Busy("a data fragment of a small write failed");
+            return Some(Err(r.err().unwrap_or(busy)));
+        }
+        let mut contrib: Vec<Vec<u8>> = vec![vec![0u8; hull.1 - hull.0]; m];
+        for (&i, g) in written.iter().zip(&got) {
+            let Swapped::Old(before) = g else {
+                unreachable!("checked above")
+            };
+            if let Err(e) = self.change(
+                sp,
+                data,
+                pieces,
+                i,
+                win[&i],
+                hull.0,
+                before.to_vec(),
+                &mut contrib,
+            ) {
+                return Some(Err(e));
+            }
+        }
+        let mut items = Vec::with_capacity(m);
+        for (j, c) in contrib.into_iter().enumerate() {
+            keys.push((stripe, k + j));
+            items.push((
+                stripe,
+                k + j,
+                WriteItem {
+                    key: FragKey {
+                        stripe,
+                        index: (k + j) as u8,
+                    },
+                    manifest: manifest.clone(),
+                    zero: false,
+                    data: Bytes::from(c),
+                    offset: hull.0 as u32,
+                    base: known.version,
+                    xor: true,
+                },
+            ));
+        }
+        ok.extend(self.write_frags(items).await);
         fault::point("write:before-ack").await;
         let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
         let r = self.settle(&keys, &ok, &already);

@@ -46,6 +46,8 @@ impl NodeHandler {
 fn weight(req: &Request) -> u32 {
     let bytes: usize = match req {
         Request::Write { items, .. } => items.iter().map(|i| i.data.len()).sum(),
+        // A swap also holds the replaced bytes.
+        Request::Swap { items, .. } => items.iter().map(|i| 2 * i.data.len()).sum(),
         // What a read will hold: its chunks, read whole.
         Request::Read { vol, items } => items.len() * (vol.chunk as usize + 4096),
         Request::PutBlob { data, .. } => data.len(),
@@ -93,6 +95,7 @@ impl Handler for NodeHandler {
                     }
                 }
                 Request::Write { vol, items } => Response::Write(store.write(&vol, items).await?),
+                Request::Swap { vol, items } => Response::Swap(store.swap(&vol, items).await?),
                 Request::Read { vol, items } => Response::Read(store.read(&vol, items).await),
                 Request::Versions { vol, first, count } => Response::Versions(
                     store

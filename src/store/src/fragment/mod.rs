@@ -706,18 +706,40 @@ impl FragmentStore {
         vol: &VolumeCtx,
         items: Vec<WriteItem>,
     ) -> Result<Vec<Status>, Refusal> {
+        let out = self.write_items(vol, items, false).await?;
+        Ok(out.into_iter().map(|(s, _)| s).collect())
+    }
+
+    /// Write ranges on the fragments' newest copies (each item's `base` must be the node's
+    /// newest copy, as for a delta) and return, per item, the bytes each range replaced. The
+    /// replaced blocks are checked against their checksums first: a damaged one fails the item
+    /// with [`Status::CHECKSUM`] and nothing is written for it.
+    pub async fn swap(
+        &self,
+        vol: &VolumeCtx,
+        items: Vec<WriteItem>,
+    ) -> Result<Vec<(Status, Bytes)>, Refusal> {
+        self.write_items(vol, items, true).await
+    }
+
+    async fn write_items(
+        &self,
+        vol: &VolumeCtx,
+        items: Vec<WriteItem>,
+        swap: bool,
+    ) -> Result<Vec<(Status, Bytes)>, Refusal> {
         self.check_writable()?;
-        let work = items.into_iter().map(|it| self.write_one(vol, it));
+        let work = items.into_iter().map(|it| self.write_one(vol, it, swap));
         let results = futures_util::future::join_all(work).await;
-        let mut statuses: Vec<Status> = Vec::with_capacity(results.len());
+        let mut statuses: Vec<(Status, Bytes)> = Vec::with_capacity(results.len());
         let mut commits = Vec::new();
         for r in results {
             match r {
-                Ok(c) => {
-                    statuses.push(Status::OK);
+                Ok((c, old)) => {
+                    statuses.push((Status::OK, old));
                     commits.push(c);
                 }
-                Err(s) => statuses.push(s),
+                Err(s) => statuses.push((s, Bytes::new())),
             }
         }
         if self.inner.sync == SyncMode::Batched && !commits.is_empty() && !self.inner.memory_fs {
@@ -742,7 +764,15 @@ impl FragmentStore {
         Ok(statuses)
     }
 
-    async fn write_one(&self, vol: &VolumeCtx, it: WriteItem) -> Result<Commit, Status> {
+    async fn write_one(
+        &self,
+        vol: &VolumeCtx,
+        it: WriteItem,
+        swap: bool,
+    ) -> Result<(Commit, Bytes), Status> {
+        if swap && (it.base == 0 || it.xor || it.zero) {
+            return Err(Status::BAD_REQUEST);
+        }
         let loc = locate(vol, &it.key);
         let e = self.extent_or_alloc(loc.key, vol.chunk, vol.pgs).await?;
         if e.rec.chunk != vol.chunk || e.rec.pgs != vol.pgs {
@@ -756,8 +786,13 @@ impl FragmentStore {
         // A partial write builds on the copy at `base`, which must stay untouched.
         let base_slot = if it.base != 0 {
             match (0..2).find(|&s| cur[s].kind != EMPTY && cur[s].version == it.base) {
-                // A delta applies only to the copy it was computed against: the newest.
-                Some(s) if it.xor && cur[1 - s].kind != EMPTY && cur[1 - s].version > it.base => {
+                // A delta applies only to the copy it was computed against, and a swap reports
+                // what the newest copy held: both need the base to be the newest.
+                Some(s)
+                    if (it.xor || swap)
+                        && cur[1 - s].kind != EMPTY
+                        && cur[1 - s].version > it.base =>
+                {
                     return Err(Status::NOT_FOUND)
                 }
                 Some(s) => Some(s),
@@ -786,6 +821,7 @@ impl FragmentStore {
         // checksums for the blocks it carries over: a block damaged on disk keeps a checksum
         // that does not match it, so the damage stays visible to reads and scrub.
         let mut merged_buf: Option<AlignedBuf> = None;
+        let mut replaced = Bytes::new();
         let (data, crcs): (Bytes, Vec<u32>) = match base_slot {
             None if it.zero => (Bytes::new(), Vec::new()),
             None => {
@@ -825,6 +861,20 @@ impl FragmentStore {
                     }
                 };
                 let range = &mut buf[BLOCK + off..BLOCK + off + it.data.len()];
+                if swap {
+                    if let Some(c) = &base_crcs {
+                        let first = off / BLOCK;
+                        let ok = range
+                            .chunks(BLOCK)
+                            .enumerate()
+                            .all(|(i, blk)| c.get(first + i) == Some(&SlotHeader::checksum(blk)));
+                        if !ok {
+                            self.counters_checksum();
+                            return Err(Status::CHECKSUM);
+                        }
+                    }
+                    replaced = Bytes::copy_from_slice(range);
+                }
                 if it.xor {
                     xor_into(range, &it.data);
                 } else {
@@ -918,16 +968,19 @@ impl FragmentStore {
                 )
                 .await;
         }
-        Ok(Commit {
-            extent: e,
-            pair: loc.pair,
-            slot,
-            state: Slot {
-                version: v,
-                kind: if zero { ZERO } else { DATA },
+        Ok((
+            Commit {
+                extent: e,
+                pair: loc.pair,
+                slot,
+                state: Slot {
+                    version: v,
+                    kind: if zero { ZERO } else { DATA },
+                },
+                guard,
             },
-            guard,
-        })
+            replaced,
+        ))
     }
 
     /// Read fragments.

@@ -600,3 +600,70 @@ fn xor_writes_apply_a_delta_to_the_newest_copy_only() {
         assert!(r.data[4096..].iter().all(|b| *b == 0));
     });
 }
+
+#[test]
+fn swaps_write_a_range_on_the_newest_copy_and_return_what_it_replaced() {
+    let dir = tmpdir(true);
+    let path = dir.path().join("store");
+    let v = vol(16384);
+    let a = pattern(40, 16384);
+    let d = pattern(41, 4096);
+    let swap = |version: u64, base: u64, offset: u32, data: &[u8]| WriteItem {
+        offset,
+        base,
+        ..item(6, 4, version, data)
+    };
+    let slot_of = run(async {
+        let s = FragmentStore::open(&path, &opts()).unwrap();
+        s.write(&v, vec![item(6, 4, 1, &a)]).await.unwrap();
+        let out = s.swap(&v, vec![swap(2, 1, 8192, &d)]).await.unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0, &out[0].1[..]), (Status::OK, &a[8192..12288]));
+        let mut want = a.clone();
+        want[8192..12288].copy_from_slice(&d);
+        let r = read1(&s, &v, 6, 4, Want::Latest).await;
+        assert_eq!((r.manifest.version, &r.data[..]), (2, &want[..]));
+        // The base copy is still held but no longer the newest: refused, nothing written.
+        let out = s.swap(&v, vec![swap(3, 1, 0, &d)]).await.unwrap();
+        assert_eq!((out[0].0, out[0].1.len()), (Status::NOT_FOUND, 0));
+        assert_eq!(read1(&s, &v, 6, 4, Want::Latest).await.manifest.version, 2);
+        // A swap must build on a copy: a whole-chunk one is refused.
+        let out = s.swap(&v, vec![item(6, 4, 4, &a)]).await.unwrap();
+        assert_eq!(out[0].0, Status::BAD_REQUEST);
+        let loc = locate(&v, &key(6, 4));
+        let e = s.extent(&loc.key).unwrap();
+        let slot = (0..2)
+            .find(|&i| FragmentStore::slots(&e, loc.pair)[i].version == 2)
+            .unwrap();
+        e.rec.slot_offset(loc.pair, slot)
+    });
+    // Damage block 0 of version 2's copy.
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0xee; 8], slot_of + BLOCK as u64 + 10)
+        .unwrap();
+    drop(f);
+    run(async {
+        let s = FragmentStore::open(&path, &opts()).unwrap();
+        let before = s.stats().checksum_errors;
+        // Replacing the damaged block would hand back damaged bytes: refused.
+        let out = s.swap(&v, vec![swap(3, 2, 0, &d)]).await.unwrap();
+        assert_eq!(out[0].0, Status::CHECKSUM);
+        assert_eq!(s.stats().checksum_errors, before + 1);
+        let r = s
+            .read(
+                &v,
+                vec![ReadItem {
+                    key: key(6, 4),
+                    want: Want::Latest,
+                    offset: 12288,
+                    len: 4096,
+                }],
+            )
+            .await
+            .remove(0);
+        assert_eq!((r.status, r.manifest.version), (Status::OK, 2));
+        // An undamaged block swaps.
+        let out = s.swap(&v, vec![swap(3, 2, 12288, &d)]).await.unwrap();
+        assert_eq!((out[0].0, &out[0].1[..]), (Status::OK, &a[12288..]));
+    });
+}
