@@ -20,7 +20,7 @@ DESTDIR      ?=
 # Debian packages the build and the tests need (installed only when missing).
 DEB_PACKAGES := build-essential pkg-config libiscsi-bin qemu-utils qemu-block-extra tgt istgt \
                 socat cpio xz-utils zstd kmod iproute2 procps qemu-system-x86 open-iscsi \
-                nvme-cli e2fsprogs fio busybox-static python3 clang
+                nvme-cli e2fsprogs fio busybox-static python3 clang etcd-server protobuf-compiler
 
 export CARGO_TERM_COLOR = never
 

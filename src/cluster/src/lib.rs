@@ -1,0 +1,733 @@
+//! tessera's control plane: the cluster's state in etcd.
+//!
+//! Everything lives under one key prefix (default `/tessera`), so several clusters can share
+//! an etcd. Values are JSON. Every change that must not race is one transaction guarded by
+//! revisions; nothing here reads and then writes unguarded.
+//!
+//! | key | value | lifetime |
+//! |---|---|---|
+//! | `P/nodes/ID` | [`NodeRecord`] | the node's lease (TTL default 10 s, kept alive) |
+//! | `P/gateways/ID` | [`GatewayRecord`] | the gateway's lease |
+//! | `P/volumes/NAME` | [`VolumeRecord`] | until deleted |
+//! | `P/meta/next-lun` | next LUN number (decimal) | forever |
+//! | `P/pgmaps/VOLID` | [`PgMapRecord`]: placement of every PG, with an epoch | the volume's |
+//! | `P/epochs/VOLID` | the volume's fencing epoch (decimal), raised at every takeover | the volume's |
+//! | `P/owners/VOLID` | [`OwnerRecord`]: the owning gateway and its epoch | the owner's lease |
+//! | `P/election/controller` | etcd election: the gateway that computes placement | leader's lease |
+//!
+//! `VOLID` is the volume id in 16 hex digits. etcd is off the data path: gateways and nodes
+//! read it at start, cache it, and watch it.
+
+#![warn(missing_docs)]
+
+pub mod process;
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
+};
+use serde::{Deserialize, Serialize};
+use tessera_ec::{placement, Profile};
+
+pub use etcd_client;
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "/tessera";
+/// The default lease TTL of nodes and gateways, in seconds.
+pub const DEFAULT_TTL: i64 = 10;
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// etcd could not be reached or refused the request.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// A value in etcd did not decode.
+    #[error("etcd key {key}: {reason}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The named volume exists already.
+    #[error("volume {0} exists already")]
+    Exists(String),
+    /// No such volume.
+    #[error("no volume named {0}")]
+    NoVolume(String),
+    /// A request that cannot be carried out as asked.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Shorthand.
+pub type Result<T> = std::result::Result<T, ClusterError>;
+
+/// A storage node's state as an operator set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Serving and eligible for placement.
+    #[default]
+    Up,
+    /// Serving, but its data is to move elsewhere.
+    Draining,
+    /// Not to be used.
+    Out,
+}
+
+/// A registered storage node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Stable id.
+    pub id: String,
+    /// Fragment RPC address.
+    pub address: String,
+    /// Failure-domain labels.
+    #[serde(default)]
+    pub host: String,
+    /// Rack label.
+    #[serde(default)]
+    pub rack: String,
+    /// Zone label.
+    #[serde(default)]
+    pub zone: String,
+    /// Bytes the store may use (0: unlimited).
+    #[serde(default)]
+    pub capacity: u64,
+    /// Operator state.
+    #[serde(default)]
+    pub state: NodeState,
+}
+
+/// A running gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRecord {
+    /// Its id.
+    pub id: String,
+    /// Its iSCSI portals.
+    pub portals: Vec<String>,
+}
+
+/// A volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Name (unique in the cluster).
+    pub name: String,
+    /// Id: the nodes key fragments by it. Never reused, even for a re-created name.
+    pub id: u64,
+    /// LUN number on every gateway's cluster target.
+    pub lun: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Logical block size (512 or 4096).
+    pub block_size: u32,
+    /// Data chunks per stripe.
+    pub k: u8,
+    /// Parity chunks per stripe.
+    pub m: u8,
+    /// Bytes per chunk.
+    pub chunk: u32,
+    /// Codec name (fragments are readable only by the codec that wrote them).
+    pub codec: String,
+    /// Placement groups (a power of two, fixed at creation).
+    pub pgs: u32,
+    /// Fragments durable before a write is acknowledged.
+    pub write_quorum: usize,
+}
+
+impl VolumeRecord {
+    /// The erasure-code profile.
+    pub fn profile(&self) -> Result<Profile> {
+        let mut p = Profile::new(u32::from(self.k), u32::from(self.m), u64::from(self.chunk))
+            .map_err(|e| ClusterError::Invalid(format!("volume {}: {e}", self.name)))?;
+        p.codec = tessera_ec::CodecId::from_name(&self.codec).ok_or_else(|| {
+            ClusterError::Invalid(format!(
+                "volume {}: unknown codec {}",
+                self.name, self.codec
+            ))
+        })?;
+        Ok(p)
+    }
+}
+
+/// What `volume create` asks for.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    /// Name.
+    pub name: String,
+    /// Bytes (rounded up to whole blocks by nobody: must be a multiple of the block size).
+    pub size: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Profile.
+    pub profile: Profile,
+    /// Placement groups.
+    pub pgs: u32,
+    /// Write quorum (`None`: the profile's default).
+    pub write_quorum: Option<usize>,
+}
+
+/// A node as a placement map names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapNode {
+    /// Node id.
+    pub id: String,
+    /// Its address when the map was made.
+    pub address: String,
+}
+
+/// The placement of a volume's PGs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgMapRecord {
+    /// Raised at every change of the map.
+    pub epoch: u64,
+    /// The nodes the map uses.
+    pub nodes: Vec<MapNode>,
+    /// For each PG, the index in `nodes` of each fragment position.
+    pub map: Vec<Vec<usize>>,
+}
+
+/// Who owns a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    /// The owning gateway.
+    pub gateway: String,
+    /// The fencing epoch it took.
+    pub epoch: u64,
+}
+
+/// A connection to the cluster's etcd.
+#[derive(Clone)]
+pub struct Cluster {
+    client: Client,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cluster({})", self.prefix)
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|e| ClusterError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+fn parse_u64(key: &[u8], value: &[u8]) -> Result<u64> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| ClusterError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: "not a number".into(),
+        })
+}
+
+/// FNV-1a over the parts (stable across Rust releases).
+fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter().chain(std::iter::once(&0xffu8)) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl Cluster {
+    /// Connect to etcd at `endpoints` (URLs like `http://127.0.0.1:2379`), keys under
+    /// `prefix`.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
+        if endpoints.is_empty() {
+            return Err(ClusterError::Invalid("no etcd endpoint given".into()));
+        }
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = Client::connect(endpoints, Some(opts)).await?;
+        Ok(Self {
+            client,
+            prefix: prefix.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The etcd client (for leases, watches).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The key `prefix/rest`.
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.prefix)
+    }
+
+    async fn get_prefix(&self, rest: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let r = self
+            .client
+            .clone()
+            .get(self.key(rest), Some(GetOptions::new().with_prefix()))
+            .await?;
+        Ok(r.kvs()
+            .iter()
+            .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+            .collect())
+    }
+
+    async fn get_one(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
+        let r = self.client.clone().get(key, None).await?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    // ---- leases -------------------------------------------------------------------------
+
+    /// Grant a lease of `ttl` seconds.
+    pub async fn grant(&self, ttl: i64) -> Result<i64> {
+        Ok(self.client.clone().lease_grant(ttl, None).await?.id())
+    }
+
+    /// Keep lease `id` alive until it is lost (etcd says it expired, or it could not be
+    /// renewed within its TTL); returns why. Renews every `ttl / 3` seconds.
+    pub async fn keep_alive(&self, id: i64, ttl: i64) -> ClusterError {
+        let (mut keeper, mut stream) = match self.client.clone().lease_keep_alive(id).await {
+            Ok(k) => k,
+            Err(e) => return e.into(),
+        };
+        let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            if let Err(e) = keeper.keep_alive().await {
+                if last_ok.elapsed() > Duration::from_secs(ttl as u64) {
+                    return e.into();
+                }
+            } else {
+                match tokio::time::timeout(period, stream.message()).await {
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = tokio::time::Instant::now(),
+                    Ok(Ok(Some(_))) => {
+                        return ClusterError::Invalid(format!("lease {id:x} expired"));
+                    }
+                    Ok(Ok(None)) => return ClusterError::Invalid("keep-alive stream ended".into()),
+                    Ok(Err(e)) => return e.into(),
+                    Err(_) => {}
+                }
+                if last_ok.elapsed() > Duration::from_secs(ttl as u64) {
+                    return ClusterError::Invalid(format!("lease {id:x} not renewed in {ttl} s"));
+                }
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+
+    /// Revoke a lease (its keys go at once).
+    pub async fn revoke(&self, id: i64) -> Result<()> {
+        self.client.clone().lease_revoke(id).await?;
+        Ok(())
+    }
+
+    // ---- nodes and gateways -------------------------------------------------------------
+
+    /// Register (or refresh) a node under `lease`.
+    pub async fn register_node(&self, rec: &NodeRecord, lease: i64) -> Result<()> {
+        self.client
+            .clone()
+            .put(
+                self.key(&format!("nodes/{}", rec.id)),
+                encode(rec),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Every live node, by id.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let mut out: Vec<NodeRecord> = self
+            .get_prefix("nodes/")
+            .await?
+            .iter()
+            .map(|(k, v)| decode(k, v))
+            .collect::<Result<_>>()?;
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Register a gateway under `lease`.
+    pub async fn register_gateway(&self, rec: &GatewayRecord, lease: i64) -> Result<()> {
+        self.client
+            .clone()
+            .put(
+                self.key(&format!("gateways/{}", rec.id)),
+                encode(rec),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Every live gateway, by id.
+    pub async fn gateways(&self) -> Result<Vec<GatewayRecord>> {
+        let mut out: Vec<GatewayRecord> = self
+            .get_prefix("gateways/")
+            .await?
+            .iter()
+            .map(|(k, v)| decode(k, v))
+            .collect::<Result<_>>()?;
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    // ---- volumes ------------------------------------------------------------------------
+
+    /// Create a volume: its record and the next free LUN number, in one transaction.
+    pub async fn create_volume(&self, req: &NewVolume) -> Result<VolumeRecord> {
+        let name = req.name.trim();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(ClusterError::Invalid(format!(
+                "volume name {name:?}: 1 to 64 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        if req.block_size != 512 && req.block_size != 4096 {
+            return Err(ClusterError::Invalid(format!(
+                "block size {} (512 or 4096)",
+                req.block_size
+            )));
+        }
+        if req.size == 0 || req.size % u64::from(req.block_size) != 0 {
+            return Err(ClusterError::Invalid(format!(
+                "size {} is not a positive multiple of the block size {}",
+                req.size, req.block_size
+            )));
+        }
+        if !req.pgs.is_power_of_two() || req.pgs > 1 << 16 {
+            return Err(ClusterError::Invalid(format!(
+                "PG count {} (a power of two up to 65536)",
+                req.pgs
+            )));
+        }
+        let quorum = req
+            .write_quorum
+            .unwrap_or_else(|| req.profile.default_write_quorum());
+        if quorum < usize::from(req.profile.k) || quorum > req.profile.width() {
+            return Err(ClusterError::Invalid(format!(
+                "write quorum {quorum} outside k ({}) ..= k + m ({})",
+                req.profile.k,
+                req.profile.width()
+            )));
+        }
+        let vkey = self.key(&format!("volumes/{name}"));
+        let ckey = self.key("meta/next-lun");
+        loop {
+            let counter = self.get_one(&ckey).await?;
+            let (lun, guard) = match &counter {
+                Some((v, rev)) => (
+                    parse_u64(ckey.as_bytes(), v)?,
+                    Compare::mod_revision(ckey.clone(), CompareOp::Equal, *rev),
+                ),
+                None => (
+                    0,
+                    Compare::create_revision(ckey.clone(), CompareOp::Equal, 0),
+                ),
+            };
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let rec = VolumeRecord {
+                name: name.to_string(),
+                id: stable_hash(&[
+                    b"tessera-volume",
+                    name.as_bytes(),
+                    &lun.to_be_bytes(),
+                    &nanos.to_be_bytes(),
+                ]),
+                lun,
+                size: req.size,
+                block_size: req.block_size,
+                k: req.profile.k,
+                m: req.profile.m,
+                chunk: req.profile.chunk_size,
+                codec: req.profile.codec.name().to_string(),
+                pgs: req.pgs,
+                write_quorum: quorum,
+            };
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::create_revision(vkey.clone(), CompareOp::Equal, 0),
+                    guard,
+                ])
+                .and_then(vec![
+                    TxnOp::put(vkey.clone(), encode(&rec), None),
+                    TxnOp::put(ckey.clone(), (lun + 1).to_string(), None),
+                ]);
+            if self.client.clone().txn(txn).await?.succeeded() {
+                return Ok(rec);
+            }
+            if self.get_one(&vkey).await?.is_some() {
+                return Err(ClusterError::Exists(name.to_string()));
+            }
+            // Another volume took the LUN number meanwhile: try the next.
+        }
+    }
+
+    /// Every volume, by LUN.
+    pub async fn volumes(&self) -> Result<Vec<VolumeRecord>> {
+        let mut out: Vec<VolumeRecord> = self
+            .get_prefix("volumes/")
+            .await?
+            .iter()
+            .map(|(k, v)| decode(k, v))
+            .collect::<Result<_>>()?;
+        out.sort_by_key(|v| v.lun);
+        Ok(out)
+    }
+
+    /// One volume.
+    pub async fn volume(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        let key = self.key(&format!("volumes/{name}"));
+        match self.get_one(&key).await? {
+            Some((v, _)) => Ok(Some(decode(key.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Delete a volume's records (its record, map, epoch and owner) in one transaction.
+    /// The fragments on the nodes are left for the nodes to reclaim.
+    pub async fn delete_volume(&self, name: &str) -> Result<VolumeRecord> {
+        let Some(v) = self.volume(name).await? else {
+            return Err(ClusterError::NoVolume(name.to_string()));
+        };
+        let id = format!("{:016x}", v.id);
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                self.key(&format!("volumes/{name}")),
+                CompareOp::Greater,
+                0,
+            )])
+            .and_then(vec![
+                TxnOp::delete(self.key(&format!("volumes/{name}")), None),
+                TxnOp::delete(self.key(&format!("pgmaps/{id}")), None),
+                TxnOp::delete(self.key(&format!("epochs/{id}")), None),
+                TxnOp::delete(self.key(&format!("owners/{id}")), None),
+            ]);
+        if !self.client.clone().txn(txn).await?.succeeded() {
+            return Err(ClusterError::NoVolume(name.to_string()));
+        }
+        Ok(v)
+    }
+
+    // ---- placement ----------------------------------------------------------------------
+
+    /// A volume's placement map, if the controller made one.
+    pub async fn pg_map(&self, volume: u64) -> Result<Option<PgMapRecord>> {
+        let key = self.key(&format!("pgmaps/{volume:016x}"));
+        match self.get_one(&key).await? {
+            Some((v, _)) => Ok(Some(decode(key.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The controller's part: make the volume's first placement map from the live nodes in
+    /// state up (rendezvous hashing over failure domains), unless one exists; returns the
+    /// stored map either way.
+    pub async fn ensure_pg_map(&self, vol: &VolumeRecord) -> Result<PgMapRecord> {
+        if let Some(m) = self.pg_map(vol.id).await? {
+            return Ok(m);
+        }
+        let live: Vec<NodeRecord> = self
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.state == NodeState::Up)
+            .collect();
+        let pnodes: Vec<placement::Node> = live
+            .iter()
+            .map(|n| placement::Node::new(&n.id, &n.zone, &n.rack, &n.host))
+            .collect();
+        let width = usize::from(vol.k) + usize::from(vol.m);
+        let map = placement::compute(vol.id, vol.pgs, &pnodes, width, None)
+            .map_err(|e| ClusterError::Invalid(format!("placing volume {}: {e}", vol.name)))?;
+        let rec = PgMapRecord {
+            epoch: 1,
+            nodes: live
+                .iter()
+                .map(|n| MapNode {
+                    id: n.id.clone(),
+                    address: n.address.clone(),
+                })
+                .collect(),
+            map,
+        };
+        let key = self.key(&format!("pgmaps/{:016x}", vol.id));
+        let txn = Txn::new()
+            .when(vec![
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                // Only for a volume that still exists.
+                Compare::create_revision(
+                    self.key(&format!("volumes/{}", vol.name)),
+                    CompareOp::Greater,
+                    0,
+                ),
+            ])
+            .and_then(vec![TxnOp::put(key.clone(), encode(&rec), None)]);
+        if self.client.clone().txn(txn).await?.succeeded() {
+            return Ok(rec);
+        }
+        self.pg_map(vol.id)
+            .await?
+            .ok_or_else(|| ClusterError::NoVolume(vol.name.clone()))
+    }
+
+    // ---- ownership ----------------------------------------------------------------------
+
+    /// The volume's owner, if any gateway holds it.
+    pub async fn owner(&self, volume: u64) -> Result<Option<OwnerRecord>> {
+        let key = self.key(&format!("owners/{volume:016x}"));
+        match self.get_one(&key).await? {
+            Some((v, _)) => Ok(Some(decode(key.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The volume's fencing epoch (0 before its first owner).
+    pub async fn epoch(&self, volume: u64) -> Result<u64> {
+        let key = self.key(&format!("epochs/{volume:016x}"));
+        match self.get_one(&key).await? {
+            Some((v, _)) => parse_u64(key.as_bytes(), &v),
+            None => Ok(0),
+        }
+    }
+
+    /// Take ownership of a volume that has no owner: raise its fencing epoch and record
+    /// `gateway` as owner under `lease`, in one transaction. `Some(epoch)`: taken (or already
+    /// held under this lease); `None`: another gateway owns it.
+    pub async fn acquire(&self, volume: u64, gateway: &str, lease: i64) -> Result<Option<u64>> {
+        let okey = self.key(&format!("owners/{volume:016x}"));
+        let ekey = self.key(&format!("epochs/{volume:016x}"));
+        loop {
+            let cur = self.get_one(&ekey).await?;
+            let (epoch, guard) = match &cur {
+                Some((v, rev)) => (
+                    parse_u64(ekey.as_bytes(), v)?,
+                    Compare::mod_revision(ekey.clone(), CompareOp::Equal, *rev),
+                ),
+                None => (
+                    0,
+                    Compare::create_revision(ekey.clone(), CompareOp::Equal, 0),
+                ),
+            };
+            let next = epoch + 1;
+            let rec = OwnerRecord {
+                gateway: gateway.to_string(),
+                epoch: next,
+            };
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::create_revision(okey.clone(), CompareOp::Equal, 0),
+                    guard,
+                ])
+                .and_then(vec![
+                    TxnOp::put(
+                        okey.clone(),
+                        encode(&rec),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    TxnOp::put(ekey.clone(), next.to_string(), None),
+                ])
+                .or_else(vec![TxnOp::get(okey.clone(), None)]);
+            let resp = self.client.clone().txn(txn).await?;
+            if resp.succeeded() {
+                return Ok(Some(next));
+            }
+            let held = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => {
+                    g.kvs().first().map(|kv| (kv.value().to_vec(), kv.lease()))
+                }
+                _ => None,
+            });
+            match held {
+                Some((v, l)) => {
+                    let o: OwnerRecord = decode(okey.as_bytes(), &v)?;
+                    return Ok((l == lease && o.gateway == gateway).then_some(o.epoch));
+                }
+                // The owner went between the two reads, or the epoch moved: again.
+                None => continue,
+            }
+        }
+    }
+
+    /// Give a volume up (only if `gateway` holds it under `lease`).
+    pub async fn release(&self, volume: u64, gateway: &str, lease: i64) -> Result<()> {
+        let okey = self.key(&format!("owners/{volume:016x}"));
+        if let Some(o) = self.owner(volume).await? {
+            if o.gateway == gateway {
+                let txn = Txn::new()
+                    .when(vec![Compare::lease(okey.clone(), CompareOp::Equal, lease)])
+                    .and_then(vec![TxnOp::delete(okey, None)]);
+                self.client.clone().txn(txn).await?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- the controller -----------------------------------------------------------------
+
+    /// Campaign to be the controller under `lease`; returns once elected (the election
+    /// holds while the lease lives).
+    pub async fn campaign(&self, gateway: &str, lease: i64) -> Result<()> {
+        self.client
+            .clone()
+            .campaign(self.key("election/controller"), gateway, lease)
+            .await?;
+        Ok(())
+    }
+
+    /// The current controller's id, if any.
+    pub async fn controller(&self) -> Result<Option<String>> {
+        match self
+            .client
+            .clone()
+            .leader(self.key("election/controller"))
+            .await
+        {
+            Ok(r) => Ok(r
+                .kv()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+            // No leader: etcd answers "election: no leader".
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Delete every key under the prefix (tests).
+    pub async fn wipe(&self) -> Result<()> {
+        self.client
+            .clone()
+            .delete(
+                format!("{}/", self.prefix),
+                Some(DeleteOptions::new().with_prefix()),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,257 @@
+//! Against a real etcd member (Debian's etcd-server, started per test on a free loopback
+//! port with a temporary data directory, killed by PID at the end).
+
+use std::time::Duration;
+
+use super::*;
+use crate::process::{free_port, Etcd};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    etcd: Etcd,
+}
+
+fn etcd() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let client = std::net::SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1]).unwrap()));
+    let mut etcd = Etcd::start_single(
+        client,
+        &dir.path().join("data"),
+        &dir.path().join("etcd.log"),
+    )
+    .expect("start etcd (Debian package etcd-server; `make deps` installs it)");
+    etcd.wait_ready(Duration::from_secs(20)).unwrap();
+    Fixture { _dir: dir, etcd }
+}
+
+fn run<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn node(i: usize) -> NodeRecord {
+    NodeRecord {
+        id: format!("node-{i}"),
+        address: format!("127.0.0.1:{}", 7000 + i),
+        host: format!("host-{i}"),
+        rack: String::new(),
+        zone: String::new(),
+        capacity: 1 << 30,
+        state: NodeState::Up,
+    }
+}
+
+fn new_volume(name: &str) -> NewVolume {
+    NewVolume {
+        name: name.into(),
+        size: 64 << 20,
+        block_size: 4096,
+        profile: Profile::parse("4+2", 16384).unwrap(),
+        pgs: 16,
+        write_quorum: None,
+    }
+}
+
+#[test]
+fn nodes_register_under_a_lease_and_vanish_when_it_goes() {
+    let f = etcd();
+    run(async {
+        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t1")
+            .await
+            .unwrap();
+        let other = Cluster::connect(&[f.etcd.member.client_url()], "/t2")
+            .await
+            .unwrap();
+        let lease = c.grant(10).await.unwrap();
+        for i in 0..3 {
+            c.register_node(&node(i), lease).await.unwrap();
+        }
+        let got = c.nodes().await.unwrap();
+        assert_eq!(got, vec![node(0), node(1), node(2)]);
+        // Prefixes keep clusters apart.
+        assert!(other.nodes().await.unwrap().is_empty());
+        c.revoke(lease).await.unwrap();
+        assert!(c.nodes().await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn a_lease_kept_alive_outlives_its_ttl() {
+    let f = etcd();
+    run(async {
+        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
+            .await
+            .unwrap();
+        let lease = c.grant(2).await.unwrap();
+        c.register_node(&node(0), lease).await.unwrap();
+        let kept = {
+            let c = c.clone();
+            tokio::spawn(async move { c.keep_alive(lease, 2).await })
+        };
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(c.nodes().await.unwrap().len(), 1, "alive past its TTL");
+        kept.abort();
+        // Unrenewed, it expires.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(c.nodes().await.unwrap().is_empty(), "gone after its TTL");
+    });
+}
+
+#[test]
+fn volumes_get_distinct_luns_and_names_are_unique() {
+    let f = etcd();
+    run(async {
+        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
+            .await
+            .unwrap();
+        // Racing creators: every volume gets its own LUN.
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                c.create_volume(&new_volume(&format!("v{i}"))).await
+            }));
+        }
+        let mut luns = Vec::new();
+        for t in tasks {
+            luns.push(t.await.unwrap().unwrap().lun);
+        }
+        luns.sort_unstable();
+        assert_eq!(luns, (0..8).collect::<Vec<u64>>());
+        assert!(matches!(
+            c.create_volume(&new_volume("v3")).await,
+            Err(ClusterError::Exists(_))
+        ));
+        let v = c.volume("v3").await.unwrap().unwrap();
+        assert_eq!(
+            (v.k, v.m, v.chunk, v.write_quorum, v.pgs),
+            (4, 2, 16384, 5, 16)
+        );
+        assert_eq!(v.profile().unwrap(), Profile::parse("4+2", 16384).unwrap());
+        // Bad requests are refused with a reason.
+        let mut bad = new_volume("bad name!");
+        assert!(matches!(
+            c.create_volume(&bad).await,
+            Err(ClusterError::Invalid(_))
+        ));
+        bad.name = "ok".into();
+        bad.size = 1000;
+        assert!(matches!(
+            c.create_volume(&bad).await,
+            Err(ClusterError::Invalid(_))
+        ));
+        // Delete, and a re-created name gets a new id.
+        let gone = c.delete_volume("v3").await.unwrap();
+        assert!(c.volume("v3").await.unwrap().is_none());
+        assert!(matches!(
+            c.delete_volume("v3").await,
+            Err(ClusterError::NoVolume(_))
+        ));
+        let again = c.create_volume(&new_volume("v3")).await.unwrap();
+        assert_ne!(again.id, gone.id);
+        assert_eq!(again.lun, 8);
+        assert_eq!(c.volumes().await.unwrap().len(), 8);
+    });
+}
+
+#[test]
+fn the_first_placement_map_is_made_once_from_live_nodes() {
+    let f = etcd();
+    run(async {
+        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
+            .await
+            .unwrap();
+        let lease = c.grant(10).await.unwrap();
+        let v = c.create_volume(&new_volume("v")).await.unwrap();
+        // Too few nodes: a clear refusal, nothing stored.
+        for i in 0..4 {
+            c.register_node(&node(i), lease).await.unwrap();
+        }
+        assert!(matches!(
+            c.ensure_pg_map(&v).await,
+            Err(ClusterError::Invalid(_))
+        ));
+        assert!(c.pg_map(v.id).await.unwrap().is_none());
+        for i in 4..8 {
+            c.register_node(&node(i), lease).await.unwrap();
+        }
+        let m = c.ensure_pg_map(&v).await.unwrap();
+        assert_eq!(m.epoch, 1);
+        assert_eq!(m.map.len(), 16);
+        for pg in &m.map {
+            let mut ids: Vec<&str> = pg.iter().map(|&i| m.nodes[i].id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(ids.len(), 6, "distinct nodes per PG");
+        }
+        // Asked again (or by another controller), the stored map stands.
+        c.register_node(&node(8), lease).await.unwrap();
+        assert_eq!(c.ensure_pg_map(&v).await.unwrap(), m);
+    });
+}
+
+#[test]
+fn ownership_is_exclusive_and_every_takeover_raises_the_epoch() {
+    let f = etcd();
+    run(async {
+        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
+            .await
+            .unwrap();
+        let v = c.create_volume(&new_volume("v")).await.unwrap();
+        let a = c.grant(10).await.unwrap();
+        let b = c.grant(10).await.unwrap();
+        assert_eq!(c.epoch(v.id).await.unwrap(), 0);
+        assert_eq!(c.acquire(v.id, "gw-a", a).await.unwrap(), Some(1));
+        // Held: the other gateway is refused; the holder is told its epoch again.
+        assert_eq!(c.acquire(v.id, "gw-b", b).await.unwrap(), None);
+        assert_eq!(c.acquire(v.id, "gw-a", a).await.unwrap(), Some(1));
+        assert_eq!(
+            c.owner(v.id).await.unwrap(),
+            Some(OwnerRecord {
+                gateway: "gw-a".into(),
+                epoch: 1
+            })
+        );
+        // The owner's lease goes (it died): the next owner gets a higher epoch.
+        c.revoke(a).await.unwrap();
+        assert_eq!(c.owner(v.id).await.unwrap(), None);
+        assert_eq!(c.acquire(v.id, "gw-b", b).await.unwrap(), Some(2));
+        // A release by a non-owner does nothing; by the owner, frees it.
+        c.release(v.id, "gw-a", a).await.unwrap();
+        assert!(c.owner(v.id).await.unwrap().is_some());
+        c.release(v.id, "gw-b", b).await.unwrap();
+        assert_eq!(c.owner(v.id).await.unwrap(), None);
+        assert_eq!(c.epoch(v.id).await.unwrap(), 2);
+    });
+}
+
+#[test]
+fn one_controller_at_a_time() {
+    let f = etcd();
+    run(async {
+        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
+            .await
+            .unwrap();
+        assert_eq!(c.controller().await.unwrap(), None);
+        let a = c.grant(10).await.unwrap();
+        let b = c.grant(10).await.unwrap();
+        c.campaign("gw-a", a).await.unwrap();
+        assert_eq!(c.controller().await.unwrap().as_deref(), Some("gw-a"));
+        let second = {
+            let c = c.clone();
+            tokio::spawn(async move { c.campaign("gw-b", b).await })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!second.is_finished(), "the second candidate waits");
+        c.revoke(a).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("elected once the first is gone")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.controller().await.unwrap().as_deref(), Some("gw-b"));
+    });
+}
