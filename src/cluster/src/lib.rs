@@ -411,7 +411,7 @@ impl Cluster {
                 req.block_size
             )));
         }
-        if req.size == 0 || req.size % u64::from(req.block_size) != 0 {
+        if req.size == 0 || !req.size.is_multiple_of(u64::from(req.block_size)) {
             return Err(ClusterError::Invalid(format!(
                 "size {} is not a positive multiple of the block size {}",
                 req.size, req.block_size
