@@ -164,6 +164,29 @@ impl Demo {
         d
     }
 
+    /// The demo cluster's etcd URL (ec backend).
+    pub fn etcd(&self) -> String {
+        self.json["etcd"]
+            .as_str()
+            .expect("demo.json names the etcd of an ec demo")
+            .to_string()
+    }
+
+    /// Run `f` against the demo cluster's state in etcd.
+    pub fn cluster<T>(&self, f: impl AsyncFnOnce(tessera_cluster::Cluster) -> T) -> T {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let c =
+                tessera_cluster::Cluster::connect(&[self.etcd()], tessera_cluster::DEFAULT_PREFIX)
+                    .await
+                    .expect("connect to the demo's etcd");
+            f(c).await
+        })
+    }
+
     /// What the demo and its processes logged (stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("demo.log")).unwrap_or_default()
@@ -410,5 +433,64 @@ impl Drop for Gateway {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Disk images through `qemu-img` (raw files against `iscsi://` URLs).
+pub mod images {
+    use std::io::Write;
+    use std::path::Path;
+    use std::process::Command;
+    use std::time::Duration;
+
+    use crate::run;
+
+    /// A file of `mb` MiB of pseudo-random bytes (xorshift from `seed`).
+    pub fn random_file(path: &Path, mb: usize, seed: u64) {
+        let mut f = std::fs::File::create(path).unwrap();
+        let mut x = seed | 1;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..mb {
+            for b in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&buf).unwrap();
+        }
+    }
+
+    /// `qemu-img convert` a raw file onto an iSCSI URL.
+    pub fn convert(src: &Path, url: &str) {
+        let out = run(
+            Command::new("qemu-img")
+                .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+                .arg(src)
+                .arg(url),
+            Duration::from_secs(600),
+        );
+        assert!(
+            out.status.success(),
+            "qemu-img convert failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `qemu-img compare`: whether the file and the URL hold the same bytes.
+    pub fn compare(src: &Path, url: &str) -> bool {
+        let out = run(
+            Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "raw"])
+                .arg(src)
+                .arg(url),
+            Duration::from_secs(600),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("qemu-img compare: {}", text.trim());
+        if !out.status.success() {
+            println!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        out.status.success() && text.contains("identical")
     }
 }

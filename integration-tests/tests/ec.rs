@@ -3,63 +3,16 @@
 //! killed (SIGKILL) and restarted, fragments damaged on disk, and a second gateway fencing
 //! the first.
 
-use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tessera_integration_tests::images::{compare, convert, random_file};
 use tessera_integration_tests::initiator::Session;
-use tessera_integration_tests::{require_tool, run, Demo, Gateway};
+use tessera_integration_tests::{require_tool, Demo, Gateway};
 
 fn qemu() {
     require_tool("qemu-img", "qemu-utils and qemu-block-extra");
-}
-
-fn random_file(path: &Path, mb: usize, seed: u64) {
-    let mut f = std::fs::File::create(path).unwrap();
-    let mut x = seed | 1;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..mb {
-        for b in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).unwrap();
-    }
-}
-
-fn convert(src: &Path, url: &str) {
-    let out = run(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(src)
-            .arg(url),
-        Duration::from_secs(600),
-    );
-    assert!(
-        out.status.success(),
-        "qemu-img convert failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn compare(src: &Path, url: &str) -> bool {
-    let out = run(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(src)
-            .arg(url),
-        Duration::from_secs(600),
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    println!("qemu-img compare: {}", text.trim());
-    if !out.status.success() {
-        println!("{}", String::from_utf8_lossy(&out.stderr));
-    }
-    out.status.success() && text.contains("identical")
 }
 
 /// Every node's own scrub: (fragment copies checked, mismatches).
@@ -257,11 +210,34 @@ fn a_gateway_with_an_older_epoch_is_refused() {
     a.ready(0).unwrap();
     let w10 = [0x2a, 0, 0, 0, 0, 8, 0, 0, 1, 0];
     assert_eq!(a.command(0, &w10, &[0x11; 512], 0).unwrap().status, 0);
-    // A second gateway for the same volume (same nodes, its own portal) takes a new epoch.
+    // The first gateway is cut off: etcd sees its ownership go (as when its lease expires
+    // in a partition) while it still reaches the nodes. A second gateway of the cluster (its
+    // own id and portal) takes the volume over with a new fencing epoch.
     let cfg = std::fs::read_to_string(demo.dir.path().join("gateway.toml"))
         .unwrap()
-        .replace(&demo.portal.to_string(), "127.0.0.1:{PORT}");
+        .replace(&demo.portal.to_string(), "127.0.0.1:{PORT}")
+        .replace("gateway_id = \"gw-0\"", "gateway_id = \"gw-1\"");
+    let (id, before) = demo.cluster(async |c| {
+        let v = c.volume("demo").await.unwrap().expect("the demo volume");
+        let before = c.epoch(v.id).await.unwrap();
+        let owners = c.key("owners/");
+        c.client()
+            .delete(
+                owners,
+                Some(tessera_cluster::etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        (v.id, before)
+    });
     let b = Gateway::start(&cfg);
+    let (owner, after) =
+        demo.cluster(async |c| (c.owner(id).await.unwrap(), c.epoch(id).await.unwrap()));
+    assert_eq!(owner.map(|o| o.gateway).as_deref(), Some("gw-1"));
+    assert!(
+        after > before,
+        "the takeover raised the epoch ({before} -> {after})"
+    );
     let mut bs = Session::login(
         b.portal,
         "iqn.2024-01.test:fence",

@@ -296,6 +296,51 @@ pub struct ConfigFile {
     /// Storage nodes (for ec LUNs).
     #[serde(default)]
     pub node: Vec<NodeFile>,
+    /// The etcd control plane.
+    pub cluster: Option<ClusterFile>,
+}
+
+/// `[cluster]`: where the cluster's state lives (etcd), in gateway and node files alike.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// etcd client URLs (`http://host:port`).
+    pub etcd: Vec<Spanned<String>>,
+    /// Key prefix (several clusters can share an etcd).
+    pub prefix: Option<Spanned<String>>,
+    /// Seconds a node's or gateway's lease lives unrenewed.
+    pub lease_ttl_secs: Option<Spanned<i64>>,
+    /// Gateways: the target whose LUNs are the cluster's volumes.
+    pub target: Option<Spanned<String>>,
+    /// Gateways: this gateway's id (default: the host name).
+    pub gateway_id: Option<Spanned<String>>,
+}
+
+/// The validated `[cluster]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// etcd client URLs.
+    pub etcd: Vec<String>,
+    /// Key prefix.
+    pub prefix: String,
+    /// Lease TTL in seconds.
+    pub lease_ttl: i64,
+    /// The cluster target's IQN (gateways).
+    pub target: String,
+    /// This gateway's id (gateways).
+    pub gateway_id: String,
+}
+
+/// The default IQN of the target that exports the cluster's volumes.
+pub const CLUSTER_TARGET: &str = "iqn.2024-01.io.tessera:cluster";
+
+/// This machine's host name (or "localhost").
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Backend kinds.
@@ -454,6 +499,8 @@ pub struct Config {
     pub nodes: Vec<NodeRef>,
     /// How long a node may take to answer a fragment request.
     pub node_timeout_ms: u64,
+    /// The etcd control plane, when the gateway is part of a cluster.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Whether `s` is a plausible iSCSI name (iqn., eui. or naa. format, RFC 7143 §4.2.7).
@@ -588,6 +635,78 @@ impl Ctx<'_> {
             key: key.into(),
             msg: msg.into(),
         }
+    }
+
+    fn cluster(&self, c: &Option<ClusterFile>) -> Result<Option<ClusterConfig>, ConfigError> {
+        let Some(c) = c else {
+            return Ok(None);
+        };
+        let mut etcd = Vec::new();
+        for (i, u) in c.etcd.iter().enumerate() {
+            let url = u.get_ref().trim();
+            let ok = url
+                .strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty() && rest.contains(':'));
+            if !ok {
+                return Err(self.err(
+                    u.span(),
+                    format!("cluster.etcd[{i}]"),
+                    format!("not an etcd client URL http://host:port: {url:?}"),
+                ));
+            }
+            etcd.push(url.to_string());
+        }
+        if etcd.is_empty() {
+            return Err(self.err(0..0, "cluster.etcd", "at least one etcd URL is needed"));
+        }
+        let prefix = match &c.prefix {
+            None => "/tessera".to_string(),
+            Some(p) => {
+                let v = p.get_ref();
+                if !v.starts_with('/') || v.len() < 2 || v.ends_with('/') {
+                    return Err(self.err(
+                        p.span(),
+                        "cluster.prefix",
+                        "a key prefix like /tessera (leading '/', no trailing '/')",
+                    ));
+                }
+                v.clone()
+            }
+        };
+        let lease_ttl = match &c.lease_ttl_secs {
+            None => 10,
+            Some(t) if (2..=300).contains(t.get_ref()) => *t.get_ref(),
+            Some(t) => {
+                return Err(self.err(
+                    t.span(),
+                    "cluster.lease_ttl_secs",
+                    format!("must be between 2 and 300 (got {})", t.get_ref()),
+                ))
+            }
+        };
+        let target = match &c.target {
+            None => CLUSTER_TARGET.to_string(),
+            Some(t) if valid_iscsi_name(t.get_ref()) => t.get_ref().clone(),
+            Some(t) => {
+                return Err(self.err(
+                    t.span(),
+                    "cluster.target",
+                    format!("not an iSCSI name: {:?}", t.get_ref()),
+                ))
+            }
+        };
+        let gateway_id = match &c.gateway_id {
+            None => host_name(),
+            Some(g) if !g.get_ref().is_empty() && g.get_ref().len() <= 255 => g.get_ref().clone(),
+            Some(g) => return Err(self.err(g.span(), "cluster.gateway_id", "1 to 255 characters")),
+        };
+        Ok(Some(ClusterConfig {
+            etcd,
+            prefix,
+            lease_ttl,
+            target,
+            gateway_id,
+        }))
     }
 
     fn chap(&self, c: &Option<ChapFile>, key: &str) -> Result<Option<Chap>, ConfigError> {
@@ -930,6 +1049,7 @@ impl Config {
         }
         let discovery_chap = cx.chap(&raw.discovery.chap, "discovery.chap")?;
         let discovery_mutual_chap = cx.chap(&raw.discovery.mutual_chap, "discovery.mutual_chap")?;
+        let cluster = cx.cluster(&raw.cluster)?;
         Ok(Self {
             file: path.into(),
             portals,
@@ -950,6 +1070,7 @@ impl Config {
             targets,
             nodes,
             node_timeout_ms: g.node_timeout_ms.max(1),
+            cluster,
         })
     }
 }
@@ -996,6 +1117,7 @@ fn day() -> u64 {
 #[serde(deny_unknown_fields)]
 struct NodeFileTop {
     node: NodeSection,
+    cluster: Option<ClusterFile>,
 }
 
 /// A validated storage-node configuration.
@@ -1015,6 +1137,14 @@ pub struct NodeConfig {
     pub scrub_rate: u64,
     /// Seconds between background scrubs.
     pub scrub_interval_secs: u64,
+    /// Failure-domain labels.
+    pub zone: String,
+    /// Rack label.
+    pub rack: String,
+    /// Host label (default: the machine's host name).
+    pub host: String,
+    /// The etcd control plane to register with.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl NodeConfig {
@@ -1093,6 +1223,14 @@ impl NodeConfig {
             dsync,
             scrub_rate: size(&n.scrub_rate, "node.scrub_rate")?,
             scrub_interval_secs: n.scrub_interval_secs.max(1),
+            zone: n.zone.clone(),
+            rack: n.rack.clone(),
+            host: if n.host.is_empty() {
+                host_name()
+            } else {
+                n.host.clone()
+            },
+            cluster: cx.cluster(&raw.cluster)?,
         })
     }
 }

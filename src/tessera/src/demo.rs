@@ -1,8 +1,9 @@
 //! `tessera demo`: a complete local setup in one command.
 //!
 //! Writes a gateway configuration into `--dir`, starts `tessera gateway` as a child process
-//! (and, with `--backend ec`, one `tessera node` process per fragment of a stripe first),
-//! waits until everything answers, records it all in `DIR/demo.json` (portal, IQN, LUNs, and
+//! (and, with `--backend ec`, first a private etcd member and one `tessera node` process per
+//! fragment of a stripe, which register in etcd; the demo volume is created through etcd, and
+//! the gateway, a member of that cluster, exports it), waits until everything answers, records it all in `DIR/demo.json` (portal, IQN, LUNs, and
 //! the PID, role, address and command line of every process it runs), prints how to use it,
 //! and runs until SIGINT or SIGTERM, which it passes on to its children (gateway first) before
 //! it exits. A node that dies is left dead (tests kill nodes on purpose); the demo ends if the
@@ -76,6 +77,9 @@ struct DemoProcess {
 struct DemoJson {
     portal: String,
     iqn: String,
+    /// With --backend ec: the etcd client URL of the demo's cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd: Option<String>,
     luns: Vec<DemoLun>,
     chap_user: Option<String>,
     config: PathBuf,
@@ -107,9 +111,9 @@ pub struct DemoNode {
     pub data: PathBuf,
 }
 
-/// Build the gateway configuration text for the demo (`nodes`: the storage nodes of an ec
-/// backend).
-pub fn config_text(a: &DemoArgs, dir: &Path, nodes: &[DemoNode]) -> anyhow::Result<String> {
+/// Build the gateway configuration text for the demo (`etcd`: the cluster of an ec backend,
+/// whose volume the gateway exports as a cluster volume).
+pub fn config_text(a: &DemoArgs, dir: &Path, etcd: Option<&str>) -> anyhow::Result<String> {
     let size = parse_size(&a.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
     let mut t = String::new();
     t.push_str("# Written by `tessera demo`.\n[gateway]\n");
@@ -132,6 +136,20 @@ pub fn config_text(a: &DemoArgs, dir: &Path, nodes: &[DemoNode]) -> anyhow::Resu
             toml_str(secret)
         ));
     }
+    if a.backend == "ec" {
+        let Some(url) = etcd else {
+            bail!("--backend ec needs the demo's etcd");
+        };
+        if a.removable {
+            bail!("--removable applies to file and mem LUNs");
+        }
+        t.push_str(&format!(
+            "\n[cluster]\netcd = [{}]\ngateway_id = \"gw-0\"\ntarget = {}\nlease_ttl_secs = 5\n",
+            toml_str(url),
+            toml_str(&a.iqn)
+        ));
+        return Ok(t);
+    }
     t.push_str(&format!(
         "\n[[target.lun]]\nid = 0\nbackend = {}\nsize = {size}\nblock_size = {}\n",
         toml_str(&a.backend),
@@ -139,21 +157,6 @@ pub fn config_text(a: &DemoArgs, dir: &Path, nodes: &[DemoNode]) -> anyhow::Resu
     ));
     if a.removable {
         t.push_str("removable = true\n");
-    }
-    if a.backend == "ec" {
-        t.push_str(&format!(
-            "volume = \"demo\"\nec = {}\nchunk = {}\n",
-            toml_str(&a.ec),
-            toml_str(&a.chunk)
-        ));
-        for n in nodes {
-            t.push_str(&format!(
-                "\n[[node]]\nid = {}\naddress = {}\nhost = {}\n",
-                toml_str(&n.id),
-                toml_str(&n.address.to_string()),
-                toml_str(&n.id)
-            ));
-        }
     }
     if a.backend == "file" {
         t.push_str(&format!(
@@ -224,11 +227,25 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let cfg_path = dir.join("gateway.toml");
     let exe = std::env::current_exe().context("locating the tessera binary")?;
     let mut nodes = Vec::new();
+    let mut etcd: Option<tessera_cluster::process::Etcd> = None;
+    let mut profile = None;
     if a.backend == "ec" {
-        let profile =
-            tessera_ec::Profile::parse(&a.ec, 4096).map_err(|e| anyhow::anyhow!("--ec: {e}"))?;
+        let chunk = parse_size(&a.chunk).map_err(|e| anyhow::anyhow!("--chunk: {e}"))?;
+        let p =
+            tessera_ec::Profile::parse(&a.ec, chunk).map_err(|e| anyhow::anyhow!("--ec: {e}"))?;
+        profile = Some(p);
+        // The cluster's state: a private etcd member, data under --dir.
+        let port = tessera_cluster::process::free_port([127, 0, 0, 1])?;
+        let mut e = tessera_cluster::process::Etcd::start_single(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            &dir.join("etcd"),
+            &dir.join("etcd.log"),
+        )?;
+        e.wait_ready(Duration::from_secs(30))
+            .with_context(|| format!("etcd (see {})", dir.join("etcd.log").display()))?;
+        etcd = Some(e);
         std::fs::create_dir_all(dir.join("nodes"))?;
-        for i in 0..profile.width() {
+        for i in 0..p.width() {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
@@ -239,14 +256,15 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             });
         }
     }
-    std::fs::write(&cfg_path, config_text(&a, &dir, &nodes)?)
+    let etcd_url = etcd.as_ref().map(|e| e.member.client_url());
+    std::fs::write(&cfg_path, config_text(&a, &dir, etcd_url.as_deref())?)
         .with_context(|| format!("writing {}", cfg_path.display()))?;
     // Validate before starting anything, so a bad flag gets a clear message.
     let cfg = Config::load(&cfg_path)?;
     let portal = cfg.portals[0];
     let mut node_children: Vec<(DemoNode, Child, Vec<String>)> = Vec::new();
     for n in &nodes {
-        let argv: Vec<String> = vec![
+        let mut argv: Vec<String> = vec![
             exe.to_string_lossy().into_owned(),
             "node".into(),
             "--id".into(),
@@ -255,7 +273,13 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             n.address.to_string(),
             "--data".into(),
             n.data.to_string_lossy().into_owned(),
+            // Each node its own failure domain.
+            "--host".into(),
+            n.id.clone(),
         ];
+        if let Some(url) = &etcd_url {
+            argv.extend(["--etcd".into(), url.clone()]);
+        }
         let child = Command::new(&argv[0])
             .args(&argv[1..])
             .spawn()
@@ -267,6 +291,25 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         if let Err(e) = wait_listening(n.address, c, Duration::from_secs(20)) {
             failed = Some(e.context(format!("storage node {}", n.id)));
             break;
+        }
+    }
+    // The demo volume, through etcd, once every node has registered.
+    let mut volume = None;
+    if failed.is_none() {
+        if let (Some(url), Some(p)) = (&etcd_url, profile) {
+            let size = parse_size(&a.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
+            let req = tessera_cluster::NewVolume {
+                name: "demo".into(),
+                size,
+                block_size: a.block_size,
+                profile: p,
+                pgs: 64,
+                write_quorum: None,
+            };
+            match rt.block_on(demo_volume(url, &req)) {
+                Ok(v) => volume = Some(v),
+                Err(e) => failed = Some(e),
+            }
         }
     }
     if let Some(e) = failed {
@@ -302,17 +345,32 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         }
         return Err(e);
     }
-    let lun = &cfg.targets[0].luns[0];
+    let lun = match &volume {
+        Some(v) => DemoLun {
+            lun: v.lun,
+            size_bytes: v.size,
+            block_size: v.block_size,
+            backend: a.backend.clone(),
+            path: None,
+        },
+        None => {
+            let l = &cfg.targets[0].luns[0];
+            DemoLun {
+                lun: 0,
+                size_bytes: l.size.unwrap_or(0),
+                block_size: l.block_size,
+                backend: a.backend.clone(),
+                path: l.path.clone(),
+            }
+        }
+    };
+    let (lun_id, lun_block) = (lun.lun, lun.block_size);
+    let etcd_child = etcd.map(|e| (e.member.clone(), e.pid(), e.argv.clone(), e.into_child()));
     let json = DemoJson {
         portal: portal.to_string(),
         iqn: a.iqn.clone(),
-        luns: vec![DemoLun {
-            lun: 0,
-            size_bytes: lun.size.unwrap_or(0),
-            block_size: lun.block_size,
-            backend: a.backend.clone(),
-            path: lun.path.clone(),
-        }],
+        etcd: etcd_url.clone(),
+        luns: vec![lun],
         chap_user: cfg.targets[0].chap.as_ref().map(|c| c.user.clone()),
         config: cfg_path,
         pid: std::process::id(),
@@ -328,8 +386,15 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             address: n.address.to_string(),
             command: argv.clone(),
         }))
+        .chain(etcd_child.iter().map(|(m, pid, argv, _)| DemoProcess {
+            role: "etcd",
+            pid: pid.unwrap_or(0),
+            address: m.client.to_string(),
+            command: argv.clone(),
+        }))
         .collect(),
     };
+    let mut etcd_child = etcd_child.map(|(_, _, _, c)| c);
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")?;
     let url_auth = a
         .chap
@@ -341,17 +406,23 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!("  target  {}", a.iqn);
     println!("  portal  {portal}");
     println!(
-        "  LUN 0   {} bytes, {}-byte blocks, {} backend",
-        json.luns[0].size_bytes, lun.block_size, a.backend
+        "  LUN {lun_id}   {} bytes, {lun_block}-byte blocks, {} backend",
+        json.luns[0].size_bytes, a.backend
     );
     for (n, c, _) in &node_children {
         println!("  node    {} on {} (pid {})", n.id, n.address, c.id());
+    }
+    if let Some(url) = &etcd_url {
+        println!("  etcd    {url} (tessera status --etcd {url})");
     }
     println!("  state   {}", json_path.display());
     println!();
     println!("Try it:");
     println!("  iscsi-ls -s iscsi://{url_auth}{connect_to}");
-    println!("  iscsi-inq iscsi://{url_auth}{connect_to}/{}/0", a.iqn);
+    println!(
+        "  iscsi-inq iscsi://{url_auth}{connect_to}/{}/{lun_id}",
+        a.iqn
+    );
     println!("  iscsiadm -m discovery -t sendtargets -p {connect_to}");
     println!("  iscsiadm -m node -T {} -p {connect_to} --login", a.iqn);
     println!();
@@ -375,15 +446,47 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         for (_, c, _) in &mut node_children {
             terminate(c, Duration::from_secs(5));
         }
+        if let Some(c) = etcd_child.as_mut() {
+            terminate(c, Duration::from_secs(5));
+        }
         bail!("the gateway exited unexpectedly ({st})");
     }
     println!("stopping");
-    // The gateway first: it finishes the writes in flight, which need the nodes.
+    // The gateway first: it finishes the writes in flight, which need the nodes; etcd last.
     terminate(&mut child, Duration::from_secs(15));
     for (_, c, _) in &mut node_children {
         terminate(c, Duration::from_secs(10));
     }
+    if let Some(c) = etcd_child.as_mut() {
+        terminate(c, Duration::from_secs(10));
+    }
     Ok(())
+}
+
+/// The demo's volume: created once every node has registered (or found, in a --dir used
+/// before).
+async fn demo_volume(
+    url: &str,
+    req: &tessera_cluster::NewVolume,
+) -> anyhow::Result<tessera_cluster::VolumeRecord> {
+    let c = tessera_cluster::Cluster::connect(&[url.to_string()], tessera_cluster::DEFAULT_PREFIX)
+        .await?;
+    let width = req.profile.width();
+    let start = Instant::now();
+    loop {
+        let n = c.nodes().await?.len();
+        if n >= width {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("only {n} of {width} storage nodes registered in etcd");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(v) = c.volume(&req.name).await? {
+        return Ok(v);
+    }
+    Ok(c.create_volume(req).await?)
 }
 
 #[cfg(test)]
@@ -404,7 +507,7 @@ mod tests {
             ec: "4+2".into(),
             chunk: "16KiB".into(),
         };
-        let text = config_text(&a, Path::new("/tmp/x"), &[]).unwrap();
+        let text = config_text(&a, Path::new("/tmp/x"), None).unwrap();
         let c = Config::parse(Path::new("demo.toml"), &text).unwrap();
         assert_eq!(c.targets[0].luns[0].size, Some(64 << 20));
         assert_eq!(c.targets[0].chap.as_ref().unwrap().user, "user");
@@ -416,27 +519,28 @@ mod tests {
             chap: Some("nocolon".into()),
             ..a
         };
-        assert!(config_text(&bad, Path::new("/tmp/x"), &[]).is_err());
+        assert!(config_text(&bad, Path::new("/tmp/x"), None).is_err());
         let ec = DemoArgs {
             backend: "ec".into(),
             ec: "2+1".into(),
             chunk: "4KiB".into(),
             chap: None,
+            removable: false,
             ..bad
         };
-        let nodes: Vec<DemoNode> = (0..3)
-            .map(|i| DemoNode {
-                id: format!("node-{i}"),
-                address: SocketAddr::from(([127, 0, 0, 1], 7000 + i)),
-                data: format!("/tmp/x/n{i}").into(),
-            })
-            .collect();
+        assert!(
+            config_text(&ec, Path::new("/tmp/x"), None).is_err(),
+            "ec needs etcd"
+        );
         let c = Config::parse(
             Path::new("demo.toml"),
-            &config_text(&ec, Path::new("/tmp/x"), &nodes).unwrap(),
+            &config_text(&ec, Path::new("/tmp/x"), Some("http://127.0.0.1:2379")).unwrap(),
         )
         .unwrap();
-        assert_eq!(c.nodes.len(), 3);
-        assert_eq!(c.targets[0].luns[0].ec.as_ref().unwrap().profile.k, 2);
+        // The ec volume is the cluster's: the target has no LUN of its own.
+        assert!(c.targets[0].luns.is_empty());
+        let cl = c.cluster.as_ref().unwrap();
+        assert_eq!(cl.etcd, vec!["http://127.0.0.1:2379".to_string()]);
+        assert_eq!(cl.target, c.targets[0].iqn);
     }
 }

@@ -3,6 +3,7 @@
 //! daemon, and `tessera demo`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod gateway;

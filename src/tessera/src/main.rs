@@ -39,6 +39,34 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// Volumes of the cluster (in etcd).
+    Volume {
+        #[command(flatten)]
+        etcd: tessera::admin::EtcdArgs,
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// The cluster at a glance: nodes, gateways, the controller, volumes and owners.
+    Status {
+        #[command(flatten)]
+        etcd: tessera::admin::EtcdArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCmd {
+    /// Create a volume; every gateway exports it as a LUN of its cluster target.
+    Create(tessera::admin::CreateArgs),
+    /// List the volumes with their owners.
+    List,
+    /// Delete a volume (refused while a gateway serves it, unless --force).
+    Delete {
+        /// Volume name.
+        name: String,
+        /// Delete even while in use.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,6 +96,21 @@ struct NodeCli {
     /// Background scrub rate (e.g. 16MiB a second; 0: off).
     #[arg(long, default_value = "0")]
     scrub_rate: String,
+    /// Register in the cluster at this etcd URL (or set TESSERA_ETCD).
+    #[arg(long, env = "TESSERA_ETCD")]
+    etcd: Option<String>,
+    /// etcd key prefix of the cluster.
+    #[arg(long, default_value = "/tessera")]
+    prefix: String,
+    /// Host label (failure domain; default: the host name).
+    #[arg(long)]
+    host: Option<String>,
+    /// Rack label.
+    #[arg(long, default_value = "")]
+    rack: String,
+    /// Zone label.
+    #[arg(long, default_value = "")]
+    zone: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,6 +127,11 @@ enum NodeCmd {
         #[arg(long)]
         addr: std::net::SocketAddr,
     },
+    /// List the nodes registered in the cluster.
+    List {
+        #[command(flatten)]
+        etcd: tessera::admin::EtcdArgs,
+    },
 }
 
 fn node_config(n: NodeCli) -> anyhow::Result<tessera::config::NodeConfig> {
@@ -94,8 +142,8 @@ fn node_config(n: NodeCli) -> anyhow::Result<tessera::config::NodeConfig> {
     let (Some(id), Some(listen), Some(data)) = (n.id, n.listen, n.data) else {
         anyhow::bail!("tessera node needs --config FILE, or --id, --listen and --data");
     };
-    let text = format!(
-        "[node]\nid = {:?}\nlisten = {:?}\ndata = {:?}\nsync = {:?}\ncapacity = {}\nscrub_rate = {}\n",
+    let mut text = format!(
+        "[node]\nid = {:?}\nlisten = {:?}\ndata = {:?}\nsync = {:?}\ncapacity = {}\nscrub_rate = {}\nrack = {:?}\nzone = {:?}\n",
         id,
         listen,
         data.to_string_lossy(),
@@ -105,7 +153,18 @@ fn node_config(n: NodeCli) -> anyhow::Result<tessera::config::NodeConfig> {
             .map_or(Ok(0), parse_size)
             .map_err(|e| anyhow::anyhow!("--capacity: {e}"))?,
         parse_size(&n.scrub_rate).map_err(|e| anyhow::anyhow!("--scrub-rate: {e}"))?,
+        n.rack,
+        n.zone,
     );
+    if let Some(h) = &n.host {
+        text.push_str(&format!("host = {h:?}\n"));
+    }
+    if let Some(url) = &n.etcd {
+        text.push_str(&format!(
+            "[cluster]\netcd = [{url:?}]\nprefix = {:?}\n",
+            n.prefix
+        ));
+    }
     Ok(NodeConfig::parse(
         std::path::Path::new("command line"),
         &text,
@@ -156,12 +215,19 @@ fn main() -> ExitCode {
         Cmd::Node(n) => match n.cmd {
             Some(NodeCmd::Scrub { addr }) => tessera::node::scrub(addr),
             Some(NodeCmd::Stats { addr }) => tessera::node::stats(addr),
+            Some(NodeCmd::List { etcd }) => tessera::admin::node_list(&etcd),
             None => node_config(n).and_then(tessera::node::run),
         },
         Cmd::Demo(a) => tessera::demo::run(a),
         Cmd::Config {
             cmd: ConfigCmd::Check { file },
         } => check_config(&file),
+        Cmd::Volume { etcd, cmd } => match cmd {
+            VolumeCmd::Create(a) => tessera::admin::volume_create(&etcd, &a),
+            VolumeCmd::List => tessera::admin::volume_list(&etcd),
+            VolumeCmd::Delete { name, force } => tessera::admin::volume_delete(&etcd, &name, force),
+        },
+        Cmd::Status { etcd } => tessera::admin::status(&etcd),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

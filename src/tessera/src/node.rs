@@ -53,6 +53,24 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cfg.listen))?;
     info!(node = %cfg.id, listen = %cfg.listen, data = %cfg.data.display(), "storage node listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(cl) = cfg.cluster.clone() {
+        let rec = tessera_cluster::NodeRecord {
+            id: cfg.id.clone(),
+            address: cfg.listen.to_string(),
+            host: cfg.host.clone(),
+            rack: cfg.rack.clone(),
+            zone: cfg.zone.clone(),
+            capacity: store.capacity(),
+            state: tessera_cluster::NodeState::Up,
+        };
+        let mut stop = stop_rx.clone();
+        tokio::task::spawn_local(async move {
+            tokio::select! {
+                _ = register(cl, rec) => {}
+                _ = stop.changed() => {}
+            }
+        });
+    }
     if cfg.scrub_rate > 0 {
         let store = store.clone();
         let mut stop = stop_rx.clone();
@@ -116,6 +134,35 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     }
     info!(node = %cfg.id, "stopped");
     Ok(())
+}
+
+/// Stay registered in etcd under a lease, re-registering whenever the lease is lost (etcd
+/// away, or the lease expired).
+async fn register(cl: crate::config::ClusterConfig, rec: tessera_cluster::NodeRecord) {
+    let mut logged_down = false;
+    loop {
+        let attempt = async {
+            let c = tessera_cluster::Cluster::connect(&cl.etcd, &cl.prefix).await?;
+            let lease = c.grant(cl.lease_ttl).await?;
+            c.register_node(&rec, lease).await?;
+            Ok::<_, tessera_cluster::ClusterError>((c, lease))
+        };
+        match attempt.await {
+            Ok((c, lease)) => {
+                info!(node = %rec.id, etcd = ?cl.etcd, lease = format!("{lease:x}"), "registered in the cluster");
+                logged_down = false;
+                let why = c.keep_alive(lease, cl.lease_ttl).await;
+                warn!(node = %rec.id, "cluster registration lost: {why}");
+            }
+            Err(e) => {
+                if !logged_down {
+                    warn!(node = %rec.id, "cannot register in the cluster: {e}");
+                    logged_down = true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Ask the node at `addr` to scrub now; prints its report. Fails if anything mismatched.

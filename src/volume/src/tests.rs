@@ -48,6 +48,7 @@ pub(crate) fn setup(km: &str, chunk: u64, n: usize, size: u64) -> Setup {
         clear_after: std::time::Duration::from_millis(20),
         map,
         node_names: (0..n).map(|i| format!("node-{i}")).collect(),
+        epoch: None,
     };
     Setup {
         _dir: dir,
@@ -374,6 +375,39 @@ fn an_older_epoch_is_fenced_with_a_clear_error() {
         assert!(s.nodes.store(0).stats().stale_epoch_rejects > 0);
         old.close();
         new.close();
+    });
+}
+
+#[test]
+fn a_granted_epoch_is_used_and_an_outdated_grant_is_refused() {
+    let mut s = setup("2+1", 4096, 3, 1 << 20);
+    run(async {
+        s.spec.epoch = Some(7);
+        let v = open(&s).await;
+        assert_eq!(v.epoch(), 7);
+        write(&v, 0, &pattern(1, 4096)).await.unwrap();
+        v.close();
+        // The control plane never grants the same epoch twice; an older grant means another
+        // gateway took the volume since.
+        s.spec.epoch = Some(5);
+        let e = EcVolume::open(s.spec.clone(), Arc::new(s.nodes.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                crate::OpenError::Stale {
+                    granted: 5,
+                    seen: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        s.spec.epoch = Some(8);
+        let v = open(&s).await;
+        assert_eq!(read(&v, 0, 4096).await, pattern(1, 4096));
+        v.close();
     });
 }
 

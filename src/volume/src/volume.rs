@@ -49,6 +49,9 @@ pub struct VolumeSpec {
     pub map: Vec<Vec<usize>>,
     /// Node names, for logs (index as in `map`).
     pub node_names: Vec<String>,
+    /// The fencing epoch the control plane granted this owner (etcd raises it at every
+    /// takeover). `None`: without a control plane, one above every epoch the nodes have seen.
+    pub epoch: Option<u64>,
 }
 
 /// Why a volume could not be opened.
@@ -69,6 +72,16 @@ pub enum OpenError {
     /// The spec is inconsistent.
     #[error("volume {0}: {1}")]
     Spec(String, String),
+    /// A node has seen a newer epoch than the one granted: another gateway took over since.
+    #[error("volume {name}: granted epoch {granted}, but a node has seen epoch {seen}: another gateway owns it now")]
+    Stale {
+        /// Volume name.
+        name: String,
+        /// The epoch this owner was granted.
+        granted: u64,
+        /// The newest a node has seen.
+        seen: u64,
+    },
 }
 
 /// Counters of one volume.
@@ -277,7 +290,17 @@ impl EcVolume {
                 need: usize::from(p.k),
             });
         }
-        let epoch = max + 1;
+        let epoch = match spec.epoch {
+            None => max + 1,
+            Some(granted) if granted >= max => granted,
+            Some(granted) => {
+                return Err(OpenError::Stale {
+                    name: spec.name.clone(),
+                    granted,
+                    seen: max,
+                })
+            }
+        };
         let raise = (0..n).map(|i| {
             let io = nodes::handle(instance, &*connector, i);
             let req = Request::Epoch {

@@ -6,6 +6,7 @@
 //! and every command it carries stay on that worker, including the backend's io_uring ring,
 //! so a command's path never crosses cores. Targets and LUNs are shared by all workers.
 
+mod cluster;
 mod iscsi;
 mod session;
 
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -43,8 +44,8 @@ pub struct Gateway {
     /// Sessions, for reinstatement.
     pub sessions: SessionRegistry,
     devices: Vec<Arc<dyn BlockDevice>>,
-    /// Erasure-coded volumes, for their maintenance loop.
-    volumes: Vec<tessera_volume::EcVolume>,
+    /// Erasure-coded volumes, for their maintenance loop (cluster volumes come and go).
+    volumes: Mutex<Vec<tessera_volume::EcVolume>>,
     next_tsih: AtomicU16,
     next_nexus: AtomicU64,
 }
@@ -100,6 +101,7 @@ fn open_ec(cfg: &Config, lun: &config::Lun) -> anyhow::Result<tessera_volume::Ec
         clear_after: tessera_volume::CLEAR_AFTER,
         map,
         node_names: cfg.nodes.iter().map(|n| n.id.clone()).collect(),
+        epoch: None,
     };
     let connector: Arc<dyn tessera_volume::nodes::Connector> =
         Arc::new(tessera_volume::nodes::RpcConnector::new(
@@ -155,6 +157,61 @@ fn open_device(lun: &config::Lun) -> anyhow::Result<Arc<dyn BlockDevice>> {
     })
 }
 
+/// The logical unit of LUN `id` of target `iqn` over `dev`.
+fn make_lu(
+    cfg: &Config,
+    iqn: &str,
+    id: u64,
+    l: &config::Lun,
+    dev: Arc<dyn BlockDevice>,
+) -> anyhow::Result<LogicalUnit> {
+    let id_hash = stable_hash(&[iqn.to_ascii_lowercase().as_bytes(), &id.to_be_bytes()]);
+    lu_over(
+        cfg,
+        iqn,
+        id,
+        dev,
+        LuConfig {
+            block_size: l.block_size,
+            read_only: l.read_only,
+            removable: l.removable,
+            vendor: "TESSERA".into(),
+            product: "VIRTUAL-DISK".into(),
+            revision: revision(),
+            serial: l
+                .serial
+                .clone()
+                .unwrap_or_else(|| format!("TSR{:016X}", id_hash)),
+            naa_id: id_hash,
+        },
+    )
+}
+
+fn revision() -> String {
+    env!("CARGO_PKG_VERSION")
+        .chars()
+        .filter(|c| *c != '.')
+        .take(4)
+        .collect()
+}
+
+/// A logical unit with its reservations kept under the state directory.
+fn lu_over(
+    cfg: &Config,
+    iqn: &str,
+    id: u64,
+    dev: Arc<dyn BlockDevice>,
+    lu_cfg: LuConfig,
+) -> anyhow::Result<LogicalUnit> {
+    let pr: Option<Box<dyn PrStore>> = cfg.state_dir.as_ref().map(|d| {
+        let p = d
+            .join("pr")
+            .join(format!("{}-lun{}.json", sanitize(iqn), id));
+        Box::new(FilePrStore::new(p)) as Box<dyn PrStore>
+    });
+    LogicalUnit::new(lu_cfg, dev, pr).with_context(|| format!("LUN {id} of {iqn}"))
+}
+
 fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| {
@@ -190,34 +247,7 @@ impl Gateway {
                     open_device(l)?
                 };
                 devices.push(dev.clone());
-                let id_hash =
-                    stable_hash(&[t.iqn.to_ascii_lowercase().as_bytes(), &l.id.to_be_bytes()]);
-                let serial = l
-                    .serial
-                    .clone()
-                    .unwrap_or_else(|| format!("TSR{:016X}", id_hash));
-                let lu_cfg = LuConfig {
-                    block_size: l.block_size,
-                    read_only: l.read_only,
-                    removable: l.removable,
-                    vendor: "TESSERA".into(),
-                    product: "VIRTUAL-DISK".into(),
-                    revision: env!("CARGO_PKG_VERSION")
-                        .chars()
-                        .filter(|c| *c != '.')
-                        .take(4)
-                        .collect(),
-                    serial,
-                    naa_id: id_hash,
-                };
-                let pr: Option<Box<dyn PrStore>> = cfg.state_dir.as_ref().map(|d| {
-                    let p = d
-                        .join("pr")
-                        .join(format!("{}-lun{}.json", sanitize(&t.iqn), l.id));
-                    Box::new(FilePrStore::new(p)) as Box<dyn PrStore>
-                });
-                let lu = LogicalUnit::new(lu_cfg, dev, pr)
-                    .with_context(|| format!("LUN {} of {}", l.id, t.iqn))?;
+                let lu = make_lu(&cfg, &t.iqn, l.id, l, dev)?;
                 target.add_lun(l.id, Arc::new(lu));
             }
             targets.insert(t.iqn.to_ascii_lowercase(), Arc::new(target));
@@ -231,6 +261,24 @@ impl Gateway {
                 portals: t.advertise.clone(),
                 redirect: None,
             });
+        }
+        // The cluster's volumes are LUNs of one target (configured above, for its access
+        // settings, or made here with none).
+        if let Some(cl) = &cfg.cluster {
+            let key = cl.target.to_ascii_lowercase();
+            if let std::collections::hash_map::Entry::Vacant(e) = targets.entry(key) {
+                e.insert(Arc::new(Target::new(&cl.target)));
+                entries.push(TargetEntry {
+                    name: cl.target.clone(),
+                    alias: Some("tessera-cluster".into()),
+                    chap: None,
+                    mutual_chap: None,
+                    allowed_initiators: Vec::new(),
+                    portal_group_tag: 1,
+                    portals: Vec::new(),
+                    redirect: None,
+                });
+            }
         }
         let directory = Arc::new(Directory {
             targets: entries,
@@ -254,7 +302,7 @@ impl Gateway {
             limits,
             sessions: SessionRegistry::default(),
             devices,
-            volumes,
+            volumes: Mutex::new(volumes),
             next_tsih: AtomicU16::new(1),
             next_nexus: AtomicU64::new(1),
         })
@@ -320,6 +368,31 @@ fn flush_all(gw: &Gateway) {
 /// Bind the portals and start the workers.
 pub fn start(gw: Gateway) -> anyhow::Result<Running> {
     let gw = Arc::new(gw);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut threads = Vec::new();
+    if let Some(cl) = gw.cfg.cluster.clone() {
+        // The cluster's volumes are opened before the portals listen, so an initiator that
+        // logs in as soon as it can connect finds them (bounded: a volume whose nodes are away
+        // comes later).
+        let g = gw.clone();
+        let sd = shutdown_rx.clone();
+        let ready = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let r2 = ready.clone();
+        let addrs = gw.cfg.portals.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("tessera-cluster".into())
+                .spawn(move || cluster::run(g, cl, addrs, r2, sd))?,
+        );
+        let (lock, cv) = &*ready;
+        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, waited) = cv
+            .wait_timeout_while(guard, Duration::from_secs(30), |done| !*done)
+            .unwrap_or_else(|e| e.into_inner());
+        if waited.timed_out() && !*guard {
+            warn!("the cluster's volumes are not all open yet; serving what is ready");
+        }
+    }
     let mut listeners = Vec::new();
     for p in &gw.cfg.portals {
         let l = std::net::TcpListener::bind(p).with_context(|| format!("binding portal {p}"))?;
@@ -334,9 +407,7 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let (shutdown, shutdown_rx) = watch::channel(false);
     let mut senders = Vec::new();
-    let mut threads = Vec::new();
     for i in 0..workers {
         let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
         senders.push(tx);
@@ -348,13 +419,18 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
                 .spawn(move || worker(gw, rx, sd))?,
         );
     }
-    if !gw.volumes.is_empty() {
-        let vols = gw.volumes.clone();
+    let has_volumes = !gw
+        .volumes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_empty();
+    if has_volumes || gw.cfg.cluster.is_some() {
+        let g = gw.clone();
         let sd = shutdown_rx.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("tessera-maint".into())
-                .spawn(move || maintenance(vols, sd))?,
+                .spawn(move || maintenance(g, sd))?,
         );
     }
     let sd = shutdown_rx;
@@ -378,7 +454,7 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
 
 /// Background work of the erasure-coded volumes: checks after an unclean stop, nodes catching
 /// up, repairs, clearing the write-intent log.
-fn maintenance(vols: Vec<tessera_volume::EcVolume>, mut shutdown: watch::Receiver<bool>) {
+fn maintenance(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -393,6 +469,7 @@ fn maintenance(vols: Vec<tessera_volume::EcVolume>, mut shutdown: watch::Receive
     local.block_on(&rt, async move {
         loop {
             let mut busy = false;
+            let vols = gw.volumes.lock().unwrap_or_else(|e| e.into_inner()).clone();
             for v in &vols {
                 busy |= v.maintain().await;
             }
@@ -402,6 +479,7 @@ fn maintenance(vols: Vec<tessera_volume::EcVolume>, mut shutdown: watch::Receive
                 _ = shutdown.changed() => break,
             }
         }
+        let vols = gw.volumes.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for v in &vols {
             v.close();
         }

@@ -1,0 +1,168 @@
+//! The control plane in etcd, end to end: `tessera demo --backend ec` runs a private etcd
+//! member; its nodes register under leases, its volume is created through etcd and served by
+//! the gateway, which also exports volumes created later (`tessera volume create`) as new
+//! LUNs without a restart, and drops deleted ones. `tessera status` and `tessera node list`
+//! show what etcd holds.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tessera_integration_tests::images::{compare, convert, random_file};
+use tessera_integration_tests::{require_tool, run, tessera_bin, Demo};
+
+fn tessera(demo: &Demo, args: &[&str]) -> (bool, String) {
+    let out = run(
+        Command::new(tessera_bin())
+            .args(args)
+            .env("TESSERA_ETCD", demo.etcd()),
+        Duration::from_secs(60),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Wait until `tessera ARGS` prints something `pred` accepts.
+fn wait_for(demo: &Demo, args: &[&str], what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let (ok, text) = tessera(demo, args);
+        if ok && pred(&text) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: `tessera {}` printed:\n{text}",
+            args.join(" ")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn luns(demo: &Demo) -> String {
+    let out = run(
+        Command::new("iscsi-ls")
+            .arg("-s")
+            .arg(format!("iscsi://{}", demo.portal)),
+        Duration::from_secs(30),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn volumes_created_through_etcd_are_served_without_a_restart() {
+    require_tool("qemu-img", "qemu-utils and qemu-block-extra");
+    require_tool("iscsi-ls", "libiscsi-bin");
+    let mut demo = Demo::start(&["--backend", "ec", "--ec", "4+2", "--size", "64MiB"]);
+    let pids = demo.process_pids();
+    assert_eq!(pids.len(), 8, "gateway, six nodes and etcd in demo.json");
+
+    // Everything registered; the demo volume placed, owned and served.
+    let status = wait_for(&demo, &["status"], "the demo cluster", |t| {
+        t.contains("nodes: 6 up") && t.contains("owner gw-0")
+    });
+    println!("{status}");
+    assert!(status.contains("controller: gw-0"), "{status}");
+    assert!(status.contains("demo lun 0 67108864 bytes 4+2"), "{status}");
+    assert!(luns(&demo).contains("Lun:0 "));
+
+    // A new volume: a new LUN on the running gateway, usable at once.
+    let (ok, text) = tessera(
+        &demo,
+        &[
+            "volume", "create", "second", "--size", "16MiB", "--ec", "2+1", "--chunk", "4KiB",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("LUN 1"), "{text}");
+    let start = Instant::now();
+    while !luns(&demo).contains("Lun:1 ") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "LUN 1 never appeared: {}",
+            luns(&demo)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    random_file(&src, 16, 7);
+    convert(&src, &demo.url(1));
+    assert!(
+        compare(&src, &demo.url(1)),
+        "LUN 1 reads back what was written"
+    );
+    let (ok, list) = tessera(&demo, &["volume", "list"]);
+    assert!(ok, "{list}");
+    println!("{list}");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("second") && l.contains("2+1") && l.contains("gw-0")),
+        "{list}"
+    );
+    // Names are unique; bad requests name what is wrong.
+    let (ok, text) = tessera(&demo, &["volume", "create", "second", "--size", "1MiB"]);
+    assert!(!ok && text.contains("exists already"), "{text}");
+    let (ok, text) = tessera(
+        &demo,
+        &["volume", "create", "third", "--size", "1MiB", "--ec", "9+9"],
+    );
+    assert!(!ok && text.contains("--ec"), "{text}");
+
+    // Deleting a served volume needs --force; then its LUN goes.
+    let (ok, text) = tessera(&demo, &["volume", "delete", "second"]);
+    assert!(!ok && text.contains("in use"), "{text}");
+    let (ok, text) = tessera(&demo, &["volume", "delete", "second", "--force"]);
+    assert!(ok, "{text}");
+    let start = Instant::now();
+    while luns(&demo).contains("Lun:1 ") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "LUN 1 stayed after delete"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A killed node's registration lapses with its lease; restarted, it is back.
+    demo.kill_node(3);
+    let list = wait_for(&demo, &["node", "list"], "node-3's lease to lapse", |t| {
+        !t.contains("node-3")
+    });
+    assert_eq!(list.lines().filter(|l| l.starts_with("node-")).count(), 5);
+    let status = wait_for(&demo, &["status"], "the degraded volume", |t| {
+        t.contains("degraded: 1 of its nodes down")
+    });
+    println!("{status}");
+    demo.restart_node(3);
+    wait_for(&demo, &["node", "list"], "node-3 to register again", |t| {
+        t.contains("node-3")
+    });
+    assert!(demo.stop());
+}
+
+#[test]
+fn admin_commands_say_where_the_cluster_is_missing() {
+    let out = run(
+        Command::new(tessera_bin())
+            .args(["volume", "list"])
+            .env_remove("TESSERA_ETCD"),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--etcd"), "{err}");
+    // An etcd that is not there: a clear error, not a hang.
+    let port = tessera_integration_tests::free_port();
+    let out = run(
+        Command::new(tessera_bin())
+            .args(["status", "--etcd", &format!("http://127.0.0.1:{port}")])
+            .env_remove("TESSERA_ETCD"),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("etcd"), "{err}");
+}
