@@ -166,3 +166,139 @@ fn admin_commands_say_where_the_cluster_is_missing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("etcd"), "{err}");
 }
+
+/// A process the test started; SIGKILLed by PID when dropped.
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn with_etcd_gone_the_owner_stops_writing_within_its_lease_and_recovers_when_it_returns() {
+    use tessera_integration_tests::initiator::Session;
+    let demo = Demo::start(&["--backend", "ec", "--ec", "2+1", "--size", "64MiB"]);
+    // The demo's gateway holds its lease for 5 s (lease_ttl_secs in its configuration).
+    let etcd = demo.json["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == "etcd")
+        .expect("etcd in demo.json")
+        .clone();
+    let mut s = Session::login(
+        demo.portal,
+        "iqn.2024-01.test:etcd-gone",
+        &demo.iqn,
+        [0x80, 0, 0, 0, 0, 3],
+    )
+    .expect("login");
+    s.ready(0).unwrap();
+    // GOOD (0), BUSY (8), or CHECK CONDITION with its sense key (2 << 8 | key).
+    let write = |s: &mut Session, lba: u8, fill: u8| -> u16 {
+        let cdb = [0x2a, 0, 0, 0, 0, lba, 0, 0, 1, 0];
+        let o = s.command(0, &cdb, &[fill; 512], 0).unwrap();
+        match o.status {
+            2 => 0x200 | u16::from(o.sense.get(2).map_or(0, |k| k & 0x0f)),
+            st => u16::from(st),
+        }
+    };
+    // What initiators retry: BUSY, or a UNIT ATTENTION (the LUN was re-attached).
+    let retryable = |st: u16| st == 0x08 || st == 0x206;
+    let read = |s: &mut Session, lba: u8| {
+        let cdb = [0x28, 0, 0, 0, 0, lba, 0, 0, 1, 0];
+        let o = s.command(0, &cdb, &[], 512).unwrap();
+        (o.status, o.data.first().copied())
+    };
+    assert_eq!(write(&mut s, 8, 0x11), 0);
+
+    // All of etcd stops. Writes go on until the lease policy says stop: BUSY (retryable),
+    // before the 5 s lease could have expired; reads go on.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(etcd["pid"].as_u64().unwrap() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let killed = Instant::now();
+    let mut acked = 0u8;
+    let stopped = loop {
+        let fill = 0x20 + (acked % 64);
+        match write(&mut s, 8, fill) {
+            0 => acked = fill,
+            st if retryable(st) => break killed.elapsed(),
+            st => panic!("a write with etcd gone got status {st:#x}, not GOOD or BUSY"),
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the gateway kept writing without its lease"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!(
+        "writes stopped {:.2} s after etcd went away",
+        stopped.as_secs_f64()
+    );
+    assert!(
+        stopped < Duration::from_secs(5),
+        "stopped writing only after the lease could have expired ({stopped:?})"
+    );
+    assert!(acked != 0, "writes went on while the lease was still valid");
+    assert_eq!(
+        read(&mut s, 8),
+        (0, Some(acked)),
+        "the last acknowledged write reads back"
+    );
+    assert!(demo.log().contains("self-fenced"), "{}", demo.log());
+
+    // etcd returns (same data directory): the gateway joins again and, once its old lease
+    // has lapsed, takes the volume back with a new epoch; writes succeed again.
+    let argv: Vec<String> = etcd["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let _etcd = Started(
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("restart etcd"),
+    );
+    let back = Instant::now();
+    loop {
+        let st = write(&mut s, 9, 0x77);
+        if st == 0 {
+            break;
+        }
+        assert!(
+            retryable(st),
+            "status {st:#x} while recovering: not retryable"
+        );
+        assert!(
+            back.elapsed() < Duration::from_secs(40),
+            "writes never resumed after etcd returned"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "writes resumed {:.2} s after etcd returned",
+        back.elapsed().as_secs_f64()
+    );
+    assert_eq!(read(&mut s, 8), (0, Some(acked)));
+    assert_eq!(read(&mut s, 9), (0, Some(0x77)));
+    let (ok, list) = tessera(&demo, &["volume", "list"]);
+    assert!(ok, "{list}");
+    let epoch: u64 = list
+        .lines()
+        .find(|l| l.starts_with("demo"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0);
+    assert!(epoch >= 2, "the takeback raised the epoch: {list}");
+    drop(s);
+    assert!(demo.stop());
+}

@@ -303,6 +303,17 @@ impl Cluster {
     /// Keep lease `id` alive until it is lost (etcd says it expired, or it could not be
     /// renewed within its TTL); returns why. Renews every `ttl / 3` seconds.
     pub async fn keep_alive(&self, id: i64, ttl: i64) -> ClusterError {
+        self.keep_alive_with(id, ttl, || {}).await
+    }
+
+    /// [`Cluster::keep_alive`], calling `renewed` after every renewal etcd confirmed (so the
+    /// holder knows how fresh its lease is and can stop acting on it before it can expire).
+    pub async fn keep_alive_with<F: FnMut()>(
+        &self,
+        id: i64,
+        ttl: i64,
+        mut renewed: F,
+    ) -> ClusterError {
         let (mut keeper, mut stream) = match self.client.clone().lease_keep_alive(id).await {
             Ok(k) => k,
             Err(e) => return e.into(),
@@ -316,7 +327,10 @@ impl Cluster {
                 }
             } else {
                 match tokio::time::timeout(period, stream.message()).await {
-                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = tokio::time::Instant::now(),
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                        last_ok = tokio::time::Instant::now();
+                        renewed();
+                    }
                     Ok(Ok(Some(_))) => {
                         return ClusterError::Invalid(format!("lease {id:x} expired"));
                     }

@@ -1243,6 +1243,63 @@ mod tests {
         Config::parse(Path::new("t.toml"), s)
     }
 
+    #[test]
+    fn cluster_tables_are_checked_with_file_line_and_key() {
+        let base = "[gateway]\nportals = [\"127.0.0.1:3260\"]\n";
+        let c = parse(&format!(
+            "{base}[cluster]\netcd = [\"http://127.0.0.1:2379\"]\ngateway_id = \"gw-9\"\n"
+        ))
+        .unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(
+            (
+                cl.prefix.as_str(),
+                cl.lease_ttl,
+                cl.gateway_id.as_str(),
+                cl.target.as_str()
+            ),
+            ("/tessera", 10, "gw-9", CLUSTER_TARGET)
+        );
+        for (table, key, line) in [
+            ("etcd = [\"127.0.0.1:2379\"]", "cluster.etcd[0]", 4),
+            ("etcd = []", "cluster.etcd", 0),
+            (
+                "etcd = [\"http://a:1\"]\nprefix = \"tessera/\"",
+                "cluster.prefix",
+                5,
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nlease_ttl_secs = 1",
+                "cluster.lease_ttl_secs",
+                5,
+            ),
+            (
+                "etcd = [\"http://a:1\"]\ntarget = \"not an iqn\"",
+                "cluster.target",
+                5,
+            ),
+        ] {
+            let e = parse(&format!("{base}[cluster]\n{table}\n")).unwrap_err();
+            assert_eq!((e.key.as_str(), e.line), (key, line), "{e}");
+        }
+        let e = parse(&format!(
+            "{base}[cluster]\netcd = [\"http://a:1\"]\nbogus = 1\n"
+        ))
+        .unwrap_err();
+        assert!(e.msg.contains("bogus"), "{e}");
+        // Nodes take the same table.
+        let n = NodeConfig::parse(
+            Path::new("n.toml"),
+            "[node]\nid = \"n1\"\nlisten = \"127.0.0.1:7000\"\ndata = \"/tmp/n1\"\nhost = \"h1\"\n[cluster]\netcd = [\"http://127.0.0.1:2379\"]\n",
+        )
+        .unwrap();
+        assert_eq!(n.host, "h1");
+        assert_eq!(
+            n.cluster.unwrap().etcd,
+            vec!["http://127.0.0.1:2379".to_string()]
+        );
+    }
+
     const GOOD: &str = r#"
 [gateway]
 portals = ["127.0.0.1:3260"]

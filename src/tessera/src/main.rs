@@ -198,8 +198,17 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     }
     let c = tessera::config::Config::parse(file, &text)?;
     let luns: usize = c.targets.iter().map(|t| t.luns.len()).sum();
+    let cluster = c.cluster.as_ref().map_or(String::new(), |cl| {
+        format!(
+            ", cluster {} at {} as gateway {}, volumes on {}",
+            cl.prefix,
+            cl.etcd.join(","),
+            cl.gateway_id,
+            cl.target
+        )
+    });
     println!(
-        "{}: OK ({} targets, {luns} LUNs, {} storage nodes)",
+        "{}: OK ({} targets, {luns} LUNs, {} storage nodes{cluster})",
         file.display(),
         c.targets.len(),
         c.nodes.len()

@@ -473,6 +473,27 @@ impl EcVolume {
         }
     }
 
+    /// Stop writing, for good: every later write (and flush) of this instance fails with a
+    /// retryable status. For an owner that lost its lease: it must stop before another
+    /// gateway can take the volume over.
+    pub fn fence(&self, why: &str) {
+        let mut st = self.sh.state.lock().expect("volume state poisoned");
+        if st.fenced.is_none() {
+            error!(volume = %self.sh.spec.name, "fenced: {why}");
+            st.fenced = Some(why.to_string());
+        }
+    }
+
+    /// Whether this instance has stopped writing (see [`EcVolume::fence`]).
+    pub fn is_fenced(&self) -> bool {
+        self.sh
+            .state
+            .lock()
+            .expect("volume state poisoned")
+            .fenced
+            .is_some()
+    }
+
     fn fenced(&self) -> Result<(), BlockError> {
         let st = self.sh.state.lock().expect("volume state poisoned");
         match &st.fenced {

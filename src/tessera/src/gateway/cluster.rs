@@ -9,12 +9,18 @@
 //!   that epoch and adds it to the cluster target as LUN `lun`; a deleted volume's LUN goes.
 //!
 //! Volumes another gateway owns are not exported here yet (forwarding to the owner is the
-//! next step). When the lease is lost (etcd unreachable past its TTL), the gateway registers
-//! again and re-acquires what it can; the nodes' fencing epochs keep a gateway that lost a
-//! volume from writing it.
+//! next step).
+//!
+//! Self-fencing: the lease is renewed every third of its TTL. When two thirds of the TTL pass
+//! without a renewal etcd confirmed (etcd unreachable, or this gateway cut off from it), the
+//! gateway stops writing every volume it owns (writes get BUSY, which initiators retry)
+//! before the lease can expire and another gateway can take them over. When it reaches etcd
+//! again it registers anew and takes back, with new epochs, the volumes nobody else took.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -109,6 +115,22 @@ async fn agent(
         };
         logged_down = false;
         info!(gateway = %cl.gateway_id, etcd = ?cl.etcd, lease = format!("{lease:x}"), "joined the cluster");
+        // Volumes fenced when an earlier lease was lost are opened afresh, with new epochs.
+        let stale: Vec<u64> = exported
+            .iter()
+            .filter(|(_, e)| e.volume.is_fenced())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some(e) = exported.remove(&id) {
+                gw.volumes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|v| v.spec().id != id);
+                e.volume.close();
+            }
+        }
+        let renewed_at = Rc::new(Cell::new(tokio::time::Instant::now()));
         // The controller election runs beside everything else; it holds while the lease does.
         let (leader_tx, leader_rx) = watch::channel(false);
         let campaign = {
@@ -129,7 +151,40 @@ async fn agent(
         let kept = {
             let c = c.clone();
             let ttl = cl.lease_ttl;
-            tokio::task::spawn_local(async move { c.keep_alive(lease, ttl).await })
+            let at = renewed_at.clone();
+            tokio::task::spawn_local(async move {
+                c.keep_alive_with(lease, ttl, || at.set(tokio::time::Instant::now()))
+                    .await
+            })
+        };
+        // Stop writing well before the lease could expire unrenewed: a watchdog of its own, so
+        // that nothing this loop waits for (etcd calls time out after seconds) can delay it.
+        let fence_after = Duration::from_millis(cl.lease_ttl as u64 * 1000 * 2 / 3);
+        let owned: Rc<std::cell::RefCell<Vec<tessera_volume::EcVolume>>> = Rc::new(
+            std::cell::RefCell::new(exported.values().map(|e| e.volume.clone()).collect()),
+        );
+        let lost = Rc::new(tokio::sync::Notify::new());
+        let watchdog = {
+            let (at, owned, lost) = (renewed_at.clone(), owned.clone(), lost.clone());
+            let (id, ttl) = (cl.gateway_id.clone(), cl.lease_ttl);
+            tokio::task::spawn_local(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let quiet = at.get().elapsed();
+                    if quiet > fence_after {
+                        let why = format!(
+                            "lease not renewed for {:.1} s (TTL {ttl} s): stopping writes before another gateway can take over",
+                            quiet.as_secs_f64()
+                        );
+                        error!(gateway = %id, "{why}");
+                        for v in owned.borrow().iter() {
+                            v.fence(&format!("self-fenced: {why}"));
+                        }
+                        lost.notify_one();
+                        return;
+                    }
+                }
+            })
         };
         let mut kept = kept;
         let mut events = match c
@@ -156,6 +211,7 @@ async fn agent(
                 controller_round(&c).await;
             }
             reconcile(&gw, &cl, &c, lease, &mut exported).await;
+            *owned.borrow_mut() = exported.values().map(|e| e.volume.clone()).collect();
             if first {
                 signal_ready(&ready);
                 first = false;
@@ -188,11 +244,18 @@ async fn agent(
                         Err(e) => e.to_string(),
                     };
                     error!(gateway = %cl.gateway_id, "cluster lease lost: {why}");
+                    self_fence(&exported, &why);
+                    break;
+                }
+                _ = lost.notified() => {
+                    self_fence(&exported, "the cluster lease lapsed");
+                    kept.abort();
                     break;
                 }
                 _ = shutdown.changed() => {
                     campaign.abort();
                     kept.abort();
+                    watchdog.abort();
                     // Leave cleanly: owners and the election go with the lease.
                     let _ = c.revoke(lease).await;
                     for (_, e) in exported.drain() {
@@ -203,9 +266,16 @@ async fn agent(
             }
         }
         campaign.abort();
+        watchdog.abort();
     }
     for (_, e) in exported.drain() {
         e.volume.close();
+    }
+}
+
+fn self_fence(exported: &HashMap<u64, Exported>, why: &str) {
+    for e in exported.values() {
+        e.volume.fence(&format!("self-fenced: {why}"));
     }
 }
 
