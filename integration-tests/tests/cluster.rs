@@ -103,6 +103,54 @@ fn volumes_created_through_etcd_are_served_without_a_restart() {
             .any(|l| l.starts_with("second") && l.contains("2+1") && l.contains("gw-0")),
         "{list}"
     );
+    // Growing it: a logged-in initiator is told (UNIT ATTENTION, CAPACITY DATA HAS
+    // CHANGED) and READ CAPACITY reports the new size.
+    let mut sess = tessera_integration_tests::initiator::Session::login(
+        demo.portal,
+        "iqn.2024-01.test:resize",
+        &demo.iqn,
+        [0x80, 0, 0, 0, 0, 9],
+    )
+    .expect("login");
+    sess.ready(1).unwrap();
+    let rc16 = [0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0];
+    let last_lba = |o: &tessera_integration_tests::initiator::Outcome| {
+        u64::from_be_bytes(o.data[..8].try_into().unwrap())
+    };
+    let o = sess.command(1, &rc16, &[], 32).unwrap();
+    assert_eq!((o.status, last_lba(&o)), (0, (16 << 20) / 512 - 1));
+    let (ok, text) = tessera(&demo, &["volume", "resize", "second", "--size", "32MiB"]);
+    assert!(ok, "{text}");
+    let (ok, text) = tessera(&demo, &["volume", "resize", "second", "--size", "8MiB"]);
+    assert!(!ok && text.contains("never shrink"), "{text}");
+    let start = Instant::now();
+    let mut told = false;
+    loop {
+        let o = sess.command(1, &rc16, &[], 32).unwrap();
+        if o.status == 2 {
+            // Sense key UNIT ATTENTION, ASC/ASCQ 2A/09.
+            assert_eq!(
+                (o.sense[2] & 0x0f, o.sense[12], o.sense[13]),
+                (6, 0x2a, 0x09),
+                "{o:?}"
+            );
+            told = true;
+        } else if o.status == 0 && last_lba(&o) == (32 << 20) / 512 - 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the new size never showed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(told, "no CAPACITY DATA HAS CHANGED unit attention");
+    drop(sess);
+    // qemu-img compares the grown tail against zeroes.
+    assert!(
+        compare(&src, &demo.url(1)),
+        "grown: the data intact, the new space zeroes"
+    );
     // Names are unique; bad requests name what is wrong.
     let (ok, text) = tessera(&demo, &["volume", "create", "second", "--size", "1MiB"]);
     assert!(!ok && text.contains("exists already"), "{text}");

@@ -522,6 +522,42 @@ impl Cluster {
         }
     }
 
+    /// Grow a volume to `size` bytes (a multiple of its block size; volumes never shrink),
+    /// guarded by the record's revision. The gateways see the change and tell initiators
+    /// (CAPACITY DATA HAS CHANGED).
+    pub async fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeRecord> {
+        let key = self.key(&format!("volumes/{name}"));
+        loop {
+            let Some((raw, rev)) = self.get_one(&key).await? else {
+                return Err(ClusterError::NoVolume(name.to_string()));
+            };
+            let mut v: VolumeRecord = decode(key.as_bytes(), &raw)?;
+            if size < v.size {
+                return Err(ClusterError::Invalid(format!(
+                    "volume {name} is {} bytes: volumes grow, never shrink",
+                    v.size
+                )));
+            }
+            if !size.is_multiple_of(u64::from(v.block_size)) {
+                return Err(ClusterError::Invalid(format!(
+                    "size {size} is not a multiple of the block size {}",
+                    v.block_size
+                )));
+            }
+            v.size = size;
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    rev,
+                )])
+                .and_then(vec![TxnOp::put(key.clone(), encode(&v), None)]);
+            if self.client.clone().txn(txn).await?.succeeded() {
+                return Ok(v);
+            }
+        }
+    }
+
     /// Delete a volume's records (its record, map, epoch and owner) in one transaction.
     /// The fragments on the nodes are left for the nodes to reclaim.
     pub async fn delete_volume(&self, name: &str) -> Result<VolumeRecord> {

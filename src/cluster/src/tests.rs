@@ -143,6 +143,20 @@ fn volumes_get_distinct_luns_and_names_are_unique() {
             c.create_volume(&bad).await,
             Err(ClusterError::Invalid(_))
         ));
+        // Volumes grow, never shrink, in whole blocks.
+        let grown = c.resize_volume("v3", 128 << 20).await.unwrap();
+        assert_eq!(grown.size, 128 << 20);
+        assert_eq!(c.volume("v3").await.unwrap().unwrap().size, 128 << 20);
+        for bad in [64 << 20, (128 << 20) + 100] {
+            assert!(matches!(
+                c.resize_volume("v3", bad).await,
+                Err(ClusterError::Invalid(_))
+            ));
+        }
+        assert!(matches!(
+            c.resize_volume("nope", 1 << 30).await,
+            Err(ClusterError::NoVolume(_))
+        ));
         // Delete, and a re-created name gets a new id.
         let gone = c.delete_volume("v3").await.unwrap();
         assert!(c.volume("v3").await.unwrap().is_none());

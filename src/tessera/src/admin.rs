@@ -121,6 +121,17 @@ pub fn volume_list(e: &EtcdArgs) -> anyhow::Result<()> {
     })
 }
 
+/// `tessera volume resize`: grow a volume.
+pub fn volume_resize(e: &EtcdArgs, name: &str, size: &str) -> anyhow::Result<()> {
+    let size = parse_size(size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
+    block_on(async {
+        let c = connect(e).await?;
+        let v = c.resize_volume(name, size).await?;
+        println!("volume {} is now {} bytes", v.name, v.size);
+        Ok(())
+    })
+}
+
 /// `tessera volume delete`: refused while a gateway serves the volume, unless `force`.
 pub fn volume_delete(e: &EtcdArgs, name: &str, force: bool) -> anyhow::Result<()> {
     block_on(async {

@@ -59,6 +59,14 @@ enum VolumeCmd {
     Create(tessera::admin::CreateArgs),
     /// List the volumes with their owners.
     List,
+    /// Grow a volume; initiators see CAPACITY DATA HAS CHANGED.
+    Resize {
+        /// Volume name.
+        name: String,
+        /// The new size (e.g. 200GiB).
+        #[arg(long)]
+        size: String,
+    },
     /// Delete a volume (refused while a gateway serves it, unless --force).
     Delete {
         /// Volume name.
@@ -234,6 +242,7 @@ fn main() -> ExitCode {
         Cmd::Volume { etcd, cmd } => match cmd {
             VolumeCmd::Create(a) => tessera::admin::volume_create(&etcd, &a),
             VolumeCmd::List => tessera::admin::volume_list(&etcd),
+            VolumeCmd::Resize { name, size } => tessera::admin::volume_resize(&etcd, &name, &size),
             VolumeCmd::Delete { name, force } => tessera::admin::volume_delete(&etcd, &name, force),
         },
         Cmd::Status { etcd } => tessera::admin::status(&etcd),

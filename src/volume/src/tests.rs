@@ -411,6 +411,37 @@ fn a_granted_epoch_is_used_and_an_outdated_grant_is_refused() {
     });
 }
 
+#[test]
+fn a_volume_grows_and_the_new_space_reads_as_zeroes() {
+    let s = setup("4+2", 16384, 6, 100 << 10);
+    run(async {
+        let v = open(&s).await;
+        let data = pattern(21, 100 << 10);
+        write(&v, 0, &data).await.unwrap();
+        // Past the end: out of range until it grows.
+        assert!(matches!(
+            v.write(100 << 10, Bytes::from(vec![1u8; 512]), false).await,
+            Err(BlockError::OutOfRange)
+        ));
+        assert!(v.grow(50 << 10).is_err(), "never shrinks");
+        assert!(v.grow((300 << 10) + 1).is_err(), "whole blocks");
+        v.grow(300 << 10).unwrap();
+        assert_eq!(v.size(), 300 << 10);
+        assert_eq!(
+            tessera_proto::block::BlockDevice::info(&v).size_bytes,
+            300 << 10
+        );
+        assert_eq!(read(&v, 0, 100 << 10).await, data);
+        assert_eq!(read(&v, 100 << 10, 200 << 10).await, vec![0u8; 200 << 10]);
+        let more = pattern(22, 150 << 10);
+        write(&v, 120 << 10, &more).await.unwrap();
+        assert_eq!(read(&v, 120 << 10, 150 << 10).await, more);
+        let sc = v.scrub().await;
+        assert_eq!((sc.inconsistent, sc.parity_mismatches), (0, 0), "{sc:?}");
+        v.close();
+    });
+}
+
 /// Random writes, reads, node failures and restarts, gateway restarts, against a model.
 #[test]
 fn model_based_random_operations() {

@@ -151,6 +151,8 @@ struct Shared {
     closed: AtomicBool,
     /// Whether the last maintenance round left stale, unchecked or damaged stripes behind.
     unwhole: AtomicBool,
+    /// Bytes: the spec's size, or more after [`EcVolume::grow`].
+    size: AtomicU64,
 }
 
 /// An erasure-coded volume. Cheap to clone; shared by every core.
@@ -374,6 +376,7 @@ impl EcVolume {
                 stats: VolumeStats::default(),
                 closed: AtomicBool::new(false),
                 unwhole: AtomicBool::new(false),
+                size: AtomicU64::new(spec.size),
                 spec,
             }),
         })
@@ -482,6 +485,33 @@ impl EcVolume {
             error!(volume = %self.sh.spec.name, "fenced: {why}");
             st.fenced = Some(why.to_string());
         }
+    }
+
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.sh.size.load(Ordering::Acquire)
+    }
+
+    fn stripes(&self) -> u64 {
+        self.size().div_ceil(self.sh.geo.stripe_bytes())
+    }
+
+    /// Grow the volume to `bytes` (a multiple of the block size, not smaller than now). The
+    /// new space reads as zeroes: no node holds a fragment of a stripe never written.
+    pub fn grow(&self, bytes: u64) -> Result<(), String> {
+        let bs = u64::from(self.sh.spec.block_size);
+        if !bytes.is_multiple_of(bs) {
+            return Err(format!("{bytes} is not a multiple of the block size {bs}"));
+        }
+        let cur = self.size();
+        if bytes < cur {
+            return Err(format!(
+                "volumes only grow ({cur} bytes now, {bytes} asked)"
+            ));
+        }
+        self.sh.size.store(bytes, Ordering::Release);
+        info!(volume = %self.sh.spec.name, from = cur, to = bytes, "volume grown");
+        Ok(())
     }
 
     /// Whether this instance has stopped writing (see [`EcVolume::fence`]).
@@ -1275,7 +1305,7 @@ impl EcVolume {
     async fn do_read(&self, offset: u64, len: usize) -> Result<Bytes, BlockError> {
         if offset
             .checked_add(len as u64)
-            .is_none_or(|e| e > self.sh.spec.size)
+            .is_none_or(|e| e > self.size())
         {
             return Err(BlockError::OutOfRange);
         }
@@ -1350,7 +1380,7 @@ impl EcVolume {
     async fn do_write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
         if offset
             .checked_add(data.len() as u64)
-            .is_none_or(|e| e > self.sh.spec.size)
+            .is_none_or(|e| e > self.size())
         {
             return Err(BlockError::OutOfRange);
         }
@@ -2270,10 +2300,7 @@ impl EcVolume {
     }
 
     async fn do_unmap(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        if offset
-            .checked_add(len)
-            .is_none_or(|e| e > self.sh.spec.size)
-        {
+        if offset.checked_add(len).is_none_or(|e| e > self.size()) {
             return Err(BlockError::OutOfRange);
         }
         // Zeroes, written in pieces of at most 64 stripes; whole stripes become zero
@@ -2356,7 +2383,7 @@ impl EcVolume {
     async fn resync_region(&self, r: u64, node: Option<usize>) -> Result<(), BlockError> {
         let rs = self.sh.spec.region_stripes;
         let first = r * rs;
-        let last = ((r + 1) * rs).min(self.sh.geo.stripes());
+        let last = ((r + 1) * rs).min(self.stripes());
         if first >= last {
             return Ok(());
         }
@@ -2489,7 +2516,7 @@ impl EcVolume {
     pub async fn scrub(&self) -> ScrubStats {
         let (k, width, chunk) = (self.k(), self.width(), self.chunk());
         let mut out = ScrubStats::default();
-        for stripe in 0..self.sh.geo.stripes() {
+        for stripe in 0..self.stripes() {
             let _g = self.sh.locks.lock(stripe, false).await;
             let reads: Vec<(u64, usize, Want, u32, u32)> = (0..width)
                 .map(|i| (stripe, i, Want::Latest, 0, 0))
@@ -2581,7 +2608,7 @@ impl Drop for Inflight<'_> {
 impl BlockDevice for EcVolume {
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
-            size_bytes: self.sh.spec.size,
+            size_bytes: self.size(),
             thin: true,
             unmap_granularity: u32::try_from(self.sh.geo.stripe_bytes()).unwrap_or(u32::MAX),
             direct: true,

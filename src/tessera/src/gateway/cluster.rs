@@ -339,7 +339,18 @@ async fn reconcile(
         }
     }
     for v in vols {
-        if exported.contains_key(&v.id) {
+        if let Some(e) = exported.get(&v.id) {
+            // Grown: the volume takes the new size, the initiators are told.
+            if v.size > e.volume.size() {
+                match e.volume.grow(v.size) {
+                    Ok(()) => {
+                        if let Some(lu) = target.lun(e.lun) {
+                            lu.capacity_changed();
+                        }
+                    }
+                    Err(why) => warn!(volume = %v.name, "cannot grow: {why}"),
+                }
+            }
             continue;
         }
         let map = match c.pg_map(v.id).await {
