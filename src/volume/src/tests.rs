@@ -427,10 +427,7 @@ fn a_volume_grows_and_the_new_space_reads_as_zeroes() {
         assert!(v.grow((300 << 10) + 1).is_err(), "whole blocks");
         v.grow(300 << 10).unwrap();
         assert_eq!(v.size(), 300 << 10);
-        assert_eq!(
-            tessera_proto::block::BlockDevice::info(&v).size_bytes,
-            300 << 10
-        );
+        assert_eq!(BlockDevice::info(&v).size_bytes, 300 << 10);
         assert_eq!(read(&v, 0, 100 << 10).await, data);
         assert_eq!(read(&v, 100 << 10, 200 << 10).await, vec![0u8; 200 << 10]);
         let more = pattern(22, 150 << 10);
