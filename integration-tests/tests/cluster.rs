@@ -350,3 +350,150 @@ fn with_etcd_gone_the_owner_stops_writing_within_its_lease_and_recovers_when_it_
     drop(s);
     assert!(demo.stop());
 }
+
+#[test]
+fn losing_one_of_three_etcd_members_under_load_costs_no_io_error() {
+    use tessera_cluster::process::{free_port, Etcd, Member};
+    use tessera_integration_tests::initiator::Session;
+    use tessera_integration_tests::Gateway;
+    let dir = tempfile::tempdir().unwrap();
+    // Three members on three loopback addresses.
+    let members: Vec<Member> = (1..=3u8)
+        .map(|i| {
+            let ip = [127, 0, 0, i];
+            Member {
+                name: format!("e{i}"),
+                client: std::net::SocketAddr::from((ip, free_port(ip).unwrap())),
+                peer: std::net::SocketAddr::from((ip, free_port(ip).unwrap())),
+            }
+        })
+        .collect();
+    let mut etcds: Vec<Etcd> = members
+        .iter()
+        .map(|m| {
+            Etcd::start(
+                m,
+                &members,
+                &dir.path().join(&m.name),
+                &dir.path().join(format!("{}.log", m.name)),
+            )
+            .expect("start etcd")
+        })
+        .collect();
+    for e in &mut etcds {
+        e.wait_ready(Duration::from_secs(30)).unwrap();
+    }
+    let urls: Vec<String> = members.iter().map(Member::client_url).collect();
+    // Three storage nodes (2+1) registering through all three members.
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let port = free_port([127, 0, 0, 1]).unwrap();
+        nodes.push(Started(
+            Command::new(tessera_bin())
+                .args(["node", "--id", &format!("n{i}"), "--listen"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data")
+                .arg(dir.path().join(format!("n{i}.store")))
+                .args(["--host", &format!("h{i}"), "--etcd", &urls.join(",")])
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("start node"),
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = tessera_cluster::Cluster::connect(&urls, tessera_cluster::DEFAULT_PREFIX)
+            .await
+            .unwrap();
+        let start = Instant::now();
+        // A fresh cluster may still be electing its leader: errors are retried.
+        while c.nodes().await.map_or(0, |n| n.len()) < 3 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "nodes did not register"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.create_volume(&tessera_cluster::NewVolume {
+            name: "v".into(),
+            size: 16 << 20,
+            block_size: 512,
+            profile: tessera_ec::Profile::parse("2+1", 4096).unwrap(),
+            pgs: 16,
+            write_quorum: None,
+        })
+        .await
+        .unwrap();
+    });
+    let etcd_list: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+    let gw = Gateway::start(&format!(
+        "[gateway]\nportals = [\"127.0.0.1:{{PORT}}\"]\n\n[cluster]\netcd = [{}]\ngateway_id = \"gw-a\"\nlease_ttl_secs = 5\n",
+        etcd_list.join(", ")
+    ));
+    let mut s = Session::login(
+        gw.portal,
+        "iqn.2024-01.test:three-members",
+        "iqn.2024-01.io.tessera:cluster",
+        [0x80, 0, 0, 0, 0, 4],
+    )
+    .expect("login");
+    s.ready(0).unwrap();
+    // Writes for longer than the lease TTL; one member is killed a second in.
+    let start = Instant::now();
+    let mut killed = false;
+    let mut n = 0u32;
+    while start.elapsed() < Duration::from_secs(8) {
+        if !killed && start.elapsed() > Duration::from_secs(1) {
+            etcds[0].stop();
+            killed = true;
+        }
+        let lba = (n % 1000) as u8;
+        let cdb = [0x2a, 0, 0, 0, ((n % 1000) >> 8) as u8, lba, 0, 0, 1, 0];
+        let o = s.command(0, &cdb, &[(n % 251) as u8; 512], 0).unwrap();
+        assert_eq!(o.status, 0, "write {n} failed after a member died: {o:?}");
+        n += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("{n} writes, every one GOOD, with one of three etcd members killed");
+    // The last thousand writes read back.
+    for m in n.saturating_sub(1000)..n {
+        let cdb = [
+            0x28,
+            0,
+            0,
+            0,
+            ((m % 1000) >> 8) as u8,
+            (m % 1000) as u8,
+            0,
+            0,
+            1,
+            0,
+        ];
+        let o = s.command(0, &cdb, &[], 512).unwrap();
+        assert_eq!(
+            (o.status, o.data[0]),
+            (0, (m % 251) as u8),
+            "block of write {m}"
+        );
+    }
+    // The cluster still answers through the other two.
+    let out = run(
+        Command::new(tessera_bin())
+            .args(["status", "--etcd", &urls.join(",")])
+            .env_remove("TESSERA_ETCD"),
+        Duration::from_secs(30),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("owner gw-a epoch 1"), "{text}");
+    drop(s);
+    drop(gw);
+    drop(nodes);
+}

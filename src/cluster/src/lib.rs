@@ -256,8 +256,27 @@ impl Cluster {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = Client::connect(endpoints, Some(opts)).await?;
+            // etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        // Endpoints that do not accept connections (a member that is down) are left out, so
+        // that requests are not sent their way; with none up, all are tried.
+        let mut up = Vec::new();
+        for e in endpoints {
+            let hostport = e.trim_start_matches("http://").trim_end_matches('/');
+            let probe = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect(hostport),
+            );
+            if matches!(probe.await, Ok(Ok(_))) {
+                up.push(e.clone());
+            }
+        }
+        let use_eps = if up.is_empty() {
+            endpoints.to_vec()
+        } else {
+            up
+        };
+        let client = Client::connect(use_eps, Some(opts)).await?;
         Ok(Self {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),
@@ -314,19 +333,32 @@ impl Cluster {
         ttl: i64,
         mut renewed: F,
     ) -> ClusterError {
-        let (mut keeper, mut stream) = match self.client.clone().lease_keep_alive(id).await {
-            Ok(k) => k,
-            Err(e) => return e.into(),
-        };
         let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
+        let limit = Duration::from_secs(ttl.max(1) as u64);
         let mut last_ok = tokio::time::Instant::now();
+        let mut last_err: Option<ClusterError> = None;
+        let mut chan = None;
         loop {
-            if let Err(e) = keeper.keep_alive().await {
-                if last_ok.elapsed() > Duration::from_secs(ttl as u64) {
-                    return e.into();
+            if last_ok.elapsed() > limit {
+                return last_err.unwrap_or_else(|| {
+                    ClusterError::Invalid(format!("lease {id:x} not renewed in {ttl} s"))
+                });
+            }
+            // A broken keep-alive stream (its etcd member went away) is opened again; the
+            // client's channel balances over the other endpoints.
+            if chan.is_none() {
+                match tokio::time::timeout(period, self.client.clone().lease_keep_alive(id)).await {
+                    Ok(Ok(k)) => chan = Some(k),
+                    Ok(Err(e)) => last_err = Some(e.into()),
+                    Err(_) => {}
                 }
-            } else {
-                match tokio::time::timeout(period, stream.message()).await {
+            }
+            if let Some((keeper, stream)) = chan.as_mut() {
+                let answer = async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                };
+                match tokio::time::timeout(period, answer).await {
                     Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
                         last_ok = tokio::time::Instant::now();
                         renewed();
@@ -334,15 +366,23 @@ impl Cluster {
                     Ok(Ok(Some(_))) => {
                         return ClusterError::Invalid(format!("lease {id:x} expired"));
                     }
-                    Ok(Ok(None)) => return ClusterError::Invalid("keep-alive stream ended".into()),
-                    Ok(Err(e)) => return e.into(),
-                    Err(_) => {}
-                }
-                if last_ok.elapsed() > Duration::from_secs(ttl as u64) {
-                    return ClusterError::Invalid(format!("lease {id:x} not renewed in {ttl} s"));
+                    Ok(Ok(None)) => {
+                        last_err = Some(ClusterError::Invalid("keep-alive stream ended".into()));
+                        chan = None;
+                    }
+                    Ok(Err(e)) => {
+                        last_err = Some(e.into());
+                        chan = None;
+                    }
+                    Err(_) => chan = None,
                 }
             }
-            tokio::time::sleep(period).await;
+            let pause = if chan.is_some() {
+                period
+            } else {
+                Duration::from_millis(200)
+            };
+            tokio::time::sleep(pause).await;
         }
     }
 

@@ -81,8 +81,12 @@ impl Etcd {
             initial.join(","),
             "--initial-cluster-state".into(),
             "new".into(),
+            // The same for every member of one cluster.
             "--initial-cluster-token".into(),
-            format!("tessera-{}", me.client.port()),
+            format!(
+                "tessera-{}",
+                all.first().map_or(me.peer.port(), |m| m.peer.port())
+            ),
             // Small and quick: a test cluster, on loopback.
             "--heartbeat-interval".into(),
             "100".into(),

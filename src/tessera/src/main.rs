@@ -104,7 +104,7 @@ struct NodeCli {
     /// Background scrub rate (e.g. 16MiB a second; 0: off).
     #[arg(long, default_value = "0")]
     scrub_rate: String,
-    /// Register in the cluster at this etcd URL (or set TESSERA_ETCD).
+    /// Register in the cluster at these etcd URLs (comma-separated; or set TESSERA_ETCD).
     #[arg(long, env = "TESSERA_ETCD")]
     etcd: Option<String>,
     /// etcd key prefix of the cluster.
@@ -167,9 +167,11 @@ fn node_config(n: NodeCli) -> anyhow::Result<tessera::config::NodeConfig> {
     if let Some(h) = &n.host {
         text.push_str(&format!("host = {h:?}\n"));
     }
-    if let Some(url) = &n.etcd {
+    if let Some(urls) = &n.etcd {
+        let list: Vec<String> = urls.split(',').map(|u| format!("{:?}", u.trim())).collect();
         text.push_str(&format!(
-            "[cluster]\netcd = [{url:?}]\nprefix = {:?}\n",
+            "[cluster]\netcd = [{}]\nprefix = {:?}\n",
+            list.join(", "),
             n.prefix
         ));
     }
