@@ -394,52 +394,48 @@ impl Cluster {
 
     // ---- nodes and gateways -------------------------------------------------------------
 
-    /// Register (or refresh) a node under `lease`.
-    pub async fn register_node(&self, rec: &NodeRecord, lease: i64) -> Result<()> {
+    async fn put_leased<T: Serialize>(&self, rest: &str, v: &T, lease: i64) -> Result<()> {
         self.client
             .clone()
             .put(
-                self.key(&format!("nodes/{}", rec.id)),
-                encode(rec),
+                self.key(rest),
+                encode(v),
                 Some(PutOptions::new().with_lease(lease)),
             )
             .await?;
         Ok(())
     }
 
-    /// Every live node, by id.
-    pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {
-        let mut out: Vec<NodeRecord> = self
-            .get_prefix("nodes/")
+    async fn list<T: serde::de::DeserializeOwned>(&self, rest: &str) -> Result<Vec<T>> {
+        self.get_prefix(rest)
             .await?
             .iter()
             .map(|(k, v)| decode(k, v))
-            .collect::<Result<_>>()?;
+            .collect()
+    }
+
+    /// Register (or refresh) a node under `lease`.
+    pub async fn register_node(&self, rec: &NodeRecord, lease: i64) -> Result<()> {
+        self.put_leased(&format!("nodes/{}", rec.id), rec, lease)
+            .await
+    }
+
+    /// Every live node, by id.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let mut out: Vec<NodeRecord> = self.list("nodes/").await?;
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 
     /// Register a gateway under `lease`.
     pub async fn register_gateway(&self, rec: &GatewayRecord, lease: i64) -> Result<()> {
-        self.client
-            .clone()
-            .put(
-                self.key(&format!("gateways/{}", rec.id)),
-                encode(rec),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await?;
-        Ok(())
+        self.put_leased(&format!("gateways/{}", rec.id), rec, lease)
+            .await
     }
 
     /// Every live gateway, by id.
     pub async fn gateways(&self) -> Result<Vec<GatewayRecord>> {
-        let mut out: Vec<GatewayRecord> = self
-            .get_prefix("gateways/")
-            .await?
-            .iter()
-            .map(|(k, v)| decode(k, v))
-            .collect::<Result<_>>()?;
+        let mut out: Vec<GatewayRecord> = self.list("gateways/").await?;
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
@@ -543,12 +539,7 @@ impl Cluster {
 
     /// Every volume, by LUN.
     pub async fn volumes(&self) -> Result<Vec<VolumeRecord>> {
-        let mut out: Vec<VolumeRecord> = self
-            .get_prefix("volumes/")
-            .await?
-            .iter()
-            .map(|(k, v)| decode(k, v))
-            .collect::<Result<_>>()?;
+        let mut out: Vec<VolumeRecord> = self.list("volumes/").await?;
         out.sort_by_key(|v| v.lun);
         Ok(out)
     }

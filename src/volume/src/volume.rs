@@ -675,29 +675,47 @@ impl EcVolume {
         join_all(calls).await
     }
 
-    /// Write fragments of one or more stripes; `items[i] = (stripe, index, item)`. Returns
-    /// per item whether the node made it durable. The fault points model a gateway that
-    /// stops after issuing some of them.
-    async fn write_frags(&self, items: Vec<(u64, usize, WriteItem)>) -> Vec<bool> {
+    /// Group `items` by node and issue one request per node (built by `make`), in node
+    /// order, each as its own task (issued now, whatever happens to the caller). Returns per
+    /// node the positions in `items` it carries and its pending answer.
+    #[allow(clippy::type_complexity)]
+    async fn issue_per_node(
+        &self,
+        items: Vec<(u64, usize, WriteItem)>,
+        make: impl Fn(VolumeCtx, Vec<WriteItem>) -> Request,
+    ) -> Vec<(
+        usize,
+        Vec<usize>,
+        tokio::task::JoinHandle<Result<Response, CallError>>,
+    )> {
         let mut per_node: HashMap<usize, (Vec<usize>, Vec<WriteItem>)> = HashMap::new();
-        let n = items.len();
         for (i, (stripe, index, it)) in items.into_iter().enumerate() {
             let e = per_node.entry(self.node_of(stripe, index)).or_default();
             e.0.push(i);
             e.1.push(it);
         }
         let vol = self.ctx();
-        let mut calls = Vec::new();
         let mut nodes_sorted: Vec<_> = per_node.into_iter().collect();
         nodes_sorted.sort_by_key(|(node, _)| *node);
+        let mut calls = Vec::new();
         for (node, (idx, its)) in nodes_sorted {
             fault::point("write:send").await;
             let this = self.clone();
-            let req = Request::Write { vol, items: its };
-            // Issued now, whatever happens to the caller.
+            let req = make(vol, its);
             let h = tokio::task::spawn_local(async move { this.call(node, req).await });
             calls.push((node, idx, h));
         }
+        calls
+    }
+
+    /// Write fragments of one or more stripes; `items[i] = (stripe, index, item)`. Returns
+    /// per item whether the node made it durable. The fault points model a gateway that
+    /// stops after issuing some of them.
+    async fn write_frags(&self, items: Vec<(u64, usize, WriteItem)>) -> Vec<bool> {
+        let n = items.len();
+        let calls = self
+            .issue_per_node(items, |vol, items| Request::Write { vol, items })
+            .await;
         let mut ok = vec![false; n];
         for (node, idx, h) in calls {
             match h.await {
@@ -718,24 +736,10 @@ impl EcVolume {
     /// Send swaps (ranges written on the nodes' newest copies, answered with what they
     /// replaced), one request per node, all in parallel.
     async fn swap_frags(&self, items: Vec<(u64, usize, WriteItem)>) -> Vec<Swapped> {
-        let mut per_node: HashMap<usize, (Vec<usize>, Vec<WriteItem>)> = HashMap::new();
         let n = items.len();
-        for (i, (stripe, index, it)) in items.into_iter().enumerate() {
-            let e = per_node.entry(self.node_of(stripe, index)).or_default();
-            e.0.push(i);
-            e.1.push(it);
-        }
-        let vol = self.ctx();
-        let mut calls = Vec::new();
-        let mut nodes_sorted: Vec<_> = per_node.into_iter().collect();
-        nodes_sorted.sort_by_key(|(node, _)| *node);
-        for (node, (idx, its)) in nodes_sorted {
-            fault::point("write:send").await;
-            let this = self.clone();
-            let req = Request::Swap { vol, items: its };
-            let h = tokio::task::spawn_local(async move { this.call(node, req).await });
-            calls.push((node, idx, h));
-        }
+        let calls = self
+            .issue_per_node(items, |vol, items| Request::Swap { vol, items })
+            .await;
         let mut out = vec![Swapped::Unknown; n];
         for (node, idx, h) in calls {
             match h.await {
