@@ -384,6 +384,41 @@ fn losing_one_of_three_etcd_members_under_load_costs_no_io_error() {
         e.wait_ready(Duration::from_secs(30)).unwrap();
     }
     let urls: Vec<String> = members.iter().map(Member::client_url).collect();
+    // The member killed below is made the raft leader first: the worst case (a leader
+    // election while the gateway's keep-alive stream, which starts on the first endpoint,
+    // has to move).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tessera_cluster::etcd_client::Client;
+        let start = Instant::now();
+        loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "could not make e1 the leader"
+            );
+            let mut first = Client::connect([urls[0].clone()], None).await.unwrap();
+            let Ok(st) = first.status().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let me = st.header().map(|h| h.member_id()).unwrap_or(0);
+            if st.leader() == me && me != 0 {
+                break;
+            }
+            for u in &urls[1..] {
+                let mut c = Client::connect([u.clone()], None).await.unwrap();
+                if let Ok(s) = c.status().await {
+                    if s.header().map(|h| h.member_id()) == Some(s.leader()) {
+                        let _ = c.move_leader(me).await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     // Three storage nodes (2+1) registering through all three members.
     let mut nodes = Vec::new();
     for i in 0..3 {
@@ -400,10 +435,6 @@ fn losing_one_of_three_etcd_members_under_load_costs_no_io_error() {
                 .expect("start node"),
         ));
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     rt.block_on(async {
         let c = tessera_cluster::Cluster::connect(&urls, tessera_cluster::DEFAULT_PREFIX)
             .await
@@ -430,7 +461,7 @@ fn losing_one_of_three_etcd_members_under_load_costs_no_io_error() {
     });
     let etcd_list: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
     let gw = Gateway::start(&format!(
-        "[gateway]\nportals = [\"127.0.0.1:{{PORT}}\"]\n\n[cluster]\netcd = [{}]\ngateway_id = \"gw-a\"\nlease_ttl_secs = 5\n",
+        "[gateway]\nportals = [\"127.0.0.1:{{PORT}}\"]\n\n[cluster]\netcd = [{}]\ngateway_id = \"gw-a\"\n",
         etcd_list.join(", ")
     ));
     let mut s = Session::login(
@@ -441,19 +472,25 @@ fn losing_one_of_three_etcd_members_under_load_costs_no_io_error() {
     )
     .expect("login");
     s.ready(0).unwrap();
-    // Writes for longer than the lease TTL; one member is killed a second in.
+    // Writes for longer than the lease TTL (the default, 10 s); one member is killed a
+    // second in.
     let start = Instant::now();
     let mut killed = false;
     let mut n = 0u32;
-    while start.elapsed() < Duration::from_secs(8) {
+    while start.elapsed() < Duration::from_secs(12) {
         if !killed && start.elapsed() > Duration::from_secs(1) {
-            etcds[0].stop();
+            etcds[0].stop(); // the leader, holding the gateway's keep-alive stream
             killed = true;
         }
         let lba = (n % 1000) as u8;
         let cdb = [0x2a, 0, 0, 0, ((n % 1000) >> 8) as u8, lba, 0, 0, 1, 0];
         let o = s.command(0, &cdb, &[(n % 251) as u8; 512], 0).unwrap();
-        assert_eq!(o.status, 0, "write {n} failed after a member died: {o:?}");
+        assert_eq!(
+            o.status,
+            0,
+            "write {n} failed after a member died: {o:?}\ngateway log:\n{}",
+            gw.log()
+        );
         n += 1;
         std::thread::sleep(Duration::from_millis(5));
     }

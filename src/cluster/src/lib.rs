@@ -25,8 +25,8 @@ pub mod process;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 use serde::{Deserialize, Serialize};
 use tessera_ec::{placement, Profile};
@@ -205,6 +205,8 @@ pub struct OwnerRecord {
 pub struct Cluster {
     client: Client,
     prefix: String,
+    /// Every endpoint given, live or not (keep-alives fail over across them).
+    endpoints: std::sync::Arc<Vec<String>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -246,6 +248,23 @@ fn stable_hash(parts: &[&[u8]]) -> u64 {
     h
 }
 
+fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(5))
+        // etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+}
+
+/// Whether the endpoint `url` (`http://host:port`) accepts TCP connections within `wait`.
+async fn accepts(url: &str, wait: Duration) -> bool {
+    let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+    matches!(
+        tokio::time::timeout(wait, tokio::net::TcpStream::connect(hostport)).await,
+        Ok(Ok(_))
+    )
+}
+
 impl Cluster {
     /// Connect to etcd at `endpoints` (URLs like `http://127.0.0.1:2379`), keys under
     /// `prefix`.
@@ -253,21 +272,11 @@ impl Cluster {
         if endpoints.is_empty() {
             return Err(ClusterError::Invalid("no etcd endpoint given".into()));
         }
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5))
-            // etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
         // Endpoints that do not accept connections (a member that is down) are left out, so
         // that requests are not sent their way; with none up, all are tried.
         let mut up = Vec::new();
         for e in endpoints {
-            let hostport = e.trim_start_matches("http://").trim_end_matches('/');
-            let probe = tokio::time::timeout(
-                Duration::from_secs(1),
-                tokio::net::TcpStream::connect(hostport),
-            );
-            if matches!(probe.await, Ok(Ok(_))) {
+            if accepts(e, Duration::from_secs(1)).await {
                 up.push(e.clone());
             }
         }
@@ -276,11 +285,42 @@ impl Cluster {
         } else {
             up
         };
-        let client = Client::connect(use_eps, Some(opts)).await?;
+        let client = Client::connect(use_eps, Some(connect_options())).await?;
         Ok(Self {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),
+            endpoints: std::sync::Arc::new(endpoints.to_vec()),
         })
+    }
+
+    /// A keep-alive stream for lease `id` on a client of its own, connected to the first
+    /// endpoint from `start` on (round robin) that accepts connections: a stream whose member
+    /// died moves to a live one at once, rather than waiting for the shared channel to notice.
+    async fn keep_alive_stream(
+        &self,
+        id: i64,
+        start: usize,
+        wait: Duration,
+    ) -> Result<(Client, LeaseKeeper, LeaseKeepAliveStream)> {
+        let n = self.endpoints.len();
+        let mut last = ClusterError::Invalid("no etcd endpoint accepts connections".into());
+        for i in 0..n {
+            let ep = &self.endpoints[(start + i) % n];
+            if !accepts(ep, wait).await {
+                continue;
+            }
+            let attempt = async {
+                let mut client = Client::connect([ep.clone()], Some(connect_options())).await?;
+                let (k, s) = client.lease_keep_alive(id).await?;
+                Ok::<_, etcd_client::Error>((client, k, s))
+            };
+            match tokio::time::timeout(wait, attempt).await {
+                Ok(Ok(x)) => return Ok(x),
+                Ok(Err(e)) => last = e.into(),
+                Err(_) => last = ClusterError::Invalid(format!("{ep}: no answer in {wait:?}")),
+            }
+        }
+        Err(last)
     }
 
     /// The etcd client (for leases, watches).
@@ -320,48 +360,56 @@ impl Cluster {
     }
 
     /// Keep lease `id` alive until it is lost (etcd says it expired, or it could not be
-    /// renewed within its TTL); returns why. Renews every `ttl / 3` seconds.
+    /// renewed within its TTL); returns why. Renews every `ttl / 5` seconds (at least every
+    /// 2 s), so that a renewal lost to an etcd leader election leaves most of the TTL.
     pub async fn keep_alive(&self, id: i64, ttl: i64) -> ClusterError {
-        self.keep_alive_with(id, ttl, || {}).await
+        self.keep_alive_with(id, ttl, |_| {}).await
     }
 
-    /// [`Cluster::keep_alive`], calling `renewed` after every renewal etcd confirmed (so the
-    /// holder knows how fresh its lease is and can stop acting on it before it can expire).
-    pub async fn keep_alive_with<F: FnMut()>(
+    /// [`Cluster::keep_alive`], calling `renewed(sent)` after every renewal etcd confirmed,
+    /// with the instant its request was sent: the lease runs at least `ttl` from then, so the
+    /// holder knows how fresh its lease is and can stop acting on it before it can expire.
+    pub async fn keep_alive_with<F: FnMut(tokio::time::Instant)>(
         &self,
         id: i64,
         ttl: i64,
         mut renewed: F,
     ) -> ClusterError {
-        let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
+        let period = Duration::from_millis((ttl.max(1) as u64 * 1000 / 5).min(2000));
+        // Answers normally come in milliseconds; a member that takes longer is given up on
+        // early enough to try the others before the lease is in danger.
+        let wait = (period / 2).max(Duration::from_millis(300));
         let limit = Duration::from_secs(ttl.max(1) as u64);
         let mut last_ok = tokio::time::Instant::now();
         let mut last_err: Option<ClusterError> = None;
         let mut chan = None;
+        let mut next = 0usize;
         loop {
             if last_ok.elapsed() > limit {
                 return last_err.unwrap_or_else(|| {
                     ClusterError::Invalid(format!("lease {id:x} not renewed in {ttl} s"))
                 });
             }
-            // A broken keep-alive stream (its etcd member went away) is opened again; the
-            // client's channel balances over the other endpoints.
             if chan.is_none() {
-                match tokio::time::timeout(period, self.client.clone().lease_keep_alive(id)).await {
-                    Ok(Ok(k)) => chan = Some(k),
-                    Ok(Err(e)) => last_err = Some(e.into()),
-                    Err(_) => {}
+                match self.keep_alive_stream(id, next, wait).await {
+                    Ok(k) => chan = Some(k),
+                    Err(e) => last_err = Some(e),
                 }
+                // The next reopening starts at the next endpoint.
+                next = next.wrapping_add(1);
             }
-            if let Some((keeper, stream)) = chan.as_mut() {
+            let mut renewed_now = false;
+            if let Some((_, keeper, stream)) = chan.as_mut() {
+                let sent = tokio::time::Instant::now();
                 let answer = async {
                     keeper.keep_alive().await?;
                     stream.message().await
                 };
-                match tokio::time::timeout(period, answer).await {
+                match tokio::time::timeout(wait, answer).await {
                     Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
-                        last_ok = tokio::time::Instant::now();
-                        renewed();
+                        last_ok = sent;
+                        renewed(sent);
+                        renewed_now = true;
                     }
                     Ok(Ok(Some(_))) => {
                         return ClusterError::Invalid(format!("lease {id:x} expired"));
@@ -374,13 +422,19 @@ impl Cluster {
                         last_err = Some(e.into());
                         chan = None;
                     }
-                    Err(_) => chan = None,
+                    Err(_) => {
+                        last_err = Some(ClusterError::Invalid(format!(
+                            "keep-alive not answered in {wait:?}"
+                        )));
+                        chan = None;
+                    }
                 }
             }
-            let pause = if chan.is_some() {
+            // Renewed: wait a third of the TTL. Not: try again (another member) shortly.
+            let pause = if renewed_now {
                 period
             } else {
-                Duration::from_millis(200)
+                Duration::from_millis(100)
             };
             tokio::time::sleep(pause).await;
         }

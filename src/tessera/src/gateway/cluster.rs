@@ -81,6 +81,8 @@ async fn agent(
     loop {
         let session = async {
             let c = Cluster::connect(&cl.etcd, &cl.prefix).await?;
+            // The lease runs at least its TTL from before it was asked for.
+            let asked = tokio::time::Instant::now();
             let lease = c.grant(cl.lease_ttl).await?;
             c.register_gateway(
                 &GatewayRecord {
@@ -90,9 +92,9 @@ async fn agent(
                 lease,
             )
             .await?;
-            Ok::<_, tessera_cluster::ClusterError>((c, lease))
+            Ok::<_, tessera_cluster::ClusterError>((c, lease, asked))
         };
-        let (c, lease) = tokio::select! {
+        let (c, lease, asked) = tokio::select! {
             r = session => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -130,7 +132,7 @@ async fn agent(
                 e.volume.close();
             }
         }
-        let renewed_at = Rc::new(Cell::new(tokio::time::Instant::now()));
+        let renewed_at = Rc::new(Cell::new(asked));
         // The controller election runs beside everything else; it holds while the lease does.
         let (leader_tx, leader_rx) = watch::channel(false);
         let campaign = {
@@ -153,7 +155,7 @@ async fn agent(
             let ttl = cl.lease_ttl;
             let at = renewed_at.clone();
             tokio::task::spawn_local(async move {
-                c.keep_alive_with(lease, ttl, || at.set(tokio::time::Instant::now()))
+                c.keep_alive_with(lease, ttl, |sent| at.set(sent))
                     .await
             })
         };
