@@ -494,3 +494,74 @@ pub mod images {
         out.status.success() && text.contains("identical")
     }
 }
+
+impl Gateway {
+    /// Like [`Gateway::start`], but `{PORT}` is a free port on the loopback address `ip`
+    /// (127.0.0.N: each gateway of a cluster test on an address of its own), and the portal
+    /// waited for is `ip:{PORT}`. Logs at info level for the gateway crate (`RUST_LOG`
+    /// overrides), to `gateway.log` in its directory.
+    pub fn start_on(ip: [u8; 4], config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = TcpListener::bind(SocketAddr::from((ip, 0)))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind a free port");
+        let text = config
+            .replace("{PORT}", &port.to_string())
+            .replace("{DIR}", &dir.path().to_string_lossy());
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).expect("write config");
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
+        let child = Command::new(tessera_bin())
+            .arg("gateway")
+            .arg("--config")
+            .arg(&path)
+            .arg("--log-format")
+            .arg("json")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,tessera=info".into()),
+            )
+            .stderr(log)
+            .spawn()
+            .expect("start tessera gateway");
+        let portal = SocketAddr::from((ip, port));
+        let mut g = Self { child, dir, portal };
+        let start = Instant::now();
+        while TcpStream::connect(portal).is_err() {
+            if let Ok(Some(st)) = g.child.try_wait() {
+                panic!("tessera gateway exited early: {st}\n{}", g.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "gateway on {portal} did not start\n{}",
+                g.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        g
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL it (by PID) and wait until its portal refuses connections. The process is
+    /// left for drop to reap, so its PID cannot be reused meanwhile.
+    pub fn kill(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let start = Instant::now();
+        while TcpStream::connect_timeout(&self.portal, Duration::from_millis(200)).is_ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "gateway {} still accepts connections after SIGKILL",
+                self.portal
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -10,9 +10,12 @@
 //! | `P/gateways/ID` | [`GatewayRecord`] | the gateway's lease |
 //! | `P/volumes/NAME` | [`VolumeRecord`] | until deleted |
 //! | `P/meta/next-lun` | next LUN number (decimal) | forever |
+//! | `P/meta/next-gateway` | next gateway number (decimal) | forever |
+//! | `P/gateway-numbers/ID` | the gateway's number (decimal, 1..=65535) | forever |
 //! | `P/pgmaps/VOLID` | [`PgMapRecord`]: placement of every PG, with an epoch | the volume's |
 //! | `P/epochs/VOLID` | the volume's fencing epoch (decimal), raised at every takeover | the volume's |
 //! | `P/owners/VOLID` | [`OwnerRecord`]: the owning gateway and its epoch | the owner's lease |
+//! | `P/reservations/VOLID` | the volume's persistent reservations (the SCSI target's binary PR state) | the volume's |
 //! | `P/election/controller` | etcd election: the gateway that computes placement | leader's lease |
 //!
 //! `VOLID` is the volume id in 16 hex digits. etcd is off the data path: gateways and nodes
@@ -110,6 +113,35 @@ pub struct GatewayRecord {
     pub id: String,
     /// Its iSCSI portals.
     pub portals: Vec<String>,
+    /// Its number in the cluster (see [`Cluster::gateway_number`]): its iSCSI target portal
+    /// group tag, SCSI target port group and relative target port on the cluster target.
+    #[serde(default)]
+    pub number: u16,
+    /// Where it accepts commands forwarded by other gateways (`host:port`).
+    #[serde(default)]
+    pub forward: String,
+    /// Its share of volume ownership, relative to the others' (weighted rendezvous).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The gateway that should own `volume` among `gateways`: weighted rendezvous hashing, so
+/// volumes spread over gateways in proportion to their weights, and a gateway coming or
+/// going moves only the volumes it gains or loses. `None` without a gateway of weight > 0.
+pub fn preferred_owner(volume: u64, gateways: &[GatewayRecord]) -> Option<&GatewayRecord> {
+    gateways
+        .iter()
+        .filter(|g| g.weight > 0)
+        .map(|g| {
+            let s = placement::score(volume, 0, &g.id, f64::from(g.weight));
+            (s, g)
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0).then_with(|| b.1.id.cmp(&a.1.id)))
+        .map(|(_, g)| g)
 }
 
 /// A volume.
@@ -487,6 +519,69 @@ impl Cluster {
             .await
     }
 
+    /// The number of gateway `id` (1..=65535), allocated at its first call and kept forever:
+    /// the gateway's target portal group tag, target port group and relative target port, so
+    /// that every gateway is a distinct SCSI target port of the one cluster target.
+    pub async fn gateway_number(&self, id: &str) -> Result<u16> {
+        let nkey = self.key(&format!("gateway-numbers/{id}"));
+        let ckey = self.key("meta/next-gateway");
+        loop {
+            if let Some((v, _)) = self.get_one(&nkey).await? {
+                let n = parse_u64(nkey.as_bytes(), &v)?;
+                return u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                    ClusterError::Corrupt {
+                        key: nkey.clone(),
+                        reason: format!("gateway number {n} out of 1..=65535"),
+                    }
+                });
+            }
+            let counter = self.get_one(&ckey).await?;
+            let (next, guard) = match &counter {
+                Some((v, rev)) => (
+                    parse_u64(ckey.as_bytes(), v)?,
+                    Compare::mod_revision(ckey.clone(), CompareOp::Equal, *rev),
+                ),
+                None => (
+                    1,
+                    Compare::create_revision(ckey.clone(), CompareOp::Equal, 0),
+                ),
+            };
+            if next > u64::from(u16::MAX) {
+                return Err(ClusterError::Invalid(
+                    "all 65535 gateway numbers are used".into(),
+                ));
+            }
+            let txn = Txn::new()
+                .when(vec![
+                    guard,
+                    Compare::create_revision(nkey.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then(vec![
+                    TxnOp::put(nkey.clone(), next.to_string(), None),
+                    TxnOp::put(ckey.clone(), (next + 1).to_string(), None),
+                ]);
+            if self.client.clone().txn(txn).await?.succeeded() {
+                return Ok(next as u16);
+            }
+            // Another gateway took that number, or this one was numbered meanwhile: again.
+        }
+    }
+
+    /// Every volume's owner, by volume id.
+    pub async fn owners(&self) -> Result<std::collections::HashMap<u64, OwnerRecord>> {
+        let mut out = std::collections::HashMap::new();
+        let prefix = self.key("owners/");
+        for (k, v) in self.get_prefix("owners/").await? {
+            let id = std::str::from_utf8(&k[prefix.len().min(k.len())..])
+                .ok()
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            if let Some(id) = id {
+                out.insert(id, decode(&k, &v)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every live gateway, by id.
     pub async fn gateways(&self) -> Result<Vec<GatewayRecord>> {
         let mut out: Vec<GatewayRecord> = self.list("gateways/").await?;
@@ -661,6 +756,7 @@ impl Cluster {
                 TxnOp::delete(self.key(&format!("pgmaps/{id}")), None),
                 TxnOp::delete(self.key(&format!("epochs/{id}")), None),
                 TxnOp::delete(self.key(&format!("owners/{id}")), None),
+                TxnOp::delete(self.key(&format!("reservations/{id}")), None),
             ]);
         if !self.client.clone().txn(txn).await?.succeeded() {
             return Err(ClusterError::NoVolume(name.to_string()));
@@ -820,6 +916,31 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    // ---- persistent reservations --------------------------------------------------------
+
+    /// The volume's saved persistent reservation state, if any.
+    pub async fn reservations(&self, volume: u64) -> Result<Option<Vec<u8>>> {
+        let key = self.key(&format!("reservations/{volume:016x}"));
+        Ok(self.get_one(&key).await?.map(|(v, _)| v))
+    }
+
+    /// Save the volume's persistent reservation state: only while the owner key is held
+    /// under `lease` (a gateway that lost the volume cannot overwrite its successor's).
+    pub async fn save_reservations(&self, volume: u64, lease: i64, state: &[u8]) -> Result<()> {
+        let okey = self.key(&format!("owners/{volume:016x}"));
+        let key = self.key(&format!("reservations/{volume:016x}"));
+        let txn = Txn::new()
+            .when(vec![Compare::lease(okey, CompareOp::Equal, lease)])
+            .and_then(vec![TxnOp::put(key, state.to_vec(), None)]);
+        if self.client.clone().txn(txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(ClusterError::Invalid(format!(
+                "volume {volume:016x} is no longer owned here: reservations not saved"
+            )))
+        }
     }
 
     // ---- the controller -----------------------------------------------------------------

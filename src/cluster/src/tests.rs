@@ -269,3 +269,115 @@ fn one_controller_at_a_time() {
         assert_eq!(c.controller().await.unwrap().as_deref(), Some("gw-b"));
     });
 }
+
+fn gw(id: &str, weight: u32) -> GatewayRecord {
+    GatewayRecord {
+        id: id.into(),
+        portals: vec![],
+        number: 0,
+        forward: String::new(),
+        weight,
+    }
+}
+
+#[test]
+fn owners_spread_by_weight_and_a_new_gateway_takes_only_its_share() {
+    let three: Vec<GatewayRecord> = vec![gw("gw-a", 1), gw("gw-b", 1), gw("gw-c", 2)];
+    let vols: Vec<u64> = (0..4000u64)
+        .map(|i| stable_hash(&[&i.to_be_bytes()]))
+        .collect();
+    let owner_of = |gws: &[GatewayRecord], v: u64| preferred_owner(v, gws).unwrap().id.clone();
+    let mut count = std::collections::HashMap::<String, usize>::new();
+    for &v in &vols {
+        *count.entry(owner_of(&three, v)).or_default() += 1;
+    }
+    // Shares 1:1:2 of 4000 → 1000, 1000, 2000, within ±10%.
+    for (id, want) in [("gw-a", 1000.0), ("gw-b", 1000.0), ("gw-c", 2000.0)] {
+        let got = count[id] as f64;
+        assert!(
+            (got - want).abs() < want * 0.1,
+            "{id}: {got} of 4000, want ~{want}"
+        );
+    }
+    // A fourth gateway (weight 1, so 1/5 of the total): only volumes it takes move.
+    let mut four = three.clone();
+    four.push(gw("gw-d", 1));
+    let mut moved = 0;
+    for &v in &vols {
+        let (before, after) = (owner_of(&three, v), owner_of(&four, v));
+        if before != after {
+            assert_eq!(after, "gw-d", "a volume moved between old gateways");
+            moved += 1;
+        }
+    }
+    assert!(
+        (640..=960).contains(&moved),
+        "{moved} of 4000 moved, want ~800"
+    );
+    // Weight 0 owns nothing; nobody at all: None.
+    assert_ne!(owner_of(&[gw("x", 0), gw("y", 1)], 7), "x");
+    assert!(preferred_owner(7, &[gw("x", 0)]).is_none());
+}
+
+#[test]
+fn gateway_numbers_are_distinct_and_kept() {
+    let f = etcd();
+    run(async {
+        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
+            .await
+            .unwrap();
+        // Eight gateways numbering themselves at once get 1..=8, each once.
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                c.gateway_number(&format!("gw-{i}")).await.unwrap()
+            }));
+        }
+        let mut got = Vec::new();
+        for t in tasks {
+            got.push(t.await.unwrap());
+        }
+        got.sort_unstable();
+        assert_eq!(got, (1..=8).collect::<Vec<u16>>());
+        let again = c.gateway_number("gw-3").await.unwrap();
+        let first = c.gateway_number("gw-3").await.unwrap();
+        assert_eq!(again, first, "a gateway keeps its number");
+        assert_eq!(c.gateway_number("gw-new").await.unwrap(), 9);
+    });
+}
+
+#[test]
+fn only_the_owner_saves_reservations() {
+    let f = etcd();
+    run(async {
+        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
+            .await
+            .unwrap();
+        let v = c.create_volume(&new_volume("prs")).await.unwrap();
+        let (a, b) = (c.grant(10).await.unwrap(), c.grant(10).await.unwrap());
+        assert!(c.reservations(v.id).await.unwrap().is_none());
+        assert!(
+            c.save_reservations(v.id, a, b"x").await.is_err(),
+            "no owner yet"
+        );
+        assert_eq!(c.acquire(v.id, "gw-a", a).await.unwrap(), Some(1));
+        c.save_reservations(v.id, a, b"state-1").await.unwrap();
+        assert!(c.save_reservations(v.id, b, b"evil").await.is_err());
+        assert_eq!(
+            c.reservations(v.id).await.unwrap().as_deref(),
+            Some(&b"state-1"[..])
+        );
+        // Ownership moves: the old owner can no longer write them; the new one reads them.
+        c.revoke(a).await.unwrap();
+        assert_eq!(c.acquire(v.id, "gw-b", b).await.unwrap(), Some(2));
+        assert!(c.save_reservations(v.id, a, b"late").await.is_err());
+        assert_eq!(
+            c.reservations(v.id).await.unwrap().as_deref(),
+            Some(&b"state-1"[..])
+        );
+        // They go with the volume.
+        c.delete_volume("prs").await.unwrap();
+        assert!(c.reservations(v.id).await.unwrap().is_none());
+    });
+}

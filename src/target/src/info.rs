@@ -134,7 +134,9 @@ impl LogicalUnit {
         Ok(Self::data(data, alloc_len as usize))
     }
 
-    /// REPORT TARGET PORT GROUPS: every target port seen, grouped, all active/optimized.
+    /// REPORT TARGET PORT GROUPS: every target port seen, grouped. Without ALUA settings every
+    /// group is active/optimized; with them (a cluster), every configured group is listed, the
+    /// owner's active/optimized and the others active/non-optimized.
     pub(crate) fn report_target_port_groups(
         &self,
         nexus: &Nexus,
@@ -142,21 +144,35 @@ impl LogicalUnit {
         alloc_len: u32,
     ) -> ScsiResult {
         let mut groups: BTreeMap<u16, Vec<u16>> = BTreeMap::new();
-        {
+        let alua = {
             let st = self.lock_state();
             for (rel, (group, _)) in &st.ports {
                 groups.entry(*group).or_default().push(*rel);
             }
-        }
+            st.alua.clone()
+        };
         let mine = groups.entry(nexus.port_group).or_default();
         if !mine.contains(&nexus.relative_port) {
             mine.push(nexus.relative_port);
         }
+        if let Some(a) = &alua {
+            // A cluster gateway's group holds one port, numbered like the group.
+            for g in &a.groups {
+                let ports = groups.entry(*g).or_default();
+                if ports.is_empty() {
+                    ports.push(*g);
+                }
+            }
+        }
+        let state = |id: u16| match alua.as_ref().and_then(|a| a.optimized) {
+            Some(opt) if opt != id => AccessState::ActiveNonOptimized,
+            _ => AccessState::ActiveOptimized,
+        };
         let groups: Vec<PortGroup> = groups
             .into_iter()
             .map(|(id, ports)| PortGroup {
                 id,
-                state: AccessState::ActiveOptimized,
+                state: state(id),
                 preferred: false,
                 ports,
             })

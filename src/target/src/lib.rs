@@ -21,9 +21,9 @@ mod target;
 mod ua;
 
 pub use api::*;
-pub use lu::{LogicalUnit, LuConfig};
+pub use lu::{Alua, LogicalUnit, LuConfig};
 pub use prstore::{FilePrStore, PrStore};
-pub use target::Target;
+pub use target::{RemoteLun, Target};
 
 #[cfg(test)]
 mod tests;

@@ -131,6 +131,20 @@ pub(crate) struct State {
     pub mode: ModeParams,
     /// Target ports seen: relative port → (port group, port name).
     pub ports: BTreeMap<u16, (u16, Arc<str>)>,
+    /// Asymmetric access, when set (see [`LogicalUnit::set_alua`]).
+    pub alua: Option<Alua>,
+    /// The unit attention a nexus first seen gets (POWER ON, RESET OCCURRED unless set).
+    pub first_ua: Option<Sense>,
+}
+
+/// Asymmetric logical unit access: the target port groups there are and which one is
+/// active/optimized (the others are active/non-optimized).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alua {
+    /// Every target port group of the logical unit (in a cluster: one per gateway).
+    pub groups: Vec<u16>,
+    /// The active/optimized group (the owner's); `None`: every group is (no owner known).
+    pub optimized: Option<u16>,
 }
 
 /// Source of [`LogicalUnit`] identities for the per-core admission cache.
@@ -387,8 +401,8 @@ impl LogicalUnit {
     pub(crate) fn touch(&self, st: &mut State, nexus: &Nexus) -> NexusKey {
         let key = NexusKey::of(nexus);
         if !st.nexuses.contains_key(&key) {
-            st.nexuses
-                .insert(key.clone(), NexusEntry::new_with(Sense::POWER_ON_RESET));
+            let first = st.first_ua.unwrap_or(Sense::POWER_ON_RESET);
+            st.nexuses.insert(key.clone(), NexusEntry::new_with(first));
         }
         st.ports
             .entry(nexus.relative_port)
@@ -448,6 +462,27 @@ impl LogicalUnit {
         if let Some(e) = st.nexuses.get_mut(&NexusKey::of(nexus)) {
             e.ua.retain(|s| *s != Sense::REPORTED_LUNS_DATA_HAS_CHANGED);
         }
+    }
+
+    /// Set the asymmetric access states REPORT TARGET PORT GROUPS reports. When the optimized
+    /// group changes (ownership moved), every nexus gets ASYMMETRIC ACCESS STATE CHANGED.
+    pub fn set_alua(&self, alua: Alua) {
+        let mut st = self.lock_state();
+        let moved = st
+            .alua
+            .as_ref()
+            .is_some_and(|old| old.optimized != alua.optimized);
+        st.alua = Some(alua);
+        if moved {
+            self.broadcast(&mut st, Sense::ASYMMETRIC_ACCESS_STATE_CHANGED, None);
+        }
+    }
+
+    /// The unit attention every nexus gets at its first command here, instead of POWER ON,
+    /// RESET OCCURRED: a logical unit that took over from another gateway sets ASYMMETRIC
+    /// ACCESS STATE CHANGED (to the initiator it is the same logical unit, on another port).
+    pub fn set_first_unit_attention(&self, ua: Sense) {
+        self.lock_state().first_ua = Some(ua);
     }
 
     /// The backend's size changed (volume resize): re-read it and tell every nexus

@@ -20,7 +20,33 @@ use tessera_proto::scsi::{inquiry, luns, vpd, Sense};
 use crate::api::{status, Nexus, ScsiCommand, ScsiResult, TmfFunction, TmfResponse};
 use crate::lu::LogicalUnit;
 
-type LunMap = BTreeMap<u64, Arc<LogicalUnit>>;
+/// A LUN whose logical unit lives elsewhere (in a cluster: on the gateway that owns the
+/// volume): every command, task management function and nexus loss goes there.
+pub trait RemoteLun: Send + Sync {
+    /// Execute `cmd` from `nexus` where the logical unit is.
+    fn execute<'a>(
+        &'a self,
+        nexus: &'a Nexus,
+        cmd: &'a ScsiCommand,
+    ) -> tessera_proto::block::LocalBoxFuture<'a, ScsiResult>;
+    /// Apply a task management function there.
+    fn task_mgmt<'a>(
+        &'a self,
+        nexus: &'a Nexus,
+        f: TmfFunction,
+    ) -> tessera_proto::block::LocalBoxFuture<'a, TmfResponse>;
+    /// `nexus` ended (best effort, need not wait).
+    fn nexus_gone(&self, nexus: &Nexus);
+}
+
+/// What a LUN leads to.
+#[derive(Clone)]
+enum Entry {
+    Local(Arc<LogicalUnit>),
+    Remote(Arc<dyn RemoteLun>),
+}
+
+type LunMap = BTreeMap<u64, Entry>;
 
 static NEXT_TARGET: AtomicU64 = AtomicU64::new(1);
 
@@ -88,31 +114,54 @@ impl Target {
     fn changed(&self, map: &LunMap) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         // The inventory changed: every logical unit tells its nexuses (SPC-4 §6.33).
-        for lu in map.values() {
-            lu.unit_attention_all(Sense::REPORTED_LUNS_DATA_HAS_CHANGED);
+        for e in map.values() {
+            if let Entry::Local(lu) = e {
+                lu.unit_attention_all(Sense::REPORTED_LUNS_DATA_HAS_CHANGED);
+            }
         }
     }
 
     /// Add (or replace) the logical unit at LUN `lun` (0..=16383).
     pub fn add_lun(&self, lun: u64, lu: Arc<LogicalUnit>) {
-        let mut map = self.map();
-        self.changed(&map);
-        map.insert(lun.min(luns::MAX_LUN), lu);
+        self.put(lun, Entry::Local(lu));
     }
 
-    /// Remove the logical unit at `lun`.
+    /// Add (or replace) LUN `lun` as one whose logical unit is elsewhere.
+    pub fn add_remote_lun(&self, lun: u64, remote: Arc<dyn RemoteLun>) {
+        self.put(lun, Entry::Remote(remote));
+    }
+
+    fn put(&self, lun: u64, e: Entry) {
+        let lun = lun.min(luns::MAX_LUN);
+        let mut map = self.map();
+        // Swapping a LUN between here and elsewhere changes nothing the initiator sees.
+        if !map.contains_key(&lun) {
+            self.changed(&map);
+        } else {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        map.insert(lun, e);
+    }
+
+    /// Remove LUN `lun`; returns its logical unit if it was local.
     pub fn remove_lun(&self, lun: u64) -> Option<Arc<LogicalUnit>> {
         let mut map = self.map();
-        let lu = map.remove(&lun);
-        if lu.is_some() {
+        let e = map.remove(&lun);
+        if e.is_some() {
             self.changed(&map);
         }
-        lu
+        match e {
+            Some(Entry::Local(lu)) => Some(lu),
+            _ => None,
+        }
     }
 
-    /// The logical unit at `lun`.
+    /// The local logical unit at `lun` (not a remote one).
     pub fn lun(&self, lun: u64) -> Option<Arc<LogicalUnit>> {
-        self.map().get(&lun).cloned()
+        match self.map().get(&lun) {
+            Some(Entry::Local(lu)) => Some(lu.clone()),
+            _ => None,
+        }
     }
 
     /// The LUNs in use, ascending.
@@ -157,7 +206,8 @@ impl Target {
             return self.report_luns(nexus, &snap, cmd);
         }
         match snap.get(&Self::decode_lun(raw_lun)) {
-            Some(lu) => lu.execute(nexus, cmd).await,
+            Some(Entry::Local(lu)) => lu.execute(nexus, cmd).await,
+            Some(Entry::Remote(r)) => r.execute(nexus, cmd).await,
             None => Self::absent(cmd),
         }
     }
@@ -177,8 +227,10 @@ impl Target {
         let list: Vec<u64> = snap.keys().copied().collect();
         match report_luns(&list, select, alloc_len) {
             Ok(r) => {
-                for lu in snap.values() {
-                    lu.clear_luns_changed(nexus);
+                for e in snap.values() {
+                    if let Entry::Local(lu) = e {
+                        lu.clear_luns_changed(nexus);
+                    }
                 }
                 r
             }
@@ -218,13 +270,25 @@ impl Target {
     /// RESET resets the addressed logical unit (UA BUS DEVICE RESET FUNCTION OCCURRED), the
     /// target resets reset all of them (UA POWER ON, RESET, OR BUS DEVICE RESET OCCURRED).
     /// Persistent reservations survive every reset.
-    pub async fn task_mgmt(&self, _nexus: &Nexus, raw_lun: [u8; 8], f: TmfFunction) -> TmfResponse {
+    pub async fn task_mgmt(&self, nexus: &Nexus, raw_lun: [u8; 8], f: TmfFunction) -> TmfResponse {
         let snap = self.snapshot();
-        let lu = snap.get(&Self::decode_lun(raw_lun));
+        let entry = snap.get(&Self::decode_lun(raw_lun));
+        if let Some(Entry::Remote(r)) = entry {
+            if !matches!(
+                f,
+                TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset
+            ) {
+                return r.task_mgmt(nexus, f).await;
+            }
+        }
+        let lu = match entry {
+            Some(Entry::Local(lu)) => Some(lu),
+            _ => None,
+        };
         match f {
             TmfFunction::AbortTask { .. }
             | TmfFunction::AbortTaskSet
-            | TmfFunction::ClearTaskSet => match lu {
+            | TmfFunction::ClearTaskSet => match entry {
                 Some(_) => TmfResponse::Complete,
                 None => TmfResponse::NoSuchLun,
             },
@@ -237,8 +301,13 @@ impl Target {
                 None => TmfResponse::NoSuchLun,
             },
             TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
-                for lu in snap.values() {
-                    lu.reset(Sense::POWER_ON_RESET);
+                for e in snap.values() {
+                    match e {
+                        Entry::Local(lu) => lu.reset(Sense::POWER_ON_RESET),
+                        Entry::Remote(r) => {
+                            let _ = r.task_mgmt(nexus, TmfFunction::LogicalUnitReset).await;
+                        }
+                    }
                 }
                 TmfResponse::Complete
             }
@@ -247,8 +316,11 @@ impl Target {
 
     /// The session of `nexus` ended: every logical unit forgets it.
     pub fn nexus_gone(&self, nexus: &Nexus) {
-        for lu in self.snapshot().values() {
-            lu.nexus_gone(nexus);
+        for e in self.snapshot().values() {
+            match e {
+                Entry::Local(lu) => lu.nexus_gone(nexus),
+                Entry::Remote(r) => r.nexus_gone(nexus),
+            }
         }
     }
 }

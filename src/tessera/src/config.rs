@@ -314,6 +314,12 @@ pub struct ClusterFile {
     pub target: Option<Spanned<String>>,
     /// Gateways: this gateway's id (default: the host name).
     pub gateway_id: Option<Spanned<String>>,
+    /// Gateways: where other gateways forward commands for volumes this one owns (default:
+    /// the first portal's address, any free port).
+    pub forward: Option<Spanned<String>>,
+    /// Gateways: share of volume ownership relative to the other gateways (default 1; 0 owns
+    /// nothing unless no other gateway is left).
+    pub weight: Option<Spanned<i64>>,
 }
 
 /// The validated `[cluster]` table.
@@ -329,6 +335,10 @@ pub struct ClusterConfig {
     pub target: String,
     /// This gateway's id (gateways).
     pub gateway_id: String,
+    /// Forwarding listener address (gateways); `None`: the first portal's address, any port.
+    pub forward: Option<SocketAddr>,
+    /// Ownership weight (gateways).
+    pub weight: u32,
 }
 
 /// The default IQN of the target that exports the cluster's volumes.
@@ -700,12 +710,35 @@ impl Ctx<'_> {
             Some(g) if !g.get_ref().is_empty() && g.get_ref().len() <= 255 => g.get_ref().clone(),
             Some(g) => return Err(self.err(g.span(), "cluster.gateway_id", "1 to 255 characters")),
         };
+        let forward = match &c.forward {
+            None => None,
+            Some(f) => Some(f.get_ref().parse::<SocketAddr>().map_err(|_| {
+                self.err(
+                    f.span(),
+                    "cluster.forward",
+                    format!("not an address host:port: {:?}", f.get_ref()),
+                )
+            })?),
+        };
+        let weight = match &c.weight {
+            None => 1,
+            Some(w) if (0..=1_000_000).contains(w.get_ref()) => *w.get_ref() as u32,
+            Some(w) => {
+                return Err(self.err(
+                    w.span(),
+                    "cluster.weight",
+                    format!("must be between 0 and 1000000 (got {})", w.get_ref()),
+                ))
+            }
+        };
         Ok(Some(ClusterConfig {
             etcd,
             prefix,
             lease_ttl,
             target,
             gateway_id,
+            forward,
+            weight,
         }))
     }
 

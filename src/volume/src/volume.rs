@@ -1215,7 +1215,10 @@ impl EcVolume {
             .collect();
         let got = self.read_frags(&reads).await;
         let busy_or_medium = |got: &[Got]| {
-            if got.iter().any(|g| matches!(g, Got::Unavailable)) {
+            if let Err(fenced) = self.fenced() {
+                // A node refused this gateway's epoch: say so, not "unreachable".
+                fenced
+            } else if got.iter().any(|g| matches!(g, Got::Unavailable)) {
                 BlockError::Busy("too few nodes reachable to read the stripe")
             } else {
                 BlockError::Medium

@@ -356,6 +356,80 @@ async fn report_target_port_groups_lists_seen_ports() {
     assert_eq!(r.data_in[4], 0x10);
 }
 
+/// (group, state) pairs of REPORT TARGET PORT GROUPS data (4-byte header).
+fn groups_of(d: &[u8]) -> Vec<(u16, u8, Vec<u16>)> {
+    let mut out = vec![];
+    let mut at = 4;
+    while at + 8 <= d.len() {
+        let n = d[at + 7] as usize;
+        let ports = (0..n)
+            .map(|i| u16::from_be_bytes([d[at + 8 + 4 * i + 2], d[at + 8 + 4 * i + 3]]))
+            .collect();
+        out.push((
+            u16::from_be_bytes([d[at + 2], d[at + 3]]),
+            d[at] & 0x0F,
+            ports,
+        ));
+        at += 8 + 4 * n;
+    }
+    out
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn alua_reports_the_owner_optimized_and_a_move_raises_state_changed() {
+    let (lu, _) = setup();
+    // Three gateways (groups 1, 2, 3), gateway 2 owns the volume; the initiator is on 1.
+    lu.set_alua(crate::Alua {
+        groups: vec![1, 2, 3],
+        optimized: Some(2),
+    });
+    let a = nexus_on("a", 1, T1, 1);
+    fresh(&lu, &a).await;
+    let cdb = [0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+    let r = run(&lu, &a, &cdb, &[]).await;
+    assert_good(&r);
+    assert_eq!(
+        groups_of(&r.data_in),
+        vec![(1, 1, vec![1]), (2, 0, vec![2]), (3, 1, vec![3])],
+        "owner active/optimized, the others active/non-optimized"
+    );
+    // Same owner again: no unit attention.
+    lu.set_alua(crate::Alua {
+        groups: vec![1, 2, 3],
+        optimized: Some(2),
+    });
+    assert_good(&run(&lu, &a, &[0; 6], &[]).await);
+    // Ownership moves to gateway 3: ASYMMETRIC ACCESS STATE CHANGED, then the new states.
+    lu.set_alua(crate::Alua {
+        groups: vec![1, 2, 3],
+        optimized: Some(3),
+    });
+    assert_check(&run(&lu, &a, &[0; 6], &[]).await, 0x6, 0x2A, 0x06);
+    let r = run(&lu, &a, &cdb, &[]).await;
+    assert_eq!(
+        groups_of(&r.data_in),
+        vec![(1, 1, vec![1]), (2, 1, vec![2]), (3, 0, vec![3])]
+    );
+    // No owner known: every group active/optimized.
+    lu.set_alua(crate::Alua {
+        groups: vec![1, 2, 3],
+        optimized: None,
+    });
+    let r = run(&lu, &a, &cdb, &[]).await;
+    assert_check(&r, 0x6, 0x2A, 0x06);
+    let r = run(&lu, &a, &cdb, &[]).await;
+    assert!(groups_of(&r.data_in).iter().all(|g| g.1 == 0));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_taken_over_unit_greets_new_nexuses_with_state_changed() {
+    let (lu, _) = setup();
+    lu.set_first_unit_attention(tessera_proto::scsi::Sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
+    let a = nexus("a", 1);
+    assert_check(&run(&lu, &a, &[0; 6], &[]).await, 0x6, 0x2A, 0x06);
+    assert_good(&run(&lu, &a, &[0; 6], &[]).await);
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn start_stop_unit_on_fixed_media() {
     let (lu, dev) = setup();

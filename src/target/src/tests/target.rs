@@ -162,3 +162,70 @@ fn shared_across_cores() {
     send_sync::<LogicalUnit>();
     send_sync::<crate::FilePrStore>();
 }
+
+/// A remote LUN that records what reached it.
+#[derive(Default)]
+struct Elsewhere {
+    seen: Mutex<Vec<String>>,
+}
+
+impl crate::RemoteLun for Elsewhere {
+    fn execute<'a>(
+        &'a self,
+        nexus: &'a Nexus,
+        cmd: &'a ScsiCommand,
+    ) -> LocalBoxFuture<'a, ScsiResult> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push(format!("cmd {:02x} from {}", cmd.cdb[0], nexus.id));
+        Box::pin(async move {
+            ScsiResult {
+                status: 0,
+                sense: None,
+                data_in: Bytes::from_static(b"remote"),
+                transfer_len: 6,
+            }
+        })
+    }
+
+    fn task_mgmt<'a>(
+        &'a self,
+        _nexus: &'a Nexus,
+        f: TmfFunction,
+    ) -> LocalBoxFuture<'a, TmfResponse> {
+        self.seen.lock().unwrap().push(format!("tmf {f:?}"));
+        Box::pin(async { TmfResponse::Complete })
+    }
+
+    fn nexus_gone(&self, nexus: &Nexus) {
+        self.seen.lock().unwrap().push(format!("gone {}", nexus.id));
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn remote_luns_take_every_command_tmf_and_nexus_loss() {
+    let t = target_with(&[0]);
+    let far = Arc::new(Elsewhere::default());
+    t.add_remote_lun(5, far.clone());
+    let n = nexus("a", 7);
+    // REPORT LUNS is the target's own and lists the remote LUN.
+    let r = trun(&t, &n, 0, &report_luns(0, 4096)).await;
+    assert_eq!(&r.data_in[..4], &16u32.to_be_bytes());
+    let r = trun(&t, &n, 5, &[0; 6]).await;
+    assert_eq!(&r.data_in[..], b"remote");
+    assert_eq!(
+        t.task_mgmt(&n, lun(5), TmfFunction::LogicalUnitReset).await,
+        TmfResponse::Complete
+    );
+    t.nexus_gone(&n);
+    assert_eq!(
+        *far.seen.lock().unwrap(),
+        vec!["cmd 00 from 7", "tmf LogicalUnitReset", "gone 7"]
+    );
+    // A remote LUN is not a local one; swapping it for a local one keeps the LUN.
+    assert!(t.lun(5).is_none());
+    t.add_lun(5, setup().0);
+    assert!(t.lun(5).is_some());
+    assert_eq!(t.luns(), vec![0, 5]);
+}

@@ -1,21 +1,33 @@
 //! The gateway's part in the cluster (`[cluster]` in its configuration).
 //!
 //! One thread, with its own runtime, that:
-//! - registers the gateway in etcd under a lease and keeps the lease alive;
+//! - numbers the gateway in the cluster once (its target portal group tag, SCSI target port
+//!   group and relative target port on the cluster target), registers it in etcd under a
+//!   lease with its portals and forwarding address, and keeps the lease alive;
 //! - campaigns to be the controller (an etcd election); while it is, it makes the first
 //!   placement map of every volume that has none;
-//! - watches the volumes and their maps and, for each volume with a map, takes ownership
-//!   (a fencing epoch raised in etcd, the owner key under this gateway's lease), opens it with
-//!   that epoch and adds it to the cluster target as LUN `lun`; a deleted volume's LUN goes.
+//! - exports every volume as LUN `lun` of the cluster target. Each volume has one owner:
+//!   the gateway weighted rendezvous hashing prefers among the live ones
+//!   ([`tessera_cluster::preferred_owner`]). The owner takes it (fencing epoch raised in etcd,
+//!   owner key under its lease), opens it with that epoch and executes its commands; every
+//!   other gateway forwards each command for it to the owner ([`super::forward`]), so
+//!   reservations, COMPARE AND WRITE and ordering hold cluster-wide. With no owner (a takeover
+//!   in progress) commands get NOT READY, ASYMMETRIC ACCESS STATE TRANSITION, which initiators
+//!   retry;
+//! - hands a volume over when another gateway, live for a few seconds, is preferred (a
+//!   gateway joined): it stops using it and releases the owner key, and the preferred gateway
+//!   takes it. A volume unowned for a few seconds is taken by any gateway (the preferred one
+//!   cannot open it);
+//! - reports ALUA: the owner's port group active/optimized, the others active/non-optimized;
+//!   a logical unit that took a volume over greets every nexus with ASYMMETRIC ACCESS STATE
+//!   CHANGED;
+//! - keeps persistent reservations in etcd, written only while the owner key is held.
 //!
-//! Volumes another gateway owns are not exported here yet (forwarding to the owner is the
-//! next step).
-//!
-//! Self-fencing: the lease is renewed every third of its TTL. When two thirds of the TTL pass
-//! without a renewal etcd confirmed (etcd unreachable, or this gateway cut off from it), the
-//! gateway stops writing every volume it owns (writes get BUSY, which initiators retry)
-//! before the lease can expire and another gateway can take them over. When it reaches etcd
-//! again it registers anew and takes back, with new epochs, the volumes nobody else took.
+//! Self-fencing: the lease is renewed every fifth of its TTL. When two thirds of the TTL pass
+//! without a renewal etcd confirmed (counted from when the renewal was sent), the gateway
+//! stops writing every volume it owns (writes get BUSY, which initiators retry) before the
+//! lease can expire and another gateway can take them over. When it reaches etcd again it
+//! registers anew and takes back, with new epochs, the volumes nobody else took.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -25,12 +37,24 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tessera_cluster::{Cluster, GatewayRecord, PgMapRecord, VolumeRecord};
-use tessera_target::LuConfig;
+use tessera_proto::scsi::Sense;
+use tessera_target::{
+    status, Alua, LogicalUnit, LuConfig, Nexus, PrStore, RemoteLun, ScsiCommand, ScsiResult,
+    TmfFunction, TmfResponse,
+};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::{lu_over, revision, stable_hash, Gateway};
+use super::forward::{self, Request, Response};
+use super::{revision, stable_hash, Gateway};
 use crate::config::ClusterConfig;
+
+/// A preferred gateway must have been live this long before an owner hands a volume over.
+const HANDOVER_AFTER: Duration = Duration::from_secs(3);
+/// A volume unowned this long is taken by any gateway, preferred or not.
+const TAKE_ANY_AFTER: Duration = Duration::from_secs(3);
+/// Forwarded commands not answered in this long fail (retryably).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
 type Ready = Arc<(Mutex<bool>, Condvar)>;
 
@@ -40,14 +64,31 @@ fn signal_ready(ready: &Ready) {
     cv.notify_all();
 }
 
-/// Run the cluster agent until shutdown.
+/// Run the cluster agent until shutdown. `forward` is the bound listener other gateways
+/// forward commands to.
 pub(super) fn run(
     gw: Arc<Gateway>,
     cl: ClusterConfig,
     portals: Vec<SocketAddr>,
+    forward: std::net::TcpListener,
     ready: Ready,
     shutdown: watch::Receiver<bool>,
 ) {
+    let forward_addr = match forward.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            error!("forwarding listener: {e}");
+            signal_ready(&ready);
+            return;
+        }
+    };
+    let server = match forward::serve(forward, handler(gw.clone(), &cl), shutdown.clone()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            error!("cannot serve forwarded commands: {e}");
+            None
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -60,22 +101,261 @@ pub(super) fn run(
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, agent(gw, cl, portals, ready, shutdown));
+    local.block_on(&rt, agent(gw, cl, portals, forward_addr, ready, shutdown));
+    if let Some(t) = server {
+        let _ = t.join();
+    }
+}
+
+/// NOT READY, LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE TRANSITION: the volume is
+/// between owners; initiators retry.
+fn transitioning() -> ScsiResult {
+    ScsiResult {
+        status: status::CHECK_CONDITION,
+        sense: Some(
+            Sense::ASYMMETRIC_ACCESS_STATE_TRANSITION
+                .encode(false)
+                .into(),
+        ),
+        data_in: Default::default(),
+        transfer_len: 0,
+    }
+}
+
+/// Forwarded nexuses: (origin port group, origin nexus id) → the nexus here.
+type NexusMap = HashMap<(u16, u64), Arc<Nexus>>;
+
+/// The owner's side: forwarded requests run on the local logical unit, for a nexus that
+/// carries the initiator's and the receiving gateway's port identities.
+fn handler(gw: Arc<Gateway>, cl: &ClusterConfig) -> forward::Handler {
+    let key = cl.target.to_ascii_lowercase();
+    let nexuses: Arc<Mutex<NexusMap>> = Arc::default();
+    Arc::new(move |req: Request| {
+        let gw = gw.clone();
+        let key = key.clone();
+        let nexuses = nexuses.clone();
+        Box::pin(async move {
+            let Some(target) = gw.targets.get(&key).cloned() else {
+                return match req {
+                    Request::Execute { .. } => Response::Executed(transitioning()),
+                    Request::TaskMgmt { .. } => Response::TaskMgmt(TmfResponse::NoSuchLun),
+                    Request::NexusGone { .. } => Response::Done,
+                };
+            };
+            let local = |n: &Nexus| -> Arc<Nexus> {
+                let mut m = nexuses.lock().unwrap_or_else(|e| e.into_inner());
+                m.entry((n.port_group, n.id))
+                    .or_insert_with(|| {
+                        Arc::new(Nexus {
+                            id: gw.alloc_nexus_id(),
+                            ..n.clone()
+                        })
+                    })
+                    .clone()
+            };
+            match req {
+                Request::Execute { nexus, lun, cmd } => match target.lun(lun) {
+                    Some(lu) => Response::Executed(lu.execute(&local(&nexus), &cmd).await),
+                    None => Response::Executed(transitioning()),
+                },
+                Request::TaskMgmt {
+                    nexus,
+                    lun,
+                    function,
+                } => match target.lun(lun) {
+                    Some(_) => Response::TaskMgmt(
+                        target
+                            .task_mgmt(
+                                &local(&nexus),
+                                tessera_proto::scsi::luns::encode(lun),
+                                function,
+                            )
+                            .await,
+                    ),
+                    None => Response::TaskMgmt(TmfResponse::Complete),
+                },
+                Request::NexusGone { nexus } => {
+                    let mine = nexuses
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&(nexus.port_group, nexus.id));
+                    if let Some(n) = mine {
+                        // Local logical units only: a remote one would forward it on.
+                        for l in target.luns() {
+                            if let Some(lu) = target.lun(l) {
+                                lu.nexus_gone(&n);
+                            }
+                        }
+                    }
+                    Response::Done
+                }
+            }
+        })
+    })
+}
+
+/// A LUN whose volume another gateway owns (or, with no client, nobody owns right now).
+struct Forwarded {
+    lun: u64,
+    to: Option<forward::Client>,
+}
+
+impl RemoteLun for Forwarded {
+    fn execute<'a>(
+        &'a self,
+        nexus: &'a Nexus,
+        cmd: &'a ScsiCommand,
+    ) -> tessera_proto::block::LocalBoxFuture<'a, ScsiResult> {
+        Box::pin(async move {
+            let Some(c) = &self.to else {
+                return transitioning();
+            };
+            let req = Request::Execute {
+                nexus: nexus.clone(),
+                lun: self.lun,
+                cmd: cmd.clone(),
+            };
+            match c.call(req).await {
+                Ok(Response::Executed(r)) => r,
+                Ok(_) => transitioning(),
+                Err(e) => {
+                    debug!(owner = %c.addr(), "forwarding failed: {e}");
+                    transitioning()
+                }
+            }
+        })
+    }
+
+    fn task_mgmt<'a>(
+        &'a self,
+        nexus: &'a Nexus,
+        f: TmfFunction,
+    ) -> tessera_proto::block::LocalBoxFuture<'a, TmfResponse> {
+        Box::pin(async move {
+            let Some(c) = &self.to else {
+                return TmfResponse::Complete;
+            };
+            let req = Request::TaskMgmt {
+                nexus: nexus.clone(),
+                lun: self.lun,
+                function: f,
+            };
+            match c.call(req).await {
+                Ok(Response::TaskMgmt(r)) => r,
+                // The owner is gone, and its tasks with it.
+                _ => TmfResponse::Complete,
+            }
+        })
+    }
+
+    fn nexus_gone(&self, nexus: &Nexus) {
+        let Some(c) = self.to.clone() else { return };
+        let nexus = nexus.clone();
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                let _ = c.call(Request::NexusGone { nexus }).await;
+            });
+        }
+    }
+}
+
+/// Persistent reservations of a cluster volume, in etcd: loaded when the owner opens it,
+/// saved (only while the owner key is held under this gateway's lease) before PERSISTENT
+/// RESERVE OUT completes.
+struct EtcdPrStore {
+    cluster: Cluster,
+    volume: u64,
+    lease: i64,
+    initial: Option<Vec<u8>>,
+}
+
+impl PrStore for EtcdPrStore {
+    fn load(&self) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(self.initial.clone())
+    }
+
+    fn save(&self, state: &[u8]) -> std::io::Result<()> {
+        // Called from a worker's runtime: the etcd request runs on a thread of its own.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    tokio::time::timeout(
+                        Duration::from_secs(10),
+                        self.cluster
+                            .save_reservations(self.volume, self.lease, state),
+                    )
+                    .await
+                })
+                .map_err(|_| std::io::Error::other("etcd did not answer in 10 s"))?
+                .map_err(std::io::Error::other)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("saving reservations panicked")))
+        })
+    }
 }
 
 struct Exported {
     volume: tessera_volume::EcVolume,
     lun: u64,
+    lu: Arc<LogicalUnit>,
+}
+
+/// What this gateway knows and has set up, across rounds.
+#[derive(Default)]
+struct View {
+    /// Volumes owned and served here.
+    exported: HashMap<u64, Exported>,
+    /// Volumes forwarded elsewhere: volume → (LUN, owner's forwarding address or none).
+    remote: HashMap<u64, (u64, Option<String>)>,
+    /// Forwarding clients by address.
+    clients: HashMap<String, forward::Client>,
+    /// Since when each live gateway has been seen.
+    seen: HashMap<String, tokio::time::Instant>,
+    /// Since when each volume has been seen without an owner.
+    unowned: HashMap<u64, tokio::time::Instant>,
+}
+
+impl View {
+    fn client(&mut self, addr: &str) -> Option<forward::Client> {
+        if let Some(c) = self.clients.get(addr) {
+            return Some(c.clone());
+        }
+        let a: SocketAddr = addr.parse().ok()?;
+        let c = forward::Client::new(a, FORWARD_TIMEOUT);
+        self.clients.insert(addr.to_string(), c.clone());
+        Some(c)
+    }
+
+    /// Make LUN `lun` of volume `id` lead to `owner` (its forwarding address; `None`: no owner).
+    fn forward(
+        &mut self,
+        target: &tessera_target::Target,
+        id: u64,
+        lun: u64,
+        owner: Option<String>,
+    ) {
+        if self.remote.get(&id) == Some(&(lun, owner.clone())) {
+            return;
+        }
+        let to = owner.as_deref().and_then(|a| self.client(a));
+        target.add_remote_lun(lun, Arc::new(Forwarded { lun, to }));
+        self.remote.insert(id, (lun, owner));
+    }
 }
 
 async fn agent(
     gw: Arc<Gateway>,
     cl: ClusterConfig,
     portals: Vec<SocketAddr>,
+    forward_addr: SocketAddr,
     ready: Ready,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut exported: HashMap<u64, Exported> = HashMap::new();
+    let mut view = View::default();
     let mut first = true;
     let mut logged_down = false;
     loop {
@@ -84,17 +364,18 @@ async fn agent(
             // The lease runs at least its TTL from before it was asked for.
             let asked = tokio::time::Instant::now();
             let lease = c.grant(cl.lease_ttl).await?;
-            c.register_gateway(
-                &GatewayRecord {
-                    id: cl.gateway_id.clone(),
-                    portals: portals.iter().map(ToString::to_string).collect(),
-                },
-                lease,
-            )
-            .await?;
-            Ok::<_, tessera_cluster::ClusterError>((c, lease, asked))
+            let number = c.gateway_number(&cl.gateway_id).await?;
+            let me = GatewayRecord {
+                id: cl.gateway_id.clone(),
+                portals: portals.iter().map(ToString::to_string).collect(),
+                number,
+                forward: forward_addr.to_string(),
+                weight: cl.weight,
+            };
+            c.register_gateway(&me, lease).await?;
+            Ok::<_, tessera_cluster::ClusterError>((c, lease, asked, me))
         };
-        let (c, lease, asked) = tokio::select! {
+        let (c, lease, asked, me) = tokio::select! {
             r = session => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -116,15 +397,18 @@ async fn agent(
             _ = shutdown.changed() => break,
         };
         logged_down = false;
-        info!(gateway = %cl.gateway_id, etcd = ?cl.etcd, lease = format!("{lease:x}"), "joined the cluster");
+        // Sessions from now on see this gateway's own target port.
+        gw.set_portal_group_tag(&cl.target, me.number);
+        info!(gateway = %cl.gateway_id, number = me.number, forward = %me.forward, etcd = ?cl.etcd, lease = format!("{lease:x}"), "joined the cluster");
         // Volumes fenced when an earlier lease was lost are opened afresh, with new epochs.
-        let stale: Vec<u64> = exported
+        let stale: Vec<u64> = view
+            .exported
             .iter()
             .filter(|(_, e)| e.volume.is_fenced())
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            if let Some(e) = exported.remove(&id) {
+            if let Some(e) = view.exported.remove(&id) {
                 gw.volumes
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -155,15 +439,14 @@ async fn agent(
             let ttl = cl.lease_ttl;
             let at = renewed_at.clone();
             tokio::task::spawn_local(async move {
-                c.keep_alive_with(lease, ttl, |sent| at.set(sent))
-                    .await
+                c.keep_alive_with(lease, ttl, |sent| at.set(sent)).await
             })
         };
         // Stop writing well before the lease could expire unrenewed: a watchdog of its own, so
         // that nothing this loop waits for (etcd calls time out after seconds) can delay it.
         let fence_after = Duration::from_millis(cl.lease_ttl as u64 * 1000 * 2 / 3);
         let owned: Rc<std::cell::RefCell<Vec<tessera_volume::EcVolume>>> = Rc::new(
-            std::cell::RefCell::new(exported.values().map(|e| e.volume.clone()).collect()),
+            std::cell::RefCell::new(view.exported.values().map(|e| e.volume.clone()).collect()),
         );
         let lost = Rc::new(tokio::sync::Notify::new());
         let watchdog = {
@@ -212,8 +495,8 @@ async fn agent(
             if *leader_rx.borrow() {
                 controller_round(&c).await;
             }
-            reconcile(&gw, &cl, &c, lease, &mut exported).await;
-            *owned.borrow_mut() = exported.values().map(|e| e.volume.clone()).collect();
+            reconcile(&gw, &cl, &c, lease, &me, &mut view).await;
+            *owned.borrow_mut() = view.exported.values().map(|e| e.volume.clone()).collect();
             if first {
                 signal_ready(&ready);
                 first = false;
@@ -246,11 +529,11 @@ async fn agent(
                         Err(e) => e.to_string(),
                     };
                     error!(gateway = %cl.gateway_id, "cluster lease lost: {why}");
-                    self_fence(&exported, &why);
+                    self_fence(&view.exported, &why);
                     break;
                 }
                 _ = lost.notified() => {
-                    self_fence(&exported, "the cluster lease lapsed");
+                    self_fence(&view.exported, "the cluster lease lapsed");
                     kept.abort();
                     break;
                 }
@@ -260,7 +543,7 @@ async fn agent(
                     watchdog.abort();
                     // Leave cleanly: owners and the election go with the lease.
                     let _ = c.revoke(lease).await;
-                    for (_, e) in exported.drain() {
+                    for (_, e) in view.exported.drain() {
                         e.volume.close();
                     }
                     return;
@@ -270,7 +553,7 @@ async fn agent(
         campaign.abort();
         watchdog.abort();
     }
-    for (_, e) in exported.drain() {
+    for (_, e) in view.exported.drain() {
         e.volume.close();
     }
 }
@@ -304,70 +587,154 @@ async fn controller_round(c: &Cluster) {
     }
 }
 
-/// Export what should be exported, drop what is gone.
+/// Export what should be exported, forward what others own, drop what is gone.
 async fn reconcile(
     gw: &Arc<Gateway>,
     cl: &ClusterConfig,
     c: &Cluster,
     lease: i64,
-    exported: &mut HashMap<u64, Exported>,
+    me: &GatewayRecord,
+    view: &mut View,
 ) {
     let Some(target) = gw.targets.get(&cl.target.to_ascii_lowercase()).cloned() else {
         return;
     };
-    let vols = match c.volumes().await {
-        Ok(v) => v,
-        Err(e) => {
-            warn!("listing volumes: {e}");
+    let (vols, gateways, owners) = match (c.volumes().await, c.gateways().await, c.owners().await) {
+        (Ok(v), Ok(g), Ok(o)) => (v, g, o),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            warn!("reading the cluster: {e}");
             return;
         }
     };
+    let now = tokio::time::Instant::now();
+    view.seen
+        .retain(|id, _| gateways.iter().any(|g| &g.id == id));
+    for g in &gateways {
+        view.seen.entry(g.id.clone()).or_insert(now);
+    }
+    let mut groups: Vec<u16> = gateways
+        .iter()
+        .map(|g| g.number)
+        .chain(std::iter::once(me.number))
+        .filter(|n| *n > 0)
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
     // Deleted volumes: their LUNs go.
     let live: Vec<u64> = vols.iter().map(|v| v.id).collect();
-    let gone: Vec<u64> = exported
+    let gone: Vec<u64> = view
+        .exported
         .keys()
+        .chain(view.remote.keys())
         .filter(|id| !live.contains(id))
         .copied()
         .collect();
     for id in gone {
-        if let Some(e) = exported.remove(&id) {
+        if let Some(e) = view.exported.remove(&id) {
             target.remove_lun(e.lun);
-            gw.volumes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|v| v.spec().id != id);
-            e.volume.close();
+            drop_volume(gw, &e);
             info!(lun = e.lun, "volume deleted: LUN removed");
         }
+        if let Some((lun, _)) = view.remote.remove(&id) {
+            target.remove_lun(lun);
+            info!(lun, "volume deleted: LUN removed");
+        }
     }
+    view.unowned.retain(|id, _| live.contains(id));
     for v in vols {
-        if let Some(e) = exported.get(&v.id) {
+        let owner = owners.get(&v.id);
+        let preferred = tessera_cluster::preferred_owner(v.id, &gateways);
+        let forward_of = |gateway: &str| {
+            gateways
+                .iter()
+                .find(|g| g.id == gateway)
+                .map(|g| g.forward.clone())
+                .filter(|f| !f.is_empty())
+        };
+        if let Some(e) = view.exported.get(&v.id) {
+            if owner.is_none_or(|o| o.gateway != me.id) {
+                // etcd says someone else (or nobody) owns it: stop at once.
+                warn!(volume = %v.name, "ownership lost");
+                let e = view.exported.remove(&v.id).expect("present");
+                e.volume.fence("ownership moved to another gateway");
+                drop_volume(gw, &e);
+                let to = owner.and_then(|o| forward_of(&o.gateway));
+                view.forward(&target, v.id, v.lun, to);
+                continue;
+            }
             // Grown: the volume takes the new size, the initiators are told.
             if v.size > e.volume.size() {
                 match e.volume.grow(v.size) {
-                    Ok(()) => {
-                        if let Some(lu) = target.lun(e.lun) {
-                            lu.capacity_changed();
-                        }
-                    }
+                    Ok(()) => e.lu.capacity_changed(),
                     Err(why) => warn!(volume = %v.name, "cannot grow: {why}"),
+                }
+            }
+            e.lu.set_alua(Alua {
+                groups: groups.clone(),
+                optimized: Some(me.number),
+            });
+            // A preferred gateway, live for a while: hand the volume over to it.
+            if let Some(p) = preferred.filter(|p| p.id != me.id) {
+                let settled = view
+                    .seen
+                    .get(&p.id)
+                    .is_some_and(|t| now.duration_since(*t) >= HANDOVER_AFTER);
+                if settled {
+                    info!(volume = %v.name, to = %p.id, "handing the volume over");
+                    let e = view.exported.remove(&v.id).expect("present");
+                    view.forward(&target, v.id, v.lun, None);
+                    e.volume.fence("handed over to another gateway");
+                    drop_volume(gw, &e);
+                    if let Err(err) = c.release(v.id, &me.id, lease).await {
+                        warn!(volume = %v.name, "releasing: {err}");
+                    }
                 }
             }
             continue;
         }
+        match owner {
+            Some(o) if o.gateway != me.id => {
+                view.unowned.remove(&v.id);
+                view.forward(&target, v.id, v.lun, forward_of(&o.gateway));
+                continue;
+            }
+            _ => {}
+        }
+        // Unowned (or held under this lease but not open here): take it when preferred, or
+        // when it has waited too long for the preferred gateway.
+        let since = *view.unowned.entry(v.id).or_insert(now);
+        let mine = owner.is_some_and(|o| o.gateway == me.id);
+        let take = mine
+            || preferred.is_none_or(|p| p.id == me.id)
+            || now.duration_since(since) >= TAKE_ANY_AFTER;
+        if !take {
+            view.forward(&target, v.id, v.lun, None);
+            continue;
+        }
         let map = match c.pg_map(v.id).await {
             Ok(Some(m)) => m,
-            Ok(None) => continue,
+            Ok(None) => {
+                view.forward(&target, v.id, v.lun, None);
+                continue;
+            }
             Err(e) => {
                 warn!(volume = %v.name, "reading its map: {e}");
                 continue;
             }
         };
-        let epoch = match c.acquire(v.id, &cl.gateway_id, lease).await {
+        let epoch = match c.acquire(v.id, &me.id, lease).await {
             Ok(Some(e)) => e,
             Ok(None) => continue,
             Err(e) => {
                 warn!(volume = %v.name, "taking ownership: {e}");
+                continue;
+            }
+        };
+        let prs = match c.reservations(v.id).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(volume = %v.name, "reading its reservations: {e}");
+                let _ = c.release(v.id, &me.id, lease).await;
                 continue;
             }
         };
@@ -385,35 +752,64 @@ async fn reconcile(
                     naa_id: naa,
                 };
                 let dev: Arc<dyn tessera_proto::block::BlockDevice> = Arc::new(vol.clone());
-                match lu_over(&gw.cfg, &cl.target, v.lun, dev, lu_cfg) {
+                let store = EtcdPrStore {
+                    cluster: c.clone(),
+                    volume: v.id,
+                    lease,
+                    initial: prs,
+                };
+                match LogicalUnit::new(lu_cfg, dev, Some(Box::new(store))) {
                     Ok(lu) => {
-                        target.add_lun(v.lun, Arc::new(lu));
+                        let lu = Arc::new(lu);
+                        lu.set_alua(Alua {
+                            groups: groups.clone(),
+                            optimized: Some(me.number),
+                        });
+                        if epoch > 1 {
+                            // Taken over: to the initiators it is the same logical unit,
+                            // now optimized on another port.
+                            lu.set_first_unit_attention(Sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
+                        }
+                        target.add_lun(v.lun, lu.clone());
+                        view.remote.remove(&v.id);
+                        view.unowned.remove(&v.id);
                         gw.volumes
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .push(vol.clone());
                         info!(volume = %v.name, lun = v.lun, epoch, "serving volume");
-                        exported.insert(
+                        view.exported.insert(
                             v.id,
                             Exported {
                                 volume: vol,
                                 lun: v.lun,
+                                lu,
                             },
                         );
                     }
                     Err(e) => {
                         error!(volume = %v.name, "cannot export: {e:#}");
                         vol.close();
-                        let _ = c.release(v.id, &cl.gateway_id, lease).await;
+                        let _ = c.release(v.id, &me.id, lease).await;
                     }
                 }
             }
             Err(e) => {
                 warn!(volume = %v.name, "cannot open: {e}");
-                let _ = c.release(v.id, &cl.gateway_id, lease).await;
+                let _ = c.release(v.id, &me.id, lease).await;
             }
         }
     }
+}
+
+/// Stop serving an exported volume here (its LUN is replaced or removed by the caller).
+fn drop_volume(gw: &Gateway, e: &Exported) {
+    let id = e.volume.spec().id;
+    gw.volumes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|v| v.spec().id != id);
+    e.volume.close();
 }
 
 /// Open a cluster volume with the epoch etcd granted.

@@ -132,7 +132,7 @@ pub(super) async fn serve(
     rand::thread_rng().fill(&mut challenge);
     let cfg = ConnConfig {
         login: LoginSetup {
-            directory: gw.directory.clone(),
+            directory: gw.directory(),
             limits: gw.limits.clone(),
             tsih: gw.alloc_tsih(),
             chap_id: rand::thread_rng().gen(),

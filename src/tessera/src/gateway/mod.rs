@@ -7,6 +7,7 @@
 //! so a command's path never crosses cores. Targets and LUNs are shared by all workers.
 
 mod cluster;
+pub(crate) mod forward;
 mod iscsi;
 mod session;
 
@@ -37,8 +38,8 @@ pub struct Gateway {
     pub cfg: Config,
     /// Targets by lower-case IQN.
     pub targets: HashMap<String, Arc<Target>>,
-    /// What login and discovery see.
-    pub directory: Arc<Directory>,
+    /// What login and discovery see (replaced when the cluster numbers this gateway).
+    directory: Mutex<Arc<Directory>>,
     /// Negotiation limits.
     pub limits: Limits,
     /// Sessions, for reinstatement.
@@ -298,7 +299,7 @@ impl Gateway {
         Ok(Self {
             cfg,
             targets,
-            directory,
+            directory: Mutex::new(directory),
             limits,
             sessions: SessionRegistry::default(),
             devices,
@@ -306,6 +307,28 @@ impl Gateway {
             next_tsih: AtomicU16::new(1),
             next_nexus: AtomicU64::new(1),
         })
+    }
+
+    /// What login and discovery see now.
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Give the target `name` the portal group tag `tag` (the cluster target takes the
+    /// gateway's cluster number, so every gateway is a distinct target port). New sessions
+    /// see it.
+    pub fn set_portal_group_tag(&self, name: &str, tag: u16) {
+        let mut d = self.directory.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = (**d).clone();
+        for t in &mut next.targets {
+            if t.name.eq_ignore_ascii_case(name) {
+                t.portal_group_tag = tag;
+            }
+        }
+        *d = Arc::new(next);
     }
 
     /// A fresh TSIH (never 0).
@@ -379,10 +402,19 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
         let ready = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let r2 = ready.clone();
         let addrs = gw.cfg.portals.clone();
+        // Other gateways forward commands for the volumes this one owns here.
+        let at = cl.forward.unwrap_or_else(|| {
+            let ip = addrs
+                .first()
+                .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.ip());
+            SocketAddr::new(ip, 0)
+        });
+        let forward = std::net::TcpListener::bind(at)
+            .with_context(|| format!("binding the forwarding listener {at}"))?;
         threads.push(
             std::thread::Builder::new()
                 .name("tessera-cluster".into())
-                .spawn(move || cluster::run(g, cl, addrs, r2, sd))?,
+                .spawn(move || cluster::run(g, cl, addrs, forward, r2, sd))?,
         );
         let (lock, cv) = &*ready;
         let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
