@@ -409,6 +409,13 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
                 .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.ip());
             SocketAddr::new(ip, 0)
         });
+        if at.ip().is_unspecified() {
+            warn!(
+                "[cluster] forward is not set and the first portal is {at}: other gateways \
+                 cannot reach this one's forwarding listener at an unspecified address; set \
+                 [cluster] forward to an address they can reach"
+            );
+        }
         let forward = std::net::TcpListener::bind(at)
             .with_context(|| format!("binding the forwarding listener {at}"))?;
         threads.push(
