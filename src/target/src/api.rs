@@ -138,3 +138,34 @@ pub enum TmfResponse {
     /// Function rejected (255).
     Rejected,
 }
+
+impl TmfResponse {
+    /// Its RFC 7143 §11.6.1 response code.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Complete => 0,
+            Self::NoSuchTask => 1,
+            Self::NoSuchLun => 2,
+            Self::StillAllegiant => 3,
+            Self::ReassignNotSupported => 4,
+            Self::NotSupported => 5,
+            Self::AuthFailed => 6,
+            Self::Rejected => 255,
+        }
+    }
+
+    /// The response with RFC 7143 response code `code`, if there is one.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => Self::Complete,
+            1 => Self::NoSuchTask,
+            2 => Self::NoSuchLun,
+            3 => Self::StillAllegiant,
+            4 => Self::ReassignNotSupported,
+            5 => Self::NotSupported,
+            6 => Self::AuthFailed,
+            255 => Self::Rejected,
+            _ => return None,
+        })
+    }
+}

@@ -235,7 +235,7 @@ pub(crate) fn encode_response(id: u64, r: &Response, out: &mut BytesMut) {
         }
         Response::TaskMgmt(resp) => {
             let start = begin(out, kind::TASK_MGMT_DONE, id);
-            out.put_u8(tmf_response_code(*resp));
+            out.put_u8(resp.code());
             finish(out, start);
         }
         Response::Done => {
@@ -331,31 +331,8 @@ fn tmf_from(code: u8, tag: u32) -> Result<TmfFunction, FrameError> {
     })
 }
 
-fn tmf_response_code(r: TmfResponse) -> u8 {
-    match r {
-        TmfResponse::Complete => 0,
-        TmfResponse::NoSuchTask => 1,
-        TmfResponse::NoSuchLun => 2,
-        TmfResponse::StillAllegiant => 3,
-        TmfResponse::ReassignNotSupported => 4,
-        TmfResponse::NotSupported => 5,
-        TmfResponse::AuthFailed => 6,
-        TmfResponse::Rejected => 255,
-    }
-}
-
-fn tmf_response_from(code: u8) -> Result<TmfResponse, FrameError> {
-    Ok(match code {
-        0 => TmfResponse::Complete,
-        1 => TmfResponse::NoSuchTask,
-        2 => TmfResponse::NoSuchLun,
-        3 => TmfResponse::StillAllegiant,
-        4 => TmfResponse::ReassignNotSupported,
-        5 => TmfResponse::NotSupported,
-        6 => TmfResponse::AuthFailed,
-        255 => TmfResponse::Rejected,
-        _ => return Err(FrameError::BadValue("unknown task management response")),
-    })
+fn tmf_response_of(code: u8) -> Result<TmfResponse, FrameError> {
+    TmfResponse::from_code(code).ok_or(FrameError::BadValue("unknown task management response"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -437,7 +414,7 @@ pub(crate) fn take_response(buf: &mut BytesMut) -> Result<Option<(u64, Response)
             })
         }
         kind::TASK_MGMT_DONE => {
-            Response::TaskMgmt(tmf_response_from(r.u8("task management response")?)?)
+            Response::TaskMgmt(tmf_response_of(r.u8("task management response")?)?)
         }
         kind::DONE => Response::Done,
         other => return Err(FrameError::BadKind(other)),

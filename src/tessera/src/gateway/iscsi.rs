@@ -24,7 +24,7 @@ use tessera_proto::iscsi::conn::{
 use tessera_proto::iscsi::framer::TxQueue;
 use tessera_proto::iscsi::login::{LoginSetup, SessionType};
 use tessera_proto::iscsi::pdu::{attr, tmf};
-use tessera_target::{Nexus, ScsiCommand, Target, TaskAttr, TmfFunction, TmfResponse};
+use tessera_target::{Nexus, ScsiCommand, Target, TaskAttr, TmfFunction};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -69,19 +69,6 @@ fn tmf_function(t: &TmfEvent) -> Option<TmfFunction> {
         tmf::TARGET_COLD_RESET => TmfFunction::TargetColdReset,
         _ => return None,
     })
-}
-
-fn tmf_code(r: TmfResponse) -> u8 {
-    match r {
-        TmfResponse::Complete => 0,
-        TmfResponse::NoSuchTask => 1,
-        TmfResponse::NoSuchLun => 2,
-        TmfResponse::StillAllegiant => 3,
-        TmfResponse::ReassignNotSupported => 4,
-        TmfResponse::NotSupported => 5,
-        TmfResponse::AuthFailed => 6,
-        TmfResponse::Rejected => 255,
-    }
 }
 
 fn hex6(b: &[u8; 6]) -> String {
@@ -228,7 +215,7 @@ pub(super) async fn serve(
                         }
                         let code = match (&session, tmf_function(&t)) {
                             (Some(s), Some(f)) => {
-                                tmf_code(s.target.task_mgmt(&s.nexus, t.lun, f).await)
+                                s.target.task_mgmt(&s.nexus, t.lun, f).await.code()
                             }
                             _ => 5,
                         };
