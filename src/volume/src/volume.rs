@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -153,6 +153,71 @@ struct Shared {
     unwhole: AtomicBool,
     /// Bytes: the spec's size, or more after [`EcVolume::grow`].
     size: AtomicU64,
+    /// Where fragments live now: the spec's map, or a later one (see [`EcVolume::remap`]).
+    layout: RwLock<Arc<Layout>>,
+    /// Stripes below this are filled on every position of [`Layout::filling`].
+    fill_cursor: AtomicU64,
+    /// Bytes per second a fill may write (0: unlimited).
+    fill_rate: AtomicU64,
+    /// The fill in progress or last finished.
+    fill: Mutex<Fill>,
+}
+
+/// Where a volume's fragments live.
+#[derive(Debug, Clone)]
+struct Layout {
+    /// For each PG, the node (connector index) of each fragment index.
+    map: Vec<Vec<usize>>,
+    /// Node names by connector index, for logs.
+    names: Vec<String>,
+    /// PG → the fragment positions whose node is new to them and still being filled: for a
+    /// stripe at or past the fill cursor that node may lack the fragment, so it is treated as
+    /// behind (reads reconstruct, it does not count toward a quorum it did not take, and a
+    /// missing copy there is no evidence that a write was not acknowledged).
+    filling: HashMap<u32, Vec<usize>>,
+}
+
+/// The most nodes a volume's connector may name.
+pub const MAX_NODES: usize = 1024;
+
+/// Stripes a fill checks per step.
+const FILL_BATCH: u64 = 64;
+
+#[derive(Debug)]
+struct Fill {
+    /// The caller's name for the layout being filled (the control plane's map epoch).
+    generation: u64,
+    /// Bytes written by this fill.
+    bytes: u64,
+    /// When it began (or resumed).
+    started: Instant,
+    /// The rate limit holds the next step until then.
+    next_at: Instant,
+    /// Whether it finished.
+    finished: bool,
+    /// Whether the new nodes have been told the volume's epoch.
+    epoch_told: bool,
+    /// Whether any fill was ever asked for.
+    active: bool,
+}
+
+/// How far a fill (a rebuild onto replacement nodes, or a rebalance) has come.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FillProgress {
+    /// The generation given to [`EcVolume::remap`] or [`EcVolume::resume_fill`].
+    pub generation: u64,
+    /// Stripes in the volume.
+    pub stripes: u64,
+    /// Stripes checked and filled.
+    pub done: u64,
+    /// Bytes written to the new nodes.
+    pub bytes: u64,
+    /// Average bytes per second since the fill began.
+    pub rate: f64,
+    /// Seconds left at that rate (`None` before anything was written).
+    pub eta_secs: Option<f64>,
+    /// Whether every moved position is filled.
+    pub finished: bool,
 }
 
 /// An erasure-coded volume. Cheap to clone; shared by every core.
@@ -265,6 +330,14 @@ impl EcVolume {
         let codec =
             Codec::new(&p).map_err(|e| OpenError::Spec(spec.name.clone(), e.to_string()))?;
         let n = connector.nodes();
+        if n > MAX_NODES || spec.map.iter().flatten().any(|&i| i >= n) {
+            return Err(OpenError::Spec(
+                spec.name.clone(),
+                format!(
+                    "the PG map names nodes the connector lacks (it has {n}, at most {MAX_NODES})"
+                ),
+            ));
+        }
         let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
         // 1. A fencing epoch above every node's.
         let ask = (0..n).map(|i| {
@@ -371,12 +444,28 @@ impl EcVolume {
                 state: Mutex::new(st),
                 intent_seq: AtomicU64::new(seq + 1),
                 intent_lock: tokio::sync::Mutex::new(()),
-                down_until: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                down_until: (0..MAX_NODES).map(|_| AtomicU64::new(0)).collect(),
                 t0: Instant::now(),
                 stats: VolumeStats::default(),
                 closed: AtomicBool::new(false),
                 unwhole: AtomicBool::new(false),
                 size: AtomicU64::new(spec.size),
+                layout: RwLock::new(Arc::new(Layout {
+                    map: spec.map.clone(),
+                    names: spec.node_names.clone(),
+                    filling: HashMap::new(),
+                })),
+                fill_cursor: AtomicU64::new(0),
+                fill_rate: AtomicU64::new(0),
+                fill: Mutex::new(Fill {
+                    generation: 0,
+                    bytes: 0,
+                    started: Instant::now(),
+                    next_at: Instant::now(),
+                    finished: false,
+                    epoch_told: false,
+                    active: false,
+                }),
                 spec,
             }),
         })
@@ -451,7 +540,46 @@ impl EcVolume {
     }
 
     pub(crate) fn node_of(&self, stripe: u64, index: usize) -> usize {
-        self.sh.spec.map[placement::pg_of(stripe, self.sh.spec.pgs) as usize][index]
+        let l = self.sh.layout.read().expect("volume layout poisoned");
+        l.map[placement::pg_of(stripe, self.sh.spec.pgs) as usize][index]
+    }
+
+    fn layout(&self) -> Arc<Layout> {
+        self.sh
+            .layout
+            .read()
+            .expect("volume layout poisoned")
+            .clone()
+    }
+
+    fn name_of(&self, node: usize) -> String {
+        let l = self.sh.layout.read().expect("volume layout poisoned");
+        l.names
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| format!("#{node}"))
+    }
+
+    /// Whether position `index` of `stripe` is on a node still being filled there.
+    fn filling_at(&self, stripe: u64, index: usize) -> bool {
+        let l = self.sh.layout.read().expect("volume layout poisoned");
+        if l.filling.is_empty() || stripe < self.sh.fill_cursor.load(Ordering::Acquire) {
+            return false;
+        }
+        let pg = placement::pg_of(stripe, self.sh.spec.pgs);
+        l.filling.get(&pg).is_some_and(|ps| ps.contains(&index))
+    }
+
+    /// Whether `node` is being filled for `stripe` (at whatever position).
+    fn node_filling(&self, node: usize, stripe: u64) -> bool {
+        let l = self.sh.layout.read().expect("volume layout poisoned");
+        if l.filling.is_empty() || stripe < self.sh.fill_cursor.load(Ordering::Acquire) {
+            return false;
+        }
+        let pg = placement::pg_of(stripe, self.sh.spec.pgs);
+        l.filling
+            .get(&pg)
+            .is_some_and(|ps| ps.iter().any(|&p| l.map[pg as usize][p] == node))
     }
 
     fn now_ms(&self) -> u64 {
@@ -464,15 +592,22 @@ impl EcVolume {
 
     fn is_stale(&self, node: usize, stripe: u64) -> bool {
         let r = self.region(stripe);
-        let st = self.sh.state.lock().expect("volume state poisoned");
-        st.stale[node].contains(&r)
+        let behind = {
+            let st = self.sh.state.lock().expect("volume state poisoned");
+            st.stale.get(node).is_some_and(|s| s.contains(&r))
+        };
+        behind || self.node_filling(node, stripe)
     }
 
     fn mark_stale(&self, node: usize, stripe: u64) {
         let r = self.region(stripe);
         let mut st = self.sh.state.lock().expect("volume state poisoned");
+        if st.stale.len() <= node {
+            st.stale.resize(node + 1, BTreeSet::new());
+        }
         if st.stale[node].insert(r) {
-            debug!(volume = %self.sh.spec.name, node = %self.sh.spec.node_names[node], region = r, "node marked stale");
+            drop(st);
+            debug!(volume = %self.sh.spec.name, node = %self.name_of(node), region = r, "node marked stale");
         }
     }
 
@@ -567,7 +702,7 @@ impl EcVolume {
                 let until = self.now_ms() + DOWN_FOR.as_millis() as u64;
                 let prev = self.sh.down_until[node].swap(until, Ordering::Relaxed);
                 if prev <= self.now_ms() {
-                    warn!(volume = %self.sh.spec.name, node = %self.sh.spec.node_names[node], "node unavailable: {e}");
+                    warn!(volume = %self.sh.spec.name, node = %self.name_of(node), "node unavailable: {e}");
                 }
             }
             Err(CallError::StaleEpoch { current, .. }) => {
@@ -575,7 +710,7 @@ impl EcVolume {
                 if st.fenced.is_none() {
                     let why = format!(
                         "node {} has epoch {current}, newer than this gateway's {}: another gateway owns volume {} now",
-                        self.sh.spec.node_names[node], self.sh.epoch, self.sh.spec.name
+                        self.name_of(node), self.sh.epoch, self.sh.spec.name
                     );
                     error!(volume = %self.sh.spec.name, "fenced: {why}");
                     st.fenced = Some(why);
@@ -635,6 +770,10 @@ impl EcVolume {
                 out[i] = match res.status {
                     Status::OK if res.zero => Got::Zero(res.manifest),
                     Status::OK => Got::Data(res.data, res.manifest),
+                    // A node still being filled may lack what its position holds.
+                    Status::NOT_FOUND if self.filling_at(items[i].0, items[i].1) => {
+                        Got::Unavailable
+                    }
                     Status::NOT_FOUND => Got::Missing,
                     Status::CHECKSUM => {
                         self.sh
@@ -725,7 +864,7 @@ impl EcVolume {
                     }
                 }
                 other => {
-                    debug!(node = %self.sh.spec.node_names[node], "write failed: {other:?}");
+                    debug!(node = %self.name_of(node), "write failed: {other:?}");
                 }
             }
             fault::point("write:acked-node").await;
@@ -756,7 +895,7 @@ impl EcVolume {
                     }
                 }
                 other => {
-                    debug!(node = %self.sh.spec.node_names[node], "swap failed: {other:?}");
+                    debug!(node = %self.name_of(node), "swap failed: {other:?}");
                 }
             }
             fault::point("write:acked-node").await;
@@ -957,6 +1096,12 @@ impl EcVolume {
                 })
                 .collect();
             let c = consistent.iter().filter(|x| **x).count();
+            // A position still being filled that lacks this state's copy may have had it on
+            // the node it moved from: no evidence either way, like a node that did not answer.
+            let unknown = unreachable
+                + (0..width)
+                    .filter(|&i| views[i].is_some() && !consistent[i] && self.filling_at(stripe, i))
+                    .count();
             let clean = c == width && junk.iter().all(Vec::is_empty);
             if clean && undone == 0 {
                 self.mark_resolved(stripe);
@@ -979,7 +1124,7 @@ impl EcVolume {
                 }
                 continue;
             }
-            if c + unreachable < quorum {
+            if c + unknown < quorum {
                 // The newest write reached too few nodes to have been acknowledged: undo it.
                 let mut reverts = Vec::new();
                 for (i, v) in views.iter().enumerate() {
@@ -2360,10 +2505,12 @@ impl EcVolume {
             if self.resync_region(r, Some(node)).await.is_ok() {
                 let mut st = self.sh.state.lock().expect("volume state poisoned");
                 st.stale[node].remove(&r);
-                info!(volume = %self.sh.spec.name, node = %self.sh.spec.node_names[node], region = r, "node caught up on region");
+                info!(volume = %self.sh.spec.name, node = %self.name_of(node), region = r, "node caught up on region");
             }
         }
-        // 3. Repairs.
+        // 3. Positions moved to new nodes.
+        let filling = self.fill_step().await;
+        // 4. Repairs.
         let repairs: Vec<u64> = {
             let st = self.sh.state.lock().expect("volume state poisoned");
             st.repair.iter().take(64).copied().collect()
@@ -2375,22 +2522,290 @@ impl EcVolume {
                 st.repair.remove(&s);
             }
         }
-        // 4. Idle regions out of the intent log.
+        // 5. Idle regions out of the intent log.
         let _ = self.persist_intent(true).await;
         let (a, b, c, d) = self.pending();
-        let unwhole = a + b + c > 0;
+        let unwhole = a + b + c > 0 || filling;
         if self.sh.unwhole.swap(unwhole, Ordering::SeqCst) && !unwhole {
             info!(volume = %self.sh.spec.name, "volume whole again: every node current, nothing to repair");
         }
-        a + b + c + d > 0
+        a + b + c + d > 0 || filling
+    }
+
+    /// Move fragment positions to other nodes: `map` (same shape as the spec's, indices into
+    /// the connector's nodes, which may have grown since the open) replaces the map in
+    /// force. Every position whose node changes is *filled*: from now on it is written on its
+    /// new node, treated as behind there until the fill has checked its stripe, and the
+    /// maintenance loop ([`EcVolume::maintain`]) rebuilds every stripe's fragment there from
+    /// `k` others, in stripe order, within the rate limit ([`EcVolume::set_fill_rate`]).
+    /// Positions of an unfinished earlier fill stay filling, and the fill starts over from
+    /// the first stripe (stripes already whole cost one versions query per node per batch).
+    /// `generation` names the new layout (the control plane's map epoch) in
+    /// [`EcVolume::fill_progress`]. The nodes a position left are no longer used.
+    pub fn remap(
+        &self,
+        map: Vec<Vec<usize>>,
+        names: Vec<String>,
+        generation: u64,
+    ) -> Result<usize, String> {
+        let width = self.width();
+        let n = self.sh.connector.nodes();
+        if map.len() != self.sh.spec.pgs as usize || map.iter().any(|r| r.len() != width) {
+            return Err("the map does not match the PG count and stripe width".into());
+        }
+        if n > MAX_NODES || map.iter().flatten().any(|&i| i >= n) {
+            return Err(format!(
+                "the map names nodes the connector lacks (it has {n}, at most {MAX_NODES})"
+            ));
+        }
+        let old = self.layout();
+        let mut filling: HashMap<u32, Vec<usize>> = HashMap::new();
+        let mut moved = 0;
+        for (pg, row) in map.iter().enumerate() {
+            for (pos, &node) in row.iter().enumerate() {
+                let pg32 = pg as u32;
+                let changed = old.map[pg][pos] != node;
+                let unfinished = old.filling.get(&pg32).is_some_and(|ps| ps.contains(&pos));
+                if changed {
+                    moved += 1;
+                }
+                if changed || unfinished {
+                    filling.entry(pg32).or_default().push(pos);
+                }
+            }
+        }
+        let used: HashSet<usize> = map.iter().flatten().copied().collect();
+        let mut names = names;
+        if names.len() < n {
+            names.extend((names.len()..n).map(|i| format!("#{i}")));
+        }
+        {
+            let mut st = self.sh.state.lock().expect("volume state poisoned");
+            if st.stale.len() < n {
+                st.stale.resize(n, BTreeSet::new());
+            }
+            // Nodes no longer in the map hold nothing this volume will read.
+            for (i, s) in st.stale.iter_mut().enumerate() {
+                if !used.contains(&i) {
+                    s.clear();
+                }
+            }
+            // Remembered stripe states name the old nodes' copies.
+            st.manifests.clear();
+        }
+        let fills = !filling.is_empty();
+        if moved > 0 || fills {
+            self.sh.fill_cursor.store(0, Ordering::Release);
+        }
+        *self.sh.layout.write().expect("volume layout poisoned") = Arc::new(Layout {
+            map,
+            names,
+            filling,
+        });
+        if fills {
+            let mut f = self.sh.fill.lock().expect("volume fill poisoned");
+            *f = Fill {
+                generation,
+                bytes: 0,
+                started: Instant::now(),
+                next_at: Instant::now(),
+                finished: false,
+                epoch_told: false,
+                active: true,
+            };
+        }
+        info!(volume = %self.sh.spec.name, generation, moved, "placement changed: moved positions are being filled");
+        Ok(moved)
+    }
+
+    /// After an open: positions `(pg, index)` of the spec's map are on nodes still being
+    /// filled (an earlier owner's fill, interrupted), every stripe below `from_stripe`
+    /// already filled. The fill carries on from there.
+    pub fn resume_fill(&self, positions: &[(u32, usize)], from_stripe: u64, generation: u64) {
+        if positions.is_empty() {
+            return;
+        }
+        let mut filling: HashMap<u32, Vec<usize>> = HashMap::new();
+        for &(pg, pos) in positions {
+            if pg < self.sh.spec.pgs && pos < self.width() {
+                filling.entry(pg).or_default().push(pos);
+            }
+        }
+        self.sh.fill_cursor.store(from_stripe, Ordering::Release);
+        {
+            let mut l = self.sh.layout.write().expect("volume layout poisoned");
+            let mut next = (**l).clone();
+            next.filling = filling;
+            *l = Arc::new(next);
+        }
+        *self.sh.fill.lock().expect("volume fill poisoned") = Fill {
+            generation,
+            bytes: 0,
+            started: Instant::now(),
+            next_at: Instant::now(),
+            finished: false,
+            epoch_told: false,
+            active: true,
+        };
+        info!(volume = %self.sh.spec.name, generation, from_stripe, "resuming an interrupted fill");
+    }
+
+    /// Limit fills to `bytes_per_sec` written (0: unlimited). Takes effect at the next step.
+    pub fn set_fill_rate(&self, bytes_per_sec: u64) {
+        let was = self.sh.fill_rate.swap(bytes_per_sec, Ordering::Relaxed);
+        if was != bytes_per_sec {
+            // The wait the old limit imposed is void; the next step computes its own.
+            self.sh.fill.lock().expect("volume fill poisoned").next_at = Instant::now();
+        }
+    }
+
+    /// The fill in progress or last finished (`None`: none since the open).
+    pub fn fill_progress(&self) -> Option<FillProgress> {
+        let f = self.sh.fill.lock().expect("volume fill poisoned");
+        if !f.active {
+            return None;
+        }
+        let stripes = self.stripes();
+        let done = if f.finished {
+            stripes
+        } else {
+            self.sh.fill_cursor.load(Ordering::Acquire).min(stripes)
+        };
+        let secs = f.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = f.bytes as f64 / secs;
+        let eta_secs = if f.finished {
+            Some(0.0)
+        } else if done > 0 {
+            Some(secs * (stripes - done) as f64 / done as f64)
+        } else {
+            None
+        };
+        Some(FillProgress {
+            generation: f.generation,
+            stripes,
+            done,
+            bytes: f.bytes,
+            rate,
+            eta_secs,
+            finished: f.finished,
+        })
+    }
+
+    /// The current positions still being filled, as `(pg, index)`.
+    pub fn filling(&self) -> Vec<(u32, usize)> {
+        let l = self.layout();
+        let mut v: Vec<(u32, usize)> = l
+            .filling
+            .iter()
+            .flat_map(|(pg, ps)| ps.iter().map(move |p| (*pg, *p)))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// One step of the fill: check (and rebuild where needed) the next batch of stripes.
+    /// Returns whether a fill is in progress.
+    async fn fill_step(&self) -> bool {
+        let layout = self.layout();
+        if layout.filling.is_empty() {
+            return false;
+        }
+        let tell = {
+            let f = self.sh.fill.lock().expect("volume fill poisoned");
+            if Instant::now() < f.next_at {
+                return true;
+            }
+            !f.epoch_told
+        };
+        if tell {
+            // A node new to the volume learns its epoch before anything is written there, so
+            // an older owner cut off from the control plane cannot write to it either.
+            let targets: HashSet<usize> = layout
+                .filling
+                .iter()
+                .flat_map(|(pg, ps)| ps.iter().map(|&p| layout.map[*pg as usize][p]))
+                .collect();
+            let calls = targets.into_iter().map(|node| {
+                let req = Request::Epoch {
+                    volume: self.sh.spec.id,
+                    epoch: self.sh.epoch,
+                };
+                async move { self.call(node, req).await }
+            });
+            let all = join_all(calls)
+                .await
+                .iter()
+                .all(|r| matches!(r, Ok(Response::Epoch(e)) if *e == self.sh.epoch));
+            if all {
+                self.sh
+                    .fill
+                    .lock()
+                    .expect("volume fill poisoned")
+                    .epoch_told = true;
+            }
+        }
+        let total = self.stripes();
+        let first = self.sh.fill_cursor.load(Ordering::Acquire);
+        if first >= total {
+            let finished = {
+                let mut l = self.sh.layout.write().expect("volume layout poisoned");
+                if Arc::ptr_eq(&l, &layout) {
+                    let mut next = (**l).clone();
+                    next.filling.clear();
+                    *l = Arc::new(next);
+                    true
+                } else {
+                    false // remapped meanwhile: the next step starts the new fill
+                }
+            };
+            if finished {
+                let mut f = self.sh.fill.lock().expect("volume fill poisoned");
+                f.finished = true;
+                info!(volume = %self.sh.spec.name, generation = f.generation, bytes = f.bytes, secs = format!("{:.1}", f.started.elapsed().as_secs_f64()), "fill finished: every moved position is whole");
+            }
+            return !finished;
+        }
+        let last = (first + FILL_BATCH).min(total);
+        let before = self.sh.stats.repaired_fragments.load(Ordering::Relaxed);
+        let t = Instant::now();
+        let r = self.resync_range(first, last, None).await;
+        let wrote = self.sh.stats.repaired_fragments.load(Ordering::Relaxed) - before;
+        let bytes = wrote * self.chunk() as u64;
+        let rate = self.sh.fill_rate.load(Ordering::Relaxed);
+        let mut f = self.sh.fill.lock().expect("volume fill poisoned");
+        f.bytes += bytes;
+        if r.is_err() {
+            // A stripe that cannot be settled yet (too many nodes away): try again shortly.
+            f.next_at = Instant::now() + Duration::from_secs(1);
+            return true;
+        }
+        // A remap meanwhile reset the cursor: leave it there.
+        let _ =
+            self.sh
+                .fill_cursor
+                .compare_exchange(first, last, Ordering::AcqRel, Ordering::Acquire);
+        if rate > 0 && bytes > 0 {
+            f.next_at = t + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        }
+        true
     }
 
     /// Resolve every stripe of region `r` that is not whole (for a returning `node`, only
     /// those where it differs).
     async fn resync_region(&self, r: u64, node: Option<usize>) -> Result<(), BlockError> {
         let rs = self.sh.spec.region_stripes;
-        let first = r * rs;
-        let last = ((r + 1) * rs).min(self.stripes());
+        self.resync_range(r * rs, ((r + 1) * rs).min(self.stripes()), node)
+            .await
+    }
+
+    /// Resolve every stripe of `first..last` that is not whole (for a returning `node`, only
+    /// those where it differs).
+    async fn resync_range(
+        &self,
+        first: u64,
+        last: u64,
+        node: Option<usize>,
+    ) -> Result<(), BlockError> {
         if first >= last {
             return Ok(());
         }
@@ -2405,16 +2820,17 @@ impl EcVolume {
             };
             async move { (nd, self.call(nd, req).await) }
         });
-        let mut by_stripe: HashMap<u64, Vec<(usize, Vec<SlotInfo>)>> = HashMap::new();
+        let mut by_stripe: HashMap<u64, Vec<(usize, usize, Vec<SlotInfo>)>> = HashMap::new();
         let mut answered = vec![false; n];
         for (nd, res) in join_all(calls).await {
             if let Ok(Response::Versions(entries)) = res {
                 answered[nd] = true;
                 for e in entries {
-                    by_stripe
-                        .entry(e.key.stripe)
-                        .or_default()
-                        .push((usize::from(e.key.index), e.slots));
+                    by_stripe.entry(e.key.stripe).or_default().push((
+                        nd,
+                        usize::from(e.key.index),
+                        e.slots,
+                    ));
                 }
             }
         }
@@ -2433,15 +2849,17 @@ impl EcVolume {
             // Whole: every position has a copy, all agree on the newest state.
             let newest = entries
                 .iter()
-                .flat_map(|(_, sl)| sl.iter())
+                .filter(|(nd, idx, _)| *nd == self.node_of(s, *idx))
+                .flat_map(|(_, _, sl)| sl.iter())
                 .max_by_key(|x| x.manifest.version)
                 .map(|x| x.manifest.clone());
             let Some(m) = newest else { continue };
             let whole = (0..width).all(|i| {
                 let nd = self.node_of(s, i);
                 answered[nd]
-                    && entries.iter().any(|(idx, sl)| {
-                        *idx == i
+                    && entries.iter().any(|(at, idx, sl)| {
+                        *at == nd
+                            && *idx == i
                             && sl
                                 .first()
                                 .is_some_and(|top| top.manifest.version == self.expected(&m, i))
