@@ -16,6 +16,11 @@
 //! | `P/epochs/VOLID` | the volume's fencing epoch (decimal), raised at every takeover | the volume's |
 //! | `P/owners/VOLID` | [`OwnerRecord`]: the owning gateway and its epoch | the owner's lease |
 //! | `P/reservations/VOLID` | the volume's persistent reservations (the SCSI target's binary PR state) | the volume's |
+//! | `P/fills/VOLID` | [`FillRecord`]: how far the owner has rebuilt the moved positions of the current map | the volume's |
+//! | `P/moves/VOLID/EPOCH` | the [`Move`]s the map change to `EPOCH` made (16 hex digits) | the volume's |
+//! | `P/node-states/ID` | [`NodeState`] an operator set (`draining`, `out`) | until set `up` |
+//! | `P/absent/ID` | when a controller first saw a mapped node without a lease (Unix seconds) | until it returns or no map names it |
+//! | `P/settings` | [`Settings`]: rebuild grace period and rate | forever |
 //! | `P/election/controller` | etcd election: the gateway that computes placement | leader's lease |
 //!
 //! `VOLID` is the volume id in 16 hex digits. etcd is off the data path: gateways and nodes
@@ -24,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod process;
+pub mod rebuild;
 
 use std::time::Duration;
 
@@ -35,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use tessera_ec::{placement, Profile};
 
 pub use etcd_client;
+pub use rebuild::{FillRecord, Move, MoveReason, Settings};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/tessera";
@@ -210,6 +217,28 @@ pub struct MapNode {
     pub id: String,
     /// Its address when the map was made.
     pub address: String,
+    /// Its host label then.
+    #[serde(default)]
+    pub host: String,
+    /// Its rack label then.
+    #[serde(default)]
+    pub rack: String,
+    /// Its zone label then.
+    #[serde(default)]
+    pub zone: String,
+}
+
+impl MapNode {
+    /// A registered node as a map names it.
+    pub fn of(n: &NodeRecord) -> Self {
+        Self {
+            id: n.id.clone(),
+            address: n.address.clone(),
+            host: n.host.clone(),
+            rack: n.rack.clone(),
+            zone: n.zone.clone(),
+        }
+    }
 }
 
 /// The placement of a volume's PGs.
@@ -221,6 +250,10 @@ pub struct PgMapRecord {
     pub nodes: Vec<MapNode>,
     /// For each PG, the index in `nodes` of each fragment position.
     pub map: Vec<Vec<usize>>,
+    /// Positions `(pg, index)` whose node is new to them under this map: the owner fills
+    /// them (rebuilds their fragments there) and reports when done (`fills/VOLID`).
+    #[serde(default)]
+    pub moving: Vec<(u32, usize)>,
 }
 
 /// Who owns a volume.
@@ -506,11 +539,99 @@ impl Cluster {
             .await
     }
 
-    /// Every live node, by id.
+    /// Every live node, by id, with the state an operator set for it
+    /// ([`Cluster::set_node_state`]).
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {
         let mut out: Vec<NodeRecord> = self.list("nodes/").await?;
+        let states = self.node_states().await?;
+        for n in &mut out {
+            if let Some(s) = states.get(&n.id) {
+                n.state = *s;
+            }
+        }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// The states operators set, by node id (nodes without one are up).
+    pub async fn node_states(&self) -> Result<std::collections::HashMap<String, NodeState>> {
+        let prefix = self.key("node-states/");
+        let mut out = std::collections::HashMap::new();
+        for (k, v) in self.get_prefix("node-states/").await? {
+            let id = String::from_utf8_lossy(&k[prefix.len().min(k.len())..]).into_owned();
+            out.insert(id, decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Set a node's state (`draining`: move its data elsewhere now; `out`: the same, and
+    /// never place anything on it; `up`: eligible again). Kept across the node's restarts.
+    pub async fn set_node_state(&self, id: &str, state: NodeState) -> Result<()> {
+        let key = self.key(&format!("node-states/{id}"));
+        if state == NodeState::Up {
+            self.client.clone().delete(key, None).await?;
+        } else {
+            self.client.clone().put(key, encode(&state), None).await?;
+        }
+        Ok(())
+    }
+
+    /// When node `id` was first seen absent by a controller (seconds since the Unix epoch),
+    /// recording `now` if no controller had.
+    pub async fn mark_absent(&self, id: &str, now: u64) -> Result<u64> {
+        let key = self.key(&format!("absent/{id}"));
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(key.clone(), now.to_string(), None)]);
+        if self.client.clone().txn(txn).await?.succeeded() {
+            return Ok(now);
+        }
+        match self.get_one(&key).await? {
+            Some((v, _)) => parse_u64(key.as_bytes(), &v),
+            None => Ok(now),
+        }
+    }
+
+    /// Forget that node `id` was absent (it is back).
+    pub async fn clear_absent(&self, id: &str) -> Result<()> {
+        self.client
+            .clone()
+            .delete(self.key(&format!("absent/{id}")), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Nodes recorded absent, with since when.
+    pub async fn absent(&self) -> Result<std::collections::HashMap<String, u64>> {
+        let prefix = self.key("absent/");
+        let mut out = std::collections::HashMap::new();
+        for (k, v) in self.get_prefix("absent/").await? {
+            let id = String::from_utf8_lossy(&k[prefix.len().min(k.len())..]).into_owned();
+            out.insert(id, parse_u64(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// The cluster-wide settings (defaults where unset).
+    pub async fn settings(&self) -> Result<Settings> {
+        let key = self.key("settings");
+        match self.get_one(&key).await? {
+            Some((v, _)) => decode(key.as_bytes(), &v),
+            None => Ok(Settings::default()),
+        }
+    }
+
+    /// Replace the cluster-wide settings.
+    pub async fn set_settings(&self, s: &Settings) -> Result<()> {
+        self.client
+            .clone()
+            .put(self.key("settings"), encode(s), None)
+            .await?;
+        Ok(())
     }
 
     /// Register a gateway under `lease`.
@@ -569,17 +690,7 @@ impl Cluster {
 
     /// Every volume's owner, by volume id.
     pub async fn owners(&self) -> Result<std::collections::HashMap<u64, OwnerRecord>> {
-        let mut out = std::collections::HashMap::new();
-        let prefix = self.key("owners/");
-        for (k, v) in self.get_prefix("owners/").await? {
-            let id = std::str::from_utf8(&k[prefix.len().min(k.len())..])
-                .ok()
-                .and_then(|h| u64::from_str_radix(h, 16).ok());
-            if let Some(id) = id {
-                out.insert(id, decode(&k, &v)?);
-            }
-        }
-        Ok(out)
+        self.by_volume("owners/").await
     }
 
     /// Every live gateway, by id.
@@ -757,6 +868,11 @@ impl Cluster {
                 TxnOp::delete(self.key(&format!("epochs/{id}")), None),
                 TxnOp::delete(self.key(&format!("owners/{id}")), None),
                 TxnOp::delete(self.key(&format!("reservations/{id}")), None),
+                TxnOp::delete(self.key(&format!("fills/{id}")), None),
+                TxnOp::delete(
+                    self.key(&format!("moves/{id}/")),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
             ]);
         if !self.client.clone().txn(txn).await?.succeeded() {
             return Err(ClusterError::NoVolume(name.to_string()));
@@ -772,6 +888,117 @@ impl Cluster {
         match self.get_one(&key).await? {
             Some((v, _)) => Ok(Some(decode(key.as_bytes(), &v)?)),
             None => Ok(None),
+        }
+    }
+
+    /// Every volume's map, by volume id.
+    pub async fn pg_maps(&self) -> Result<std::collections::HashMap<u64, PgMapRecord>> {
+        self.by_volume("pgmaps/").await
+    }
+
+    async fn by_volume<T: serde::de::DeserializeOwned>(
+        &self,
+        rest: &str,
+    ) -> Result<std::collections::HashMap<u64, T>> {
+        let prefix = self.key(rest);
+        let mut out = std::collections::HashMap::new();
+        for (k, v) in self.get_prefix(rest).await? {
+            let id = std::str::from_utf8(&k[prefix.len().min(k.len())..])
+                .ok()
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            if let Some(id) = id {
+                out.insert(id, decode(&k, &v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The controller's part: replace the volume's map `old` (still the stored one) by
+    /// `new`, recording the moves under `moves/VOLID/EPOCH`, in one transaction. `false`:
+    /// the stored map changed meanwhile, or the volume is gone.
+    pub async fn replace_pg_map(
+        &self,
+        vol: &VolumeRecord,
+        old: &PgMapRecord,
+        new: &PgMapRecord,
+        moves: &[Move],
+    ) -> Result<bool> {
+        let key = self.key(&format!("pgmaps/{:016x}", vol.id));
+        let Some((cur, rev)) = self.get_one(&key).await? else {
+            return Ok(false);
+        };
+        let cur: PgMapRecord = decode(key.as_bytes(), &cur)?;
+        if cur != *old {
+            return Ok(false);
+        }
+        let txn = Txn::new()
+            .when(vec![
+                Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+                Compare::create_revision(
+                    self.key(&format!("volumes/{}", vol.name)),
+                    CompareOp::Greater,
+                    0,
+                ),
+            ])
+            .and_then(vec![
+                TxnOp::put(key, encode(new), None),
+                TxnOp::put(
+                    self.key(&format!("moves/{:016x}/{:016x}", vol.id, new.epoch)),
+                    encode(&moves),
+                    None,
+                ),
+            ]);
+        Ok(self.client.clone().txn(txn).await?.succeeded())
+    }
+
+    /// The moves each map change of a volume made, oldest first, as `(epoch, moves)`.
+    pub async fn moves(&self, volume: u64) -> Result<Vec<(u64, Vec<Move>)>> {
+        let rest = format!("moves/{volume:016x}/");
+        let prefix = self.key(&rest);
+        let mut out = Vec::new();
+        for (k, v) in self.get_prefix(&rest).await? {
+            let epoch = std::str::from_utf8(&k[prefix.len().min(k.len())..])
+                .ok()
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            if let Some(e) = epoch {
+                out.push((e, decode(&k, &v)?));
+            }
+        }
+        out.sort_by_key(|(e, _)| *e);
+        Ok(out)
+    }
+
+    /// How far the owner has filled each volume's map, by volume id.
+    pub async fn fills(&self) -> Result<std::collections::HashMap<u64, FillRecord>> {
+        self.by_volume("fills/").await
+    }
+
+    /// How far the owner has filled the volume's map.
+    pub async fn fill(&self, volume: u64) -> Result<Option<FillRecord>> {
+        let key = self.key(&format!("fills/{volume:016x}"));
+        match self.get_one(&key).await? {
+            Some((v, _)) => Ok(Some(decode(key.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Report fill progress: only while the owner key is held under `lease`.
+    pub async fn save_fill(&self, volume: u64, lease: i64, rec: &FillRecord) -> Result<()> {
+        self.put_as_owner(volume, lease, "fills", encode(rec)).await
+    }
+
+    async fn put_as_owner(&self, volume: u64, lease: i64, what: &str, v: Vec<u8>) -> Result<()> {
+        let okey = self.key(&format!("owners/{volume:016x}"));
+        let key = self.key(&format!("{what}/{volume:016x}"));
+        let txn = Txn::new()
+            .when(vec![Compare::lease(okey, CompareOp::Equal, lease)])
+            .and_then(vec![TxnOp::put(key, v, None)]);
+        if self.client.clone().txn(txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(ClusterError::Invalid(format!(
+                "volume {volume:016x} is no longer owned here: {what} not saved"
+            )))
         }
     }
 
@@ -797,14 +1024,9 @@ impl Cluster {
             .map_err(|e| ClusterError::Invalid(format!("placing volume {}: {e}", vol.name)))?;
         let rec = PgMapRecord {
             epoch: 1,
-            nodes: live
-                .iter()
-                .map(|n| MapNode {
-                    id: n.id.clone(),
-                    address: n.address.clone(),
-                })
-                .collect(),
+            nodes: live.iter().map(MapNode::of).collect(),
             map,
+            moving: Vec::new(),
         };
         let key = self.key(&format!("pgmaps/{:016x}", vol.id));
         let txn = Txn::new()
@@ -929,18 +1151,8 @@ impl Cluster {
     /// Save the volume's persistent reservation state: only while the owner key is held
     /// under `lease` (a gateway that lost the volume cannot overwrite its successor's).
     pub async fn save_reservations(&self, volume: u64, lease: i64, state: &[u8]) -> Result<()> {
-        let okey = self.key(&format!("owners/{volume:016x}"));
-        let key = self.key(&format!("reservations/{volume:016x}"));
-        let txn = Txn::new()
-            .when(vec![Compare::lease(okey, CompareOp::Equal, lease)])
-            .and_then(vec![TxnOp::put(key, state.to_vec(), None)]);
-        if self.client.clone().txn(txn).await?.succeeded() {
-            Ok(())
-        } else {
-            Err(ClusterError::Invalid(format!(
-                "volume {volume:016x} is no longer owned here: reservations not saved"
-            )))
-        }
+        self.put_as_owner(volume, lease, "reservations", state.to_vec())
+            .await
     }
 
     // ---- the controller -----------------------------------------------------------------

@@ -381,3 +381,80 @@ fn only_the_owner_saves_reservations() {
         assert!(c.reservations(v.id).await.unwrap().is_none());
     });
 }
+
+#[test]
+fn map_changes_are_guarded_recorded_and_fills_reported_by_the_owner_only() {
+    let f = etcd();
+    run(async {
+        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
+            .await
+            .unwrap();
+        let lease = c.grant(30).await.unwrap();
+        for i in 0..7 {
+            c.register_node(&node(i), lease).await.unwrap();
+        }
+        let v = c.create_volume(&new_volume("moving")).await.unwrap();
+        let m1 = c.ensure_pg_map(&v).await.unwrap();
+        // The operator's state overlays the node's own record, and survives re-registration.
+        c.set_node_state("node-2", NodeState::Draining)
+            .await
+            .unwrap();
+        c.register_node(&node(2), lease).await.unwrap();
+        let nodes = c.nodes().await.unwrap();
+        assert_eq!(nodes[2].state, NodeState::Draining);
+        let none = std::collections::HashSet::new();
+        let (m2, moves) = rebuild::plan(&rebuild::PlanInput {
+            volume: &v,
+            map: &m1,
+            nodes: &nodes,
+            lost: &none,
+            filled: true,
+        })
+        .unwrap();
+        assert!(moves
+            .iter()
+            .all(|m| m.from == "node-2" && m.reason == MoveReason::Drain));
+        assert!(c.replace_pg_map(&v, &m1, &m2, &moves).await.unwrap());
+        assert_eq!(c.pg_map(v.id).await.unwrap().unwrap(), m2);
+        // A controller working from the old map loses the race.
+        assert!(!c.replace_pg_map(&v, &m1, &m2, &moves).await.unwrap());
+        assert_eq!(c.moves(v.id).await.unwrap(), vec![(2, moves.clone())]);
+        // Fill progress: only the owner reports it.
+        let rec = FillRecord {
+            map_epoch: 2,
+            gateway: "gw-a".into(),
+            stripes: 10,
+            done: 10,
+            bytes: 1,
+            rate: 1.0,
+            eta_secs: Some(0.0),
+            finished: true,
+            updated: 0,
+        };
+        assert!(c.save_fill(v.id, lease, &rec).await.is_err(), "no owner");
+        c.acquire(v.id, "gw-a", lease).await.unwrap().unwrap();
+        c.save_fill(v.id, lease, &rec).await.unwrap();
+        assert!(c.fill(v.id).await.unwrap().unwrap().fills(2));
+        assert_eq!(c.fills().await.unwrap().len(), 1);
+        // Absence is recorded once, by the first controller to see it.
+        assert_eq!(c.mark_absent("node-5", 100).await.unwrap(), 100);
+        assert_eq!(c.mark_absent("node-5", 200).await.unwrap(), 100);
+        assert_eq!(c.absent().await.unwrap().get("node-5"), Some(&100));
+        c.clear_absent("node-5").await.unwrap();
+        assert!(c.absent().await.unwrap().is_empty());
+        // Settings: defaults until set.
+        assert_eq!(c.settings().await.unwrap(), Settings::default());
+        let s = Settings {
+            rebuild_grace_secs: 5,
+            rebuild_rate: 1 << 20,
+        };
+        c.set_settings(&s).await.unwrap();
+        assert_eq!(c.settings().await.unwrap(), s);
+        c.set_node_state("node-2", NodeState::Up).await.unwrap();
+        assert_eq!(c.nodes().await.unwrap()[2].state, NodeState::Up);
+        // Everything of the volume goes with it.
+        c.delete_volume("moving").await.unwrap();
+        assert!(c.fill(v.id).await.unwrap().is_none());
+        assert!(c.moves(v.id).await.unwrap().is_empty());
+    });
+}

@@ -1,8 +1,8 @@
 //! Admin commands that act on the cluster's state in etcd: `volume create|list|delete`,
-//! `node list`, `status`. They find the cluster through `--etcd URL` (or `TESSERA_ETCD`).
+//! `node list|drain|undrain`, `cluster show|set`, `status`. They find the cluster through `--etcd URL` (or `TESSERA_ETCD`).
 
 use anyhow::Context as _;
-use tessera_cluster::{Cluster, NewVolume};
+use tessera_cluster::{Cluster, NewVolume, NodeState};
 
 use crate::config::parse_size;
 
@@ -177,18 +177,129 @@ pub fn node_list(e: &EtcdArgs) -> anyhow::Result<()> {
     })
 }
 
-/// `tessera status`: nodes, gateways, the controller, volumes with owners.
+/// `tessera node drain|undrain ID`.
+pub fn node_drain(e: &EtcdArgs, id: &str, drain: bool) -> anyhow::Result<()> {
+    block_on(async {
+        let c = connect(e).await?;
+        let known = c.nodes().await?.iter().any(|n| n.id == id)
+            || c.pg_maps()
+                .await?
+                .values()
+                .any(|m| m.nodes.iter().any(|n| n.id == id));
+        if !known {
+            anyhow::bail!("no node {id} is registered or holds data");
+        }
+        let state = if drain {
+            NodeState::Draining
+        } else {
+            NodeState::Up
+        };
+        c.set_node_state(id, state).await?;
+        if drain {
+            println!("node {id} draining: its data moves to other nodes (see `tessera status`)");
+        } else {
+            println!("node {id} up: eligible for data again");
+        }
+        Ok(())
+    })
+}
+
+/// Seconds from `10m`, `1h`, `90s` or `90`.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1),
+        Some((i, _)) => {
+            let mul = match t[i..].trim() {
+                "s" => 1,
+                "m" | "min" => 60,
+                "h" => 3600,
+                "d" => 86400,
+                u => return Err(format!("{s:?}: unknown unit {u:?} (s, m, h or d)")),
+            };
+            (&t[..i], mul)
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 10m, 90s)"))
+}
+
+/// `tessera cluster show`.
+pub fn cluster_show(e: &EtcdArgs) -> anyhow::Result<()> {
+    block_on(async {
+        let c = connect(e).await?;
+        let s = c.settings().await?;
+        println!("rebuild-grace {}s", s.rebuild_grace_secs);
+        println!(
+            "rebuild-rate {} bytes/s{}",
+            s.rebuild_rate,
+            if s.rebuild_rate == 0 {
+                " (unlimited)"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    })
+}
+
+/// `tessera cluster set KEY VALUE`.
+pub fn cluster_set(e: &EtcdArgs, key: &str, value: &str) -> anyhow::Result<()> {
+    block_on(async {
+        let c = connect(e).await?;
+        let mut s = c.settings().await?;
+        match key {
+            "rebuild-grace" => {
+                s.rebuild_grace_secs =
+                    parse_duration(value).map_err(|e| anyhow::anyhow!("rebuild-grace: {e}"))?
+            }
+            "rebuild-rate" => {
+                s.rebuild_rate =
+                    parse_size(value).map_err(|e| anyhow::anyhow!("rebuild-rate: {e}"))?
+            }
+            k => anyhow::bail!("unknown setting {k:?} (rebuild-grace or rebuild-rate)"),
+        }
+        c.set_settings(&s).await?;
+        println!("{key} set");
+        Ok(())
+    })
+}
+
+fn human_bytes(b: f64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < U.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", U[u])
+}
+
+/// `tessera status`: nodes (with absent ones), gateways, the controller, volumes with
+/// owners, and rebuilds with progress and ETA.
 pub fn status(e: &EtcdArgs) -> anyhow::Result<()> {
     block_on(async {
         let c = connect(e).await?;
         let nodes = c.nodes().await?;
         let gws = c.gateways().await?;
+        let maps = c.pg_maps().await?;
+        let fills = c.fills().await?;
+        let absent = c.absent().await?;
+        let settings = c.settings().await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         println!("cluster {} at {}", e.prefix, e.url()?);
         println!(
             "controller: {}",
             c.controller().await?.unwrap_or_else(|| "none".into())
         );
-        println!("nodes: {} up", nodes.len());
+        let mut away: Vec<(&String, &u64)> = absent.iter().collect();
+        away.sort();
+        println!("nodes: {} up, {} absent", nodes.len(), away.len());
         for n in &nodes {
             println!(
                 "  {} {} host={} {}",
@@ -196,6 +307,18 @@ pub fn status(e: &EtcdArgs) -> anyhow::Result<()> {
                 n.address,
                 n.host,
                 format!("{:?}", n.state).to_lowercase()
+            );
+        }
+        for (id, since) in &away {
+            let gone = now.saturating_sub(**since);
+            let left = settings.rebuild_grace_secs.saturating_sub(gone);
+            println!(
+                "  {id} absent for {gone}s{}",
+                if left > 0 {
+                    format!(" (rebuilt elsewhere in {left}s if still away)")
+                } else {
+                    " (lost: its data is rebuilt elsewhere)".into()
+                }
             );
         }
         println!("gateways: {}", gws.len());
@@ -206,8 +329,8 @@ pub fn status(e: &EtcdArgs) -> anyhow::Result<()> {
         println!("volumes: {}", vols.len());
         for v in &vols {
             let owner = c.owner(v.id).await?;
-            let map = c.pg_map(v.id).await?;
-            let missing = map.as_ref().map_or(0, |m| {
+            let map = maps.get(&v.id);
+            let missing = map.map_or(0, |m| {
                 m.nodes
                     .iter()
                     .filter(|mn| !nodes.iter().any(|n| n.id == mn.id))
@@ -222,15 +345,63 @@ pub fn status(e: &EtcdArgs) -> anyhow::Result<()> {
                 v.m,
                 owner.as_ref().map_or("-", |o| o.gateway.as_str()),
                 c.epoch(v.id).await?,
-                map.as_ref()
-                    .map_or("none".to_string(), |m| format!("epoch {}", m.epoch)),
+                map.map_or("none".to_string(), |m| format!("epoch {}", m.epoch)),
                 if missing > 0 {
                     format!(" (degraded: {missing} of its nodes down)")
                 } else {
                     String::new()
                 }
             );
+            let Some(m) = map.filter(|m| !m.moving.is_empty()) else {
+                continue;
+            };
+            let pgs: std::collections::BTreeSet<u32> = m.moving.iter().map(|(pg, _)| *pg).collect();
+            match fills.get(&v.id).filter(|f| f.map_epoch == m.epoch) {
+                Some(f) if f.finished => println!(
+                    "    rebuild of map {}: done ({} fragment positions moved, {} written)",
+                    m.epoch,
+                    m.moving.len(),
+                    human_bytes(f.bytes as f64)
+                ),
+                Some(f) => println!(
+                    "    rebuilding map {}: {} PGs, {} positions; {}/{} stripes ({:.1}%), {} written at {}/s, ETA {}",
+                    m.epoch,
+                    pgs.len(),
+                    m.moving.len(),
+                    f.done,
+                    f.stripes,
+                    if f.stripes == 0 { 100.0 } else { f.done as f64 * 100.0 / f.stripes as f64 },
+                    human_bytes(f.bytes as f64),
+                    human_bytes(f.rate),
+                    f.eta_secs.map_or("unknown".to_string(), |s| format!("{s:.0}s"))
+                ),
+                None => println!(
+                    "    rebuilding map {}: {} PGs, {} positions; waiting for the owner to start",
+                    m.epoch,
+                    pgs.len(),
+                    m.moving.len()
+                ),
+            }
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations_parse_with_units_and_bad_ones_say_why() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("10m"), Ok(600));
+        assert_eq!(parse_duration("2h"), Ok(7200));
+        assert_eq!(parse_duration("1d"), Ok(86400));
+        assert!(parse_duration("10 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
 }

@@ -38,6 +38,10 @@ pub struct DemoArgs {
     /// With --backend ec: the erasure-code profile K+M (K + M node processes are started).
     #[arg(long, default_value = "4+2")]
     pub ec: String,
+    /// With --backend ec: how many node processes (default and least: K + M; more leave room
+    /// to rebuild a lost node's data elsewhere).
+    #[arg(long)]
+    pub nodes: Option<usize>,
     /// With --backend ec: bytes per chunk.
     #[arg(long, default_value = "16KiB")]
     pub chunk: String,
@@ -234,6 +238,14 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         let p =
             tessera_ec::Profile::parse(&a.ec, chunk).map_err(|e| anyhow::anyhow!("--ec: {e}"))?;
         profile = Some(p);
+        let count = a.nodes.unwrap_or(p.width());
+        if count < p.width() || count > 64 {
+            bail!(
+                "--nodes {count}: a {} volume needs {} to 64 nodes",
+                a.ec,
+                p.width()
+            );
+        }
         // The cluster's state: a private etcd member, data under --dir.
         let port = tessera_cluster::process::free_port([127, 0, 0, 1])?;
         let mut e = tessera_cluster::process::Etcd::start_single(
@@ -245,7 +257,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             .with_context(|| format!("etcd (see {})", dir.join("etcd.log").display()))?;
         etcd = Some(e);
         std::fs::create_dir_all(dir.join("nodes"))?;
-        for i in 0..p.width() {
+        for i in 0..count {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
@@ -306,7 +318,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                 pgs: 64,
                 write_quorum: None,
             };
-            match rt.block_on(demo_volume(url, &req)) {
+            match rt.block_on(demo_volume(url, &req, nodes.len())) {
                 Ok(v) => volume = Some(v),
                 Err(e) => failed = Some(e),
             }
@@ -468,10 +480,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
 async fn demo_volume(
     url: &str,
     req: &tessera_cluster::NewVolume,
+    width: usize,
 ) -> anyhow::Result<tessera_cluster::VolumeRecord> {
     let c = tessera_cluster::Cluster::connect(&[url.to_string()], tessera_cluster::DEFAULT_PREFIX)
         .await?;
-    let width = req.profile.width();
+    // Every demo node registered first, so the first map spreads over all of them.
     let start = Instant::now();
     loop {
         let n = c.nodes().await?.len();
@@ -506,6 +519,7 @@ mod tests {
             removable: true,
             ec: "4+2".into(),
             chunk: "16KiB".into(),
+            nodes: None,
         };
         let text = config_text(&a, Path::new("/tmp/x"), None).unwrap();
         let c = Config::parse(Path::new("demo.toml"), &text).unwrap();

@@ -46,10 +46,33 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VolumeCmd,
     },
-    /// The cluster at a glance: nodes, gateways, the controller, volumes and owners.
+    /// The cluster at a glance: nodes, gateways, the controller, volumes and owners,
+    /// rebuilds with progress.
     Status {
         #[command(flatten)]
         etcd: tessera::admin::EtcdArgs,
+    },
+    /// Cluster-wide settings (in etcd; they apply at once).
+    Cluster {
+        #[command(flatten)]
+        etcd: tessera::admin::EtcdArgs,
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// Print the settings.
+    Show,
+    /// Change a setting: `rebuild-grace` (how long a node may be away before its data is
+    /// rebuilt elsewhere, e.g. 10m) or `rebuild-rate` (bytes per second each volume's
+    /// rebuild may write, e.g. 200MiB; 0: unlimited).
+    Set {
+        /// rebuild-grace or rebuild-rate.
+        key: String,
+        /// The value.
+        value: String,
     },
 }
 
@@ -137,6 +160,20 @@ enum NodeCmd {
     },
     /// List the nodes registered in the cluster.
     List {
+        #[command(flatten)]
+        etcd: tessera::admin::EtcdArgs,
+    },
+    /// Move every fragment off a node now (it keeps serving until its data has moved).
+    Drain {
+        /// Node id.
+        id: String,
+        #[command(flatten)]
+        etcd: tessera::admin::EtcdArgs,
+    },
+    /// Make a drained node eligible for data again.
+    Undrain {
+        /// Node id.
+        id: String,
         #[command(flatten)]
         etcd: tessera::admin::EtcdArgs,
     },
@@ -235,6 +272,8 @@ fn main() -> ExitCode {
             Some(NodeCmd::Scrub { addr }) => tessera::node::scrub(addr),
             Some(NodeCmd::Stats { addr }) => tessera::node::stats(addr),
             Some(NodeCmd::List { etcd }) => tessera::admin::node_list(&etcd),
+            Some(NodeCmd::Drain { id, etcd }) => tessera::admin::node_drain(&etcd, &id, true),
+            Some(NodeCmd::Undrain { id, etcd }) => tessera::admin::node_drain(&etcd, &id, false),
             None => node_config(n).and_then(tessera::node::run),
         },
         Cmd::Demo(a) => tessera::demo::run(a),
@@ -248,6 +287,10 @@ fn main() -> ExitCode {
             VolumeCmd::Delete { name, force } => tessera::admin::volume_delete(&etcd, &name, force),
         },
         Cmd::Status { etcd } => tessera::admin::status(&etcd),
+        Cmd::Cluster { etcd, cmd } => match cmd {
+            ClusterCmd::Show => tessera::admin::cluster_show(&etcd),
+            ClusterCmd::Set { key, value } => tessera::admin::cluster_set(&etcd, &key, &value),
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,17 +24,28 @@ pub trait Connector: Send + Sync + 'static {
     fn nodes(&self) -> usize;
 }
 
-/// Nodes reached over TCP with the fragment protocol.
-#[derive(Debug, Clone)]
+/// Nodes reached over TCP with the fragment protocol. The list only grows ([`RpcConnector::push`]):
+/// a volume's indices stay valid when its map later names new nodes.
+#[derive(Debug)]
 pub struct RpcConnector {
-    addrs: Vec<SocketAddr>,
+    addrs: std::sync::RwLock<Vec<SocketAddr>>,
     timeout: Duration,
 }
 
 impl RpcConnector {
     /// Nodes at `addrs`; calls time out after `timeout`.
     pub fn new(addrs: Vec<SocketAddr>, timeout: Duration) -> Self {
-        Self { addrs, timeout }
+        Self {
+            addrs: std::sync::RwLock::new(addrs),
+            timeout,
+        }
+    }
+
+    /// Add a node; returns its index.
+    pub fn push(&self, addr: SocketAddr) -> usize {
+        let mut a = self.addrs.write().expect("connector poisoned");
+        a.push(addr);
+        a.len() - 1
     }
 }
 
@@ -49,10 +60,11 @@ impl NodeIo for ClientIo {
 
 impl Connector for RpcConnector {
     fn connect(&self, node: usize) -> Rc<dyn NodeIo> {
-        Rc::new(ClientIo(Client::new(self.addrs[node], self.timeout)))
+        let addr = self.addrs.read().expect("connector poisoned")[node];
+        Rc::new(ClientIo(Client::new(addr, self.timeout)))
     }
     fn nodes(&self) -> usize {
-        self.addrs.len()
+        self.addrs.read().expect("connector poisoned").len()
     }
 }
 

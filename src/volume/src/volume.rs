@@ -412,9 +412,11 @@ impl EcVolume {
             stale: vec![BTreeSet::new(); n],
             ..State::default()
         };
-        // A node we could not reach may lack any write made to a dirty region.
+        // A node we could not reach may lack any write made to a dirty region (a node the
+        // map does not use holds nothing this volume reads).
+        let used: HashSet<usize> = spec.map.iter().flatten().copied().collect();
         for (i, ok) in raised.iter().enumerate() {
-            if !ok {
+            if !ok && used.contains(&i) {
                 st.stale[i] = dirty.clone();
             }
         }

@@ -36,12 +36,14 @@ use std::rc::Rc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use tessera_cluster::{Cluster, GatewayRecord, PgMapRecord, VolumeRecord};
+use tessera_cluster::rebuild::{self, Hold, PlanInput};
+use tessera_cluster::{Cluster, FillRecord, GatewayRecord, PgMapRecord, VolumeRecord};
 use tessera_proto::scsi::Sense;
 use tessera_target::{
     status, Alua, LogicalUnit, LuConfig, Nexus, PrStore, RemoteLun, ScsiCommand, ScsiResult,
     TmfFunction, TmfResponse,
 };
+use tessera_volume::nodes::{Connector, RpcConnector};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -302,6 +304,84 @@ struct Exported {
     volume: tessera_volume::EcVolume,
     lun: u64,
     lu: Arc<LogicalUnit>,
+    /// The volume's nodes, and each node id's index among them.
+    connector: Arc<RpcConnector>,
+    index: HashMap<String, usize>,
+    /// The epoch of the placement map in force.
+    map_epoch: u64,
+    /// The fill progress last reported to etcd, and when.
+    reported: Option<((u64, u64, bool), tokio::time::Instant)>,
+}
+
+impl Exported {
+    /// Switch the volume to `m`, a newer map of it: positions that moved are filled.
+    fn apply_map(&mut self, m: &PgMapRecord) -> anyhow::Result<()> {
+        let mut idx = Vec::with_capacity(m.nodes.len());
+        for n in &m.nodes {
+            let i = match self.index.get(&n.id) {
+                Some(i) => *i,
+                None => {
+                    let a: SocketAddr = n.address.parse().map_err(|_| {
+                        anyhow::anyhow!("node {} has a bad address {:?}", n.id, n.address)
+                    })?;
+                    let i = self.connector.push(a);
+                    self.index.insert(n.id.clone(), i);
+                    i
+                }
+            };
+            idx.push(i);
+        }
+        let map = m
+            .map
+            .iter()
+            .map(|row| row.iter().map(|&j| idx[j]).collect())
+            .collect();
+        let mut names = vec![String::new(); self.connector.nodes()];
+        for (id, i) in &self.index {
+            names[*i] = id.clone();
+        }
+        self.volume
+            .remap(map, names, m.epoch)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        self.map_epoch = m.epoch;
+        Ok(())
+    }
+
+    /// Report fill progress to etcd when it changed (at most once a second, at once when it
+    /// finishes).
+    async fn report_fill(&mut self, c: &Cluster, lease: i64, gateway: &str) {
+        let Some(p) = self.volume.fill_progress() else {
+            return;
+        };
+        let key = (p.generation, p.done, p.finished);
+        let now = tokio::time::Instant::now();
+        if let Some((last, at)) = self.reported {
+            if last == key || (!p.finished && now.duration_since(at) < Duration::from_secs(1)) {
+                return;
+            }
+        }
+        let rec = FillRecord {
+            map_epoch: p.generation,
+            gateway: gateway.to_string(),
+            stripes: p.stripes,
+            done: p.done,
+            bytes: p.bytes,
+            rate: p.rate,
+            eta_secs: p.eta_secs,
+            finished: p.finished,
+            updated: unix_now(),
+        };
+        match c.save_fill(self.volume.spec().id, lease, &rec).await {
+            Ok(()) => self.reported = Some((key, now)),
+            Err(e) => debug!(volume = %self.volume.spec().name, "reporting fill progress: {e}"),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What this gateway knows and has set up, across rounds.
@@ -317,6 +397,8 @@ struct View {
     seen: HashMap<String, tokio::time::Instant>,
     /// Since when each volume has been seen without an owner.
     unowned: HashMap<u64, tokio::time::Instant>,
+    /// The controller's last word on each volume it cannot place, so it says it once.
+    held: HashMap<u64, String>,
 }
 
 impl View {
@@ -493,9 +575,10 @@ async fn agent(
         }
         loop {
             if *leader_rx.borrow() {
-                controller_round(&c).await;
+                controller_round(&c, &mut view.held).await;
             }
             reconcile(&gw, &cl, &c, lease, &me, &mut view).await;
+            follow_maps(&c, lease, &me, &mut view).await;
             *owned.borrow_mut() = view.exported.values().map(|e| e.volume.clone()).collect();
             if first {
                 signal_ready(&ready);
@@ -564,25 +647,106 @@ fn self_fence(exported: &HashMap<u64, Exported>, why: &str) {
     }
 }
 
-/// The controller's work: a first placement map for every volume without one.
-async fn controller_round(c: &Cluster) {
-    let vols = match c.volumes().await {
-        Ok(v) => v,
+/// The controller's work: a first placement map for every volume without one; a new map
+/// when a node of one is lost (absent past the grace period), drained, or a new node can
+/// take a share ([`tessera_cluster::rebuild::plan`]).
+async fn controller_round(c: &Cluster, held: &mut HashMap<u64, String>) {
+    let all = async {
+        Ok::<_, tessera_cluster::ClusterError>((
+            c.volumes().await?,
+            c.nodes().await?,
+            c.pg_maps().await?,
+            c.fills().await?,
+            c.settings().await?,
+            c.absent().await?,
+        ))
+    };
+    let (vols, nodes, maps, fills, settings, absent) = match all.await {
+        Ok(x) => x,
         Err(e) => {
-            warn!("controller: listing volumes: {e}");
+            warn!("controller: reading the cluster: {e}");
             return;
         }
     };
+    // Absence: since when each node some map names has been without a lease.
+    let now = unix_now();
+    let registered: std::collections::HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+    let named: std::collections::HashSet<&str> = maps
+        .values()
+        .flat_map(|m| m.nodes.iter().map(|n| n.id.as_str()))
+        .collect();
+    let mut lost = std::collections::HashSet::new();
+    for id in &named {
+        if registered.contains(id) {
+            continue;
+        }
+        match c.mark_absent(id, now).await {
+            Ok(since) => {
+                let gone = now.saturating_sub(since);
+                if gone >= settings.rebuild_grace_secs {
+                    lost.insert(id.to_string());
+                } else if since == now {
+                    info!(node = %id, grace_secs = settings.rebuild_grace_secs, "node absent: its data is rebuilt elsewhere if it stays away past the grace period");
+                }
+            }
+            Err(e) => warn!(node = %id, "controller: recording absence: {e}"),
+        }
+    }
+    for id in absent.keys() {
+        if registered.contains(id.as_str()) || !named.contains(id.as_str()) {
+            if registered.contains(id.as_str()) {
+                info!(node = %id, "node back");
+            }
+            let _ = c.clear_absent(id).await;
+        }
+    }
+    held.retain(|id, _| vols.iter().any(|v| v.id == *id));
     for v in vols {
-        match c.pg_map(v.id).await {
-            Ok(Some(_)) => {}
-            Ok(None) => match c.ensure_pg_map(&v).await {
+        let Some(map) = maps.get(&v.id) else {
+            match c.ensure_pg_map(&v).await {
                 Ok(m) => {
                     info!(volume = %v.name, nodes = m.nodes.len(), pgs = m.map.len(), "placed volume")
                 }
                 Err(e) => warn!(volume = %v.name, "cannot place volume yet: {e}"),
+            }
+            continue;
+        };
+        let filled = fills.get(&v.id).is_some_and(|f| f.fills(map.epoch));
+        let planned = rebuild::plan(&PlanInput {
+            volume: &v,
+            map,
+            nodes: &nodes,
+            lost: &lost,
+            filled,
+        });
+        match planned {
+            Ok((next, moves)) => match c.replace_pg_map(&v, map, &next, &moves).await {
+                Ok(true) => {
+                    let count = |r: tessera_cluster::MoveReason| {
+                        moves.iter().filter(|m| m.reason == r).count()
+                    };
+                    info!(
+                        volume = %v.name,
+                        epoch = next.epoch,
+                        lost = count(tessera_cluster::MoveReason::Lost),
+                        drain = count(tessera_cluster::MoveReason::Drain),
+                        rebalance = count(tessera_cluster::MoveReason::Rebalance),
+                        "placement changed: moved positions will be rebuilt on their new nodes"
+                    );
+                    held.remove(&v.id);
+                }
+                Ok(false) => debug!(volume = %v.name, "map changed meanwhile; planning again"),
+                Err(e) => warn!(volume = %v.name, "controller: storing the new map: {e}"),
             },
-            Err(e) => warn!(volume = %v.name, "reading its map: {e}"),
+            Err(Hold::Impossible(why)) => {
+                if held.get(&v.id) != Some(&why) {
+                    warn!(volume = %v.name, "cannot move its data: {why}");
+                    held.insert(v.id, why);
+                }
+            }
+            Err(Hold::Settled | Hold::Filling) => {
+                held.remove(&v.id);
+            }
         }
     }
 }
@@ -738,8 +902,8 @@ async fn reconcile(
                 continue;
             }
         };
-        match open(gw, &v, &map, epoch).await {
-            Ok(vol) => {
+        match open(gw, c, &v, &map, epoch).await {
+            Ok((vol, connector, index)) => {
                 let naa = stable_hash(&[b"tessera-volume", &v.id.to_be_bytes()]);
                 let lu_cfg = LuConfig {
                     block_size: v.block_size,
@@ -784,6 +948,10 @@ async fn reconcile(
                                 volume: vol,
                                 lun: v.lun,
                                 lu,
+                                connector,
+                                index,
+                                map_epoch: map.epoch,
+                                reported: None,
                             },
                         );
                     }
@@ -802,6 +970,32 @@ async fn reconcile(
     }
 }
 
+/// Keep owned volumes on their newest maps, at the cluster's fill rate, and report their
+/// fills.
+async fn follow_maps(c: &Cluster, lease: i64, me: &GatewayRecord, view: &mut View) {
+    if view.exported.is_empty() {
+        return;
+    }
+    let (maps, settings) = match (c.pg_maps().await, c.settings().await) {
+        (Ok(m), Ok(s)) => (m, s),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!("reading the maps: {e}");
+            return;
+        }
+    };
+    for (id, e) in view.exported.iter_mut() {
+        if let Some(m) = maps.get(id) {
+            if m.epoch > e.map_epoch {
+                if let Err(err) = e.apply_map(m) {
+                    warn!(volume = %e.volume.spec().name, "cannot switch to map {}: {err:#}", m.epoch);
+                }
+            }
+        }
+        e.volume.set_fill_rate(settings.rebuild_rate);
+        e.report_fill(c, lease, &me.id).await;
+    }
+}
+
 /// Stop serving an exported volume here (its LUN is replaced or removed by the caller).
 fn drop_volume(gw: &Gateway, e: &Exported) {
     let id = e.volume.spec().id;
@@ -812,13 +1006,19 @@ fn drop_volume(gw: &Gateway, e: &Exported) {
     e.volume.close();
 }
 
-/// Open a cluster volume with the epoch etcd granted.
+/// Open a cluster volume with the epoch etcd granted; an interrupted fill of its map
+/// resumes where the last owner reported it.
 async fn open(
     gw: &Gateway,
+    c: &Cluster,
     v: &VolumeRecord,
     map: &PgMapRecord,
     epoch: u64,
-) -> anyhow::Result<tessera_volume::EcVolume> {
+) -> anyhow::Result<(
+    tessera_volume::EcVolume,
+    Arc<RpcConnector>,
+    HashMap<String, usize>,
+)> {
     let profile = v.profile()?;
     let mut addrs = Vec::with_capacity(map.nodes.len());
     for n in &map.nodes {
@@ -828,6 +1028,11 @@ async fn open(
                 .map_err(|_| anyhow::anyhow!("node {} has a bad address {:?}", n.id, n.address))?,
         );
     }
+    let fill = if map.moving.is_empty() {
+        None
+    } else {
+        c.fill(v.id).await?
+    };
     let spec = tessera_volume::VolumeSpec {
         id: v.id,
         name: v.name.clone(),
@@ -842,12 +1047,23 @@ async fn open(
         node_names: map.nodes.iter().map(|n| n.id.clone()).collect(),
         epoch: Some(epoch),
     };
-    let connector: Arc<dyn tessera_volume::nodes::Connector> =
-        Arc::new(tessera_volume::nodes::RpcConnector::new(
-            addrs,
-            Duration::from_millis(gw.cfg.node_timeout_ms),
-        ));
-    let vol = tessera_volume::EcVolume::open(spec, connector).await?;
+    let connector = Arc::new(RpcConnector::new(
+        addrs,
+        Duration::from_millis(gw.cfg.node_timeout_ms),
+    ));
+    let index = map
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id.clone(), i))
+        .collect();
+    let vol = tessera_volume::EcVolume::open(spec, connector.clone()).await?;
     vol.release_thread();
-    Ok(vol)
+    if !map.moving.is_empty() && !fill.as_ref().is_some_and(|f| f.fills(map.epoch)) {
+        let from = fill
+            .filter(|f| f.map_epoch == map.epoch)
+            .map_or(0, |f| f.done);
+        vol.resume_fill(&map.moving, from, map.epoch);
+    }
+    Ok((vol, connector, index))
 }

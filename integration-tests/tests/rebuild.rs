@@ -1,0 +1,196 @@
+//! Node loss and rebuild, end to end (issue 4, acceptance 2), on `tessera demo --backend ec`
+//! with eight nodes for a 4+2 volume:
+//! - a node away for less than the grace period keeps its place in the map and, back, gets
+//!   only the writes it missed;
+//! - a node gone for good (past the grace period, shortened for the test) has its positions
+//!   moved to the other nodes by the controller and rebuilt there by the owner, throttled,
+//!   with progress in `tessera status`; afterwards two more nodes can go and every byte still
+//!   reads back.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tessera_integration_tests::images::{compare, convert, random_file};
+use tessera_integration_tests::{require_tool, run, tessera_bin, Demo};
+
+fn tessera(demo: &Demo, args: &[&str]) -> (bool, String) {
+    let out = run(
+        Command::new(tessera_bin())
+            .args(args)
+            .env("TESSERA_ETCD", demo.etcd()),
+        Duration::from_secs(60),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn status(demo: &Demo) -> String {
+    let (ok, text) = tessera(demo, &["status"]);
+    assert!(ok, "tessera status failed: {text}");
+    text
+}
+
+fn node_stat(demo: &Demo, i: usize, key: &str) -> u64 {
+    let out = &demo.node_cmd("stats")[i];
+    let t = String::from_utf8_lossy(&out.stdout);
+    t.split_whitespace()
+        .skip_while(|w| *w != key)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {t}"))
+}
+
+/// Wait until the gateway logs `line` once more than `before` times.
+fn wait_log(demo: &Demo, line: &str, before: usize, limit: Duration, what: &str) {
+    let start = Instant::now();
+    while demo.log().matches(line).count() <= before {
+        assert!(
+            start.elapsed() < limit,
+            "{what}: no {line:?} in {limit:?}; log tail:\n{}",
+            tail(&demo.log())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn a_lost_node_is_rebuilt_elsewhere_and_two_more_losses_cost_nothing() {
+    require_tool("qemu-img", "qemu-utils and qemu-block-extra");
+    let demo = Demo::start(&[
+        "--backend",
+        "ec",
+        "--ec",
+        "4+2",
+        "--nodes",
+        "8",
+        "--size",
+        "64MiB",
+    ]);
+    assert_eq!(demo.nodes().len(), 8);
+    let url = demo.url(0);
+    let dir = demo.dir.path().to_path_buf();
+    let src = dir.join("source.img");
+    random_file(&src, 64, 0xb17d);
+    convert(&src, &url);
+    let st = status(&demo);
+    assert!(st.contains("map epoch 1"), "{st}");
+
+    // 1. Away within the grace period (10 minutes by default): the map stays, and back, the
+    //    node is sent only what it missed.
+    let mut demo = demo;
+    demo.kill_node(1);
+    let part = dir.join("part.img");
+    random_file(&part, 4, 0xde17a);
+    convert(&part, &url);
+    {
+        // The model: the first 4 MiB replaced.
+        let mut model = std::fs::read(&src).unwrap();
+        model[..4 << 20].copy_from_slice(&std::fs::read(&part).unwrap());
+        std::fs::write(&src, model).unwrap();
+    }
+    const WHOLE: &str = "volume whole again";
+    let before = demo.log().matches(WHOLE).count();
+    demo.restart_node(1);
+    wait_log(
+        &demo,
+        WHOLE,
+        before,
+        Duration::from_secs(120),
+        "node-1 catching up",
+    );
+    let caught_up = node_stat(&demo, 1, "writes");
+    let held = node_stat(&demo, 0, "writes");
+    println!("node-1 back: {caught_up} fragment writes to catch up (node-0 took {held} in all)");
+    assert!(caught_up > 0, "node-1 was not brought up to date");
+    assert!(
+        caught_up * 4 < held,
+        "node-1 got more than what it missed: {caught_up} writes vs {held}"
+    );
+    let st = status(&demo);
+    assert!(
+        st.contains("map epoch 1") && !st.contains("rebuild"),
+        "no data moved for a node back within the grace period:\n{st}"
+    );
+    assert!(compare(&src, &url), "data differs after node-1 came back");
+
+    // 2. Gone for good: a short grace period and a slow rebuild, to watch it.
+    for (k, v) in [("rebuild-grace", "2s"), ("rebuild-rate", "4MiB")] {
+        let (ok, text) = tessera(&demo, &["cluster", "set", k, v]);
+        assert!(ok, "{text}");
+    }
+    let (ok, shown) = tessera(&demo, &["cluster", "show"]);
+    assert!(
+        ok && shown.contains("rebuild-grace 2s") && shown.contains("rebuild-rate 4194304"),
+        "{shown}"
+    );
+    demo.kill_node(3);
+    let t = Instant::now();
+    let mut progress = Vec::new();
+    let done = loop {
+        let st = status(&demo);
+        if let Some(l) = st.lines().find(|l| l.contains("rebuild")) {
+            let l = l.trim().to_string();
+            if progress.last() != Some(&l) {
+                println!("{:>5.1} s  {l}", t.elapsed().as_secs_f64());
+                progress.push(l.clone());
+            }
+            if l.contains(": done") {
+                break st;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "the rebuild did not finish; status:\n{st}\nlog tail:\n{}",
+            tail(&demo.log())
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    println!("{done}");
+    assert!(
+        progress
+            .iter()
+            .any(|l| l.contains("rebuilding map") && l.contains('%')),
+        "progress was never shown: {progress:?}"
+    );
+    assert!(done.contains("map epoch 2"), "{done}");
+    // Moved off, node-3 is forgotten: no map names it.
+    assert!(!done.contains("node-3"), "{done}");
+    let moves = demo.cluster(async |c| {
+        let v = c.volume("demo").await.unwrap().unwrap();
+        let map = c.pg_map(v.id).await.unwrap().unwrap();
+        assert!(
+            map.nodes.iter().all(|n| n.id != "node-3"),
+            "node-3 is out of the map"
+        );
+        c.moves(v.id).await.unwrap()
+    });
+    assert_eq!(moves.len(), 1, "one recorded change: {moves:?}");
+    assert!(moves[0]
+        .1
+        .iter()
+        .all(|m| m.from == "node-3" && m.reason == tessera_cluster::MoveReason::Lost));
+    println!(
+        "rebuild: {} positions moved off node-3 in {:.1} s",
+        moves[0].1.len(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(compare(&src, &url), "data differs after the rebuild");
+
+    // 3. Two more nodes lost: the rebuilt fragments carry the data.
+    demo.kill_node(0);
+    demo.kill_node(6);
+    assert!(
+        compare(&src, &url),
+        "data differs with node-3 rebuilt away and nodes 0 and 6 dead"
+    );
+    assert!(demo.stop());
+}
