@@ -145,7 +145,6 @@ fn volumes_created_through_etcd_are_served_without_a_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(told, "no CAPACITY DATA HAS CHANGED unit attention");
-    drop(sess);
     // qemu-img compares the grown tail against zeroes.
     assert!(
         compare(&src, &demo.url(1)),
@@ -160,9 +159,28 @@ fn volumes_created_through_etcd_are_served_without_a_restart() {
     );
     assert!(!ok && text.contains("--ec"), "{text}");
 
-    // Deleting a served volume needs --force; then its LUN goes.
+    // Deleting a volume while a session can use it needs --force; without sessions it does
+    // not (the gateways publish their sessions in etcd).
     let (ok, text) = tessera(&demo, &["volume", "delete", "second"]);
-    assert!(!ok && text.contains("in use"), "{text}");
+    assert!(
+        !ok && text.contains("in use: 1 session (iqn.2024-01.test:resize through gw-0)"),
+        "{text}"
+    );
+    let (ok, text) = tessera(&demo, &["volume", "create", "third", "--size", "4MiB"]);
+    assert!(ok, "{text}");
+    drop(sess);
+    let start = Instant::now();
+    loop {
+        let (ok, text) = tessera(&demo, &["volume", "delete", "third"]);
+        if ok {
+            break;
+        }
+        assert!(
+            text.contains("in use") && start.elapsed() < Duration::from_secs(20),
+            "{text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let (ok, text) = tessera(&demo, &["volume", "delete", "second", "--force"]);
     assert!(ok, "{text}");
     let start = Instant::now();

@@ -20,6 +20,7 @@
 //! | `P/moves/VOLID/EPOCH` | the [`Move`]s the map change to `EPOCH` made (16 hex digits) | the volume's |
 //! | `P/node-states/ID` | [`NodeState`] an operator set (`draining`, `out`) | until set `up` |
 //! | `P/absent/ID` | when a controller first saw a mapped node without a lease (Unix seconds) | until it returns or no map names it |
+//! | `P/sessions/ID` | initiators with sessions to the cluster target on gateway `ID` | the gateway's lease |
 //! | `P/settings` | [`Settings`]: rebuild grace period and rate | forever |
 //! | `P/election/controller` | etcd election: the gateway that computes placement | leader's lease |
 //!
@@ -691,6 +692,33 @@ impl Cluster {
     /// Every volume's owner, by volume id.
     pub async fn owners(&self) -> Result<std::collections::HashMap<u64, OwnerRecord>> {
         self.by_volume("owners/").await
+    }
+
+    /// Publish the initiators with sessions to the cluster target on gateway `gateway`
+    /// (`P/sessions/ID`, under its lease).
+    pub async fn publish_sessions(
+        &self,
+        gateway: &str,
+        lease: i64,
+        initiators: &[String],
+    ) -> Result<()> {
+        self.put_leased(&format!("sessions/{gateway}"), &initiators, lease)
+            .await
+    }
+
+    /// The initiators with sessions to the cluster target, by gateway (gateways without
+    /// sessions are left out).
+    pub async fn sessions(&self) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
+        let prefix = self.key("sessions/");
+        let mut out = std::collections::BTreeMap::new();
+        for (k, v) in self.get_prefix("sessions/").await? {
+            let id = String::from_utf8_lossy(&k[prefix.len().min(k.len())..]).into_owned();
+            let list: Vec<String> = decode(&k, &v)?;
+            if !list.is_empty() {
+                out.insert(id, list);
+            }
+        }
+        Ok(out)
     }
 
     /// Every live gateway, by id.

@@ -136,16 +136,22 @@ pub fn volume_resize(e: &EtcdArgs, name: &str, size: &str) -> anyhow::Result<()>
 pub fn volume_delete(e: &EtcdArgs, name: &str, force: bool) -> anyhow::Result<()> {
     block_on(async {
         let c = connect(e).await?;
-        let Some(v) = c.volume(name).await? else {
+        if c.volume(name).await?.is_none() {
             anyhow::bail!("no volume named {name}");
-        };
-        if let Some(o) = c.owner(v.id).await? {
-            if !force {
-                anyhow::bail!(
-                    "volume {name} is in use (gateway {} serves it); --force deletes it anyway",
-                    o.gateway
-                );
-            }
+        }
+        // Every session to the cluster target can reach every volume.
+        let users = c.sessions().await?;
+        if !users.is_empty() && !force {
+            let n: usize = users.values().map(Vec::len).sum();
+            let list: Vec<String> = users
+                .iter()
+                .map(|(g, i)| format!("{} through {g}", i.join(", ")))
+                .collect();
+            anyhow::bail!(
+                "volume {name} is in use: {n} session{} ({}); --force deletes it anyway",
+                if n == 1 { "" } else { "s" },
+                list.join("; ")
+            );
         }
         c.delete_volume(name).await?;
         println!("deleted volume {name}");

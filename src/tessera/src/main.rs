@@ -90,7 +90,8 @@ enum VolumeCmd {
         #[arg(long)]
         size: String,
     },
-    /// Delete a volume (refused while a gateway serves it, unless --force).
+    /// Delete a volume (refused while initiators have sessions to the cluster target, unless
+    /// --force).
     Delete {
         /// Volume name.
         name: String,

@@ -399,6 +399,8 @@ struct View {
     unowned: HashMap<u64, tokio::time::Instant>,
     /// The controller's last word on each volume it cannot place, so it says it once.
     held: HashMap<u64, String>,
+    /// The session list last published, and when.
+    published: Option<(Vec<String>, tokio::time::Instant)>,
 }
 
 impl View {
@@ -479,6 +481,8 @@ async fn agent(
             _ = shutdown.changed() => break,
         };
         logged_down = false;
+        // What was published went with the old lease.
+        view.published = None;
         // Sessions from now on see this gateway's own target port.
         gw.set_portal_group_tag(&cl.target, me.number);
         info!(gateway = %cl.gateway_id, number = me.number, forward = %me.forward, etcd = ?cl.etcd, lease = format!("{lease:x}"), "joined the cluster");
@@ -579,6 +583,7 @@ async fn agent(
             }
             reconcile(&gw, &cl, &c, lease, &me, &mut view).await;
             follow_maps(&c, lease, &me, &mut view).await;
+            publish_sessions(&gw, &cl, &c, lease, &mut view).await;
             *owned.borrow_mut() = view.exported.values().map(|e| e.volume.clone()).collect();
             if first {
                 signal_ready(&ready);
@@ -967,6 +972,29 @@ async fn reconcile(
                 let _ = c.release(v.id, &me.id, lease).await;
             }
         }
+    }
+}
+
+/// Tell etcd which initiators have sessions to the cluster target here (what `volume
+/// delete` checks): when the list changes, and every 30 s regardless (a session ended between
+/// two rounds is seen within one round).
+async fn publish_sessions(
+    gw: &Gateway,
+    cl: &ClusterConfig,
+    c: &Cluster,
+    lease: i64,
+    view: &mut View,
+) {
+    let now = tokio::time::Instant::now();
+    let list = gw.sessions.initiators(&cl.target);
+    if let Some((last, at)) = &view.published {
+        if *last == list && now.duration_since(*at) < Duration::from_secs(30) {
+            return;
+        }
+    }
+    match c.publish_sessions(&cl.gateway_id, lease, &list).await {
+        Ok(()) => view.published = Some((list, now)),
+        Err(e) => debug!("publishing sessions: {e}"),
     }
 }
 

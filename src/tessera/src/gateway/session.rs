@@ -84,6 +84,22 @@ impl SessionRegistry {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The initiators (names as the key holds them, lowercase) with sessions to `target`,
+    /// sorted, one entry per session.
+    pub fn initiators(&self, target: &str) -> Vec<String> {
+        let t = target.to_ascii_lowercase();
+        let mut v: Vec<String> = self
+            .inner
+            .lock()
+            .expect("session registry poisoned")
+            .keys()
+            .filter(|(_, _, tg)| *tg == t)
+            .map(|(i, _, _)| i.clone())
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 /// Wait until a replaced session has ended.
@@ -116,6 +132,8 @@ mod tests {
             wait_gone(old).await;
         });
         assert_eq!(reg.len(), 1, "unregistering the old one keeps the new one");
+        assert_eq!(reg.initiators("IQN.T"), vec!["iqn.a".to_string()]);
+        assert!(reg.initiators("iqn.other").is_empty());
         reg.unregister(&b);
         assert!(reg.is_empty());
     }
