@@ -20,12 +20,13 @@ DESTDIR      ?=
 # Debian packages the build and the tests need (installed only when missing).
 DEB_PACKAGES := build-essential pkg-config libiscsi-bin qemu-utils qemu-block-extra tgt istgt \
                 socat cpio xz-utils zstd kmod iproute2 procps qemu-system-x86 open-iscsi \
-                nvme-cli e2fsprogs fio busybox-static python3 clang etcd-server protobuf-compiler
+                nvme-cli e2fsprogs fio busybox-static python3 clang etcd-server protobuf-compiler \
+                systemd
 
 export CARGO_TERM_COLOR = never
 
 .PHONY: all deps build run test fmt-check lint unit it conformance guest guest-build \
-        fuzz-smoke bench bench-deps bench-codec bench-compare install clean
+        fuzz-smoke bench bench-deps bench-codec bench-compare install install-check clean
 
 all: build
 
@@ -91,7 +92,7 @@ guest: build guest-build
 fuzz-smoke:
 	src/proto/fuzz/smoke.sh $(FUZZ_SECONDS)
 
-test: deps fmt-check lint unit it fuzz-smoke
+test: deps fmt-check lint unit it install-check fuzz-smoke
 	@echo "make test: all checks passed"
 
 # Packages only the codec benchmark needs (ISA-L and bindgen's libclang).
@@ -119,12 +120,43 @@ bench-codec: bench-deps
 bench-compare: deps build
 	bench/compare.sh
 
+# Installs the binary, the systemd units (ExecStart pointed at $(PREFIX)/bin), the example
+# configurations and the README. Respects DESTDIR and PREFIX.
+UNIT_DIR ?= $(PREFIX)/lib/systemd/system
 install: build
 	install -D -m 0755 $(RELEASE_BIN) $(DESTDIR)$(PREFIX)/bin/tessera
-	install -d $(DESTDIR)/etc/tessera
-	install -m 0644 target-config/*.toml $(DESTDIR)/etc/tessera/
-	install -D -m 0644 systemd/tessera-gateway.service \
-	  $(DESTDIR)$(PREFIX)/lib/systemd/system/tessera-gateway.service
+	install -d $(DESTDIR)$(UNIT_DIR) $(DESTDIR)/etc/tessera/examples $(DESTDIR)$(PREFIX)/share/doc/tessera
+	for u in systemd/*.service; do \
+	  sed 's|/usr/local/bin/tessera|$(PREFIX)/bin/tessera|g; s|/usr/local/share/doc|$(PREFIX)/share/doc|g' $$u \
+	    > $(DESTDIR)$(UNIT_DIR)/$$(basename $$u) && chmod 0644 $(DESTDIR)$(UNIT_DIR)/$$(basename $$u); \
+	done
+	install -m 0644 target-config/*.toml target-config/*.yml target-config/*.conf $(DESTDIR)/etc/tessera/examples/
+	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/tessera/
+
+# `make install` into a scratch root, and `systemd-analyze verify` of every installed unit
+# (the template as an instance) against the installed binary.
+install-check: build
+	rm -rf $(BUILD_DIR)/install-root
+	$(MAKE) --no-print-directory install DESTDIR=$(abspath $(BUILD_DIR))/install-root PREFIX=/usr
+	@root=$(abspath $(BUILD_DIR))/install-root; \
+	for f in usr/bin/tessera usr/lib/systemd/system/tessera-gateway.service \
+	    usr/lib/systemd/system/tessera-node@.service usr/lib/systemd/system/tessera-etcd.service \
+	    etc/tessera/examples/cluster-gateway.toml etc/tessera/examples/multipath.conf \
+	    usr/share/doc/tessera/README.md; do \
+	  test -e $$root/$$f || { echo "install-check: $$f not installed"; exit 1; }; \
+	done; \
+	grep -q "^ExecStart=/usr/bin/tessera gateway" $$root/usr/lib/systemd/system/tessera-gateway.service || \
+	  { echo "install-check: ExecStart does not follow PREFIX"; exit 1; }; \
+	mkdir -p $(BUILD_DIR)/verify && rm -f $(BUILD_DIR)/verify/*; \
+	for u in $$root/usr/lib/systemd/system/*.service; do \
+	  n=$$(basename $$u | sed 's/@\.service/@verify.service/'); \
+	  sed "s|/usr/bin/tessera|$$root/usr/bin/tessera|" $$u > $(BUILD_DIR)/verify/$$n; \
+	done; \
+	n=0; for u in $(BUILD_DIR)/verify/*.service; do \
+	  systemd-analyze verify $$u || { echo "install-check: systemd-analyze verify $$u failed"; exit 1; }; \
+	  n=$$((n + 1)); \
+	done; \
+	echo "install-check: make install (DESTDIR, PREFIX=/usr) complete; systemd-analyze verify: $$n units clean"
 
 clean:
 	$(CARGO) clean

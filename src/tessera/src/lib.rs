@@ -9,3 +9,4 @@ pub mod demo;
 pub mod gateway;
 pub mod logging;
 pub mod node;
+pub mod notify;

@@ -52,6 +52,10 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     info!(node = %cfg.id, listen = %cfg.listen, data = %cfg.data.display(), "storage node listening");
+    let heartbeats = crate::notify::Heartbeats::default();
+    heartbeats.register("node loop").spawn_local();
+    heartbeats.start_watchdog();
+    crate::notify::ready(&format!("serving {} on {}", cfg.data.display(), cfg.listen));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(cl) = cfg.cluster.clone() {
         let rec = tessera_cluster::NodeRecord {
@@ -123,6 +127,7 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     }
     info!(node = %cfg.id, "stopping");
+    crate::notify::stopping();
     drop(listener);
     let _ = stop_tx.send(true);
     // Requests already started finish (they may be writes the gateway is waiting for).

@@ -43,6 +43,8 @@ pub struct Gateway {
     /// Negotiation limits.
     pub limits: Limits,
     /// Sessions, for reinstatement.
+    /// The event loops the watchdog's health check watches.
+    pub heartbeats: crate::notify::Heartbeats,
     pub sessions: SessionRegistry,
     devices: Vec<Arc<dyn BlockDevice>>,
     /// Erasure-coded volumes, for their maintenance loop (cluster volumes come and go).
@@ -302,6 +304,7 @@ impl Gateway {
             directory: Mutex::new(directory),
             limits,
             sessions: SessionRegistry::default(),
+            heartbeats: crate::notify::Heartbeats::default(),
             devices,
             volumes: Mutex::new(volumes),
             next_tsih: AtomicU16::new(1),
@@ -506,6 +509,7 @@ fn maintenance(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        gw.heartbeats.register("maintenance loop").spawn_local();
         loop {
             let mut busy = false;
             let vols = gw.volumes.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -601,6 +605,10 @@ fn worker(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        let name = std::thread::current()
+            .name()
+            .map_or("worker".to_string(), |n| format!("worker {n}"));
+        gw.heartbeats.register(&name).spawn_local();
         let mut conns = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
@@ -634,8 +642,13 @@ fn worker(
 pub fn run_config(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let gw = Gateway::build(cfg)?;
+    let heartbeats = gw.heartbeats.clone();
+    let portals = gw.cfg.portals.len();
     let running = start(gw)?;
+    crate::notify::ready(&format!("serving on {portals} portal(s)"));
+    heartbeats.start_watchdog();
     wait_for_signal()?;
+    crate::notify::stopping();
     info!("stopping");
     running.stop();
     info!("stopped");
