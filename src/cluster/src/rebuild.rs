@@ -520,6 +520,46 @@ mod tests {
     }
 
     #[test]
+    fn rebalancing_onto_new_nodes_converges() {
+        let v = vol(4, 2, 128);
+        let nodes: Vec<NodeRecord> = (0..10).map(|i| node(i, NodeState::Up)).collect();
+        let mut map = first_map(&v, &nodes[..7]);
+        let none = HashSet::new();
+        let mut rounds = 0;
+        loop {
+            match plan(&PlanInput {
+                volume: &v,
+                map: &map,
+                nodes: &nodes,
+                lost: &none,
+                filled: true,
+            }) {
+                Ok((next, _)) => {
+                    map = next;
+                    rounds += 1;
+                    assert!(rounds <= 12, "rebalancing does not settle");
+                }
+                Err(Hold::Settled) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        let mut load: HashMap<String, usize> = HashMap::new();
+        for id in ids(&map).into_iter().flatten() {
+            *load.entry(id).or_default() += 1;
+        }
+        let share = 128.0 * 6.0 / 10.0;
+        for n in &nodes {
+            let l = load.get(&n.id).copied().unwrap_or(0) as f64;
+            assert!(
+                (l - share).abs() <= share * 0.15,
+                "{}: {l} of {share}: {load:?}",
+                n.id
+            );
+        }
+        println!("settled after {rounds} changes: {load:?}");
+    }
+
+    #[test]
     fn no_parity_no_drain_and_too_few_nodes_is_said() {
         let v = vol(3, 0, 16);
         let mut nodes: Vec<NodeRecord> = (0..4).map(|i| node(i, NodeState::Up)).collect();

@@ -546,6 +546,15 @@ impl EcVolume {
         l.map[placement::pg_of(stripe, self.sh.spec.pgs) as usize][index]
     }
 
+    /// The nodes the map in force uses, ascending.
+    fn used_nodes(&self) -> Vec<usize> {
+        let l = self.sh.layout.read().expect("volume layout poisoned");
+        let mut v: Vec<usize> = l.map.iter().flatten().copied().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     fn layout(&self) -> Arc<Layout> {
         self.sh
             .layout
@@ -997,8 +1006,10 @@ impl EcVolume {
         };
         let seq = self.sh.intent_seq.fetch_add(1, Ordering::Relaxed);
         let data = encode_regions(&set);
-        let n = self.sh.connector.nodes();
-        let calls = (0..n).map(|node| {
+        // On the nodes the map uses: a node it no longer names is never read at an open.
+        let used = self.used_nodes();
+        let n = used.len();
+        let calls = used.iter().map(|&node| {
             let req = Request::PutBlob {
                 volume: self.sh.spec.id,
                 epoch: self.sh.epoch,
@@ -2811,10 +2822,10 @@ impl EcVolume {
         if first >= last {
             return Ok(());
         }
-        // One versions query per node for the whole region.
+        // One versions query per node of the map for the whole range.
         let vol = self.ctx();
         let n = self.sh.connector.nodes();
-        let calls = (0..n).map(|nd| {
+        let calls = self.used_nodes().into_iter().map(|nd| {
             let req = Request::Versions {
                 vol,
                 first,
