@@ -101,6 +101,8 @@ pub struct GatewayFile {
     pub portals: Vec<Spanned<String>>,
     /// Directory for persistent state (reservations).
     pub state_dir: Option<Spanned<String>>,
+    /// Where `/metrics` (Prometheus) is served (`host:port`; none: not served).
+    pub metrics: Option<Spanned<String>>,
     /// Event-loop threads (0: one per CPU).
     #[serde(default)]
     pub workers: usize,
@@ -477,6 +479,8 @@ pub struct Config {
     pub portals: Vec<SocketAddr>,
     /// State directory.
     pub state_dir: Option<PathBuf>,
+    /// Where `/metrics` is served.
+    pub metrics: Option<SocketAddr>,
     /// Worker threads (0: per CPU).
     pub workers: usize,
     /// Command window.
@@ -645,6 +649,25 @@ impl Ctx<'_> {
             key: key.into(),
             msg: msg.into(),
         }
+    }
+
+    /// An optional `host:port`.
+    fn addr(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        v.as_ref()
+            .map(|a| {
+                a.get_ref().parse().map_err(|_| {
+                    self.err(
+                        a.span(),
+                        key,
+                        format!("not an address:port: {:?}", a.get_ref()),
+                    )
+                })
+            })
+            .transpose()
     }
 
     fn cluster(&self, c: &Option<ClusterFile>) -> Result<Option<ClusterConfig>, ConfigError> {
@@ -1087,6 +1110,7 @@ impl Config {
             file: path.into(),
             portals,
             state_dir: g.state_dir.as_ref().map(|s| PathBuf::from(s.get_ref())),
+            metrics: cx.addr(&g.metrics, "gateway.metrics")?,
             workers: g.workers,
             queue_depth,
             nop_interval_secs: g.nop_interval_secs,
@@ -1128,6 +1152,8 @@ pub struct NodeSection {
     /// Seconds between background scrubs.
     #[serde(default = "day")]
     pub scrub_interval_secs: u64,
+    /// Where `/metrics` (Prometheus) is served (`host:port`; none: not served).
+    pub metrics: Option<Spanned<String>>,
     /// Failure-domain labels (for operators; gateways take theirs from `[[node]]`).
     #[serde(default)]
     pub zone: String,
@@ -1170,6 +1196,8 @@ pub struct NodeConfig {
     pub scrub_rate: u64,
     /// Seconds between background scrubs.
     pub scrub_interval_secs: u64,
+    /// Where `/metrics` is served.
+    pub metrics: Option<SocketAddr>,
     /// Failure-domain labels.
     pub zone: String,
     /// Rack label.
@@ -1256,6 +1284,7 @@ impl NodeConfig {
             dsync,
             scrub_rate: size(&n.scrub_rate, "node.scrub_rate")?,
             scrub_interval_secs: n.scrub_interval_secs.max(1),
+            metrics: cx.addr(&n.metrics, "node.metrics")?,
             zone: n.zone.clone(),
             rack: n.rack.clone(),
             host: if n.host.is_empty() {

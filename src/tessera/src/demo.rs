@@ -75,6 +75,8 @@ struct DemoProcess {
     address: String,
     /// The command line that starts it again (for a node killed on purpose).
     command: Vec<String>,
+    /// Where it serves Prometheus metrics (`host:port`, path `/metrics`).
+    metrics: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +115,8 @@ pub struct DemoNode {
     pub address: SocketAddr,
     /// Store file.
     pub data: PathBuf,
+    /// Where it serves `/metrics`.
+    pub metrics: SocketAddr,
 }
 
 /// Build the gateway configuration text for the demo (`etcd`: the cluster of an ec backend,
@@ -265,12 +269,24 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                 id: format!("node-{i}"),
                 address: SocketAddr::from(([127, 0, 0, 1], port)),
                 data: dir.join("nodes").join(format!("node-{i}.store")),
+                metrics: SocketAddr::from((
+                    [127, 0, 0, 1],
+                    tessera_cluster::process::free_port([127, 0, 0, 1])?,
+                )),
             });
         }
     }
     let etcd_url = etcd.as_ref().map(|e| e.member.client_url());
-    std::fs::write(&cfg_path, config_text(&a, &dir, etcd_url.as_deref())?)
-        .with_context(|| format!("writing {}", cfg_path.display()))?;
+    let gw_metrics = SocketAddr::from((
+        [127, 0, 0, 1],
+        tessera_cluster::process::free_port([127, 0, 0, 1])?,
+    ));
+    let text = config_text(&a, &dir, etcd_url.as_deref())?.replacen(
+        "[gateway]\n",
+        &format!("[gateway]\nmetrics = \"{gw_metrics}\"\n"),
+        1,
+    );
+    std::fs::write(&cfg_path, text).with_context(|| format!("writing {}", cfg_path.display()))?;
     // Validate before starting anything, so a bad flag gets a clear message.
     let cfg = Config::load(&cfg_path)?;
     let portal = cfg.portals[0];
@@ -288,6 +304,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             // Each node its own failure domain.
             "--host".into(),
             n.id.clone(),
+            "--metrics".into(),
+            n.metrics.to_string(),
         ];
         if let Some(url) = &etcd_url {
             argv.extend(["--etcd".into(), url.clone()]);
@@ -391,18 +409,22 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             pid: child.id(),
             address: portal.to_string(),
             command: gw_argv,
+            metrics: gw_metrics.to_string(),
         })
         .chain(node_children.iter().map(|(n, c, argv)| DemoProcess {
             role: "node",
             pid: c.id(),
             address: n.address.to_string(),
             command: argv.clone(),
+            metrics: n.metrics.to_string(),
         }))
         .chain(etcd_child.iter().map(|(m, pid, argv, _)| DemoProcess {
             role: "etcd",
             pid: pid.unwrap_or(0),
             address: m.client.to_string(),
             command: argv.clone(),
+            // etcd serves its own /metrics on the client port.
+            metrics: m.client.to_string(),
         }))
         .collect(),
     };

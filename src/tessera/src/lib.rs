@@ -8,5 +8,6 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod notify;

@@ -143,6 +143,9 @@ struct NodeCli {
     /// Zone label.
     #[arg(long, default_value = "")]
     zone: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port).
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,6 +207,9 @@ fn node_config(n: NodeCli) -> anyhow::Result<tessera::config::NodeConfig> {
     );
     if let Some(h) = &n.host {
         text.push_str(&format!("host = {h:?}\n"));
+    }
+    if let Some(m) = &n.metrics {
+        text.push_str(&format!("metrics = {m:?}\n"));
     }
     if let Some(urls) = &n.etcd {
         let list: Vec<String> = urls.split(',').map(|u| format!("{:?}", u.trim())).collect();

@@ -47,7 +47,32 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let store = FragmentStore::open(&cfg.data, &opts)?;
     let mut handler = NodeHandler::new(store.clone());
     handler.scrub_rate = cfg.scrub_rate;
-    let handler = Rc::new(handler);
+    let handler = Rc::new(Metered(handler));
+    if let Some(addr) = cfg.metrics {
+        crate::metrics::serve(addr)?;
+        let store = store.clone();
+        tokio::task::spawn_local(async move {
+            let m = crate::metrics::metrics();
+            loop {
+                let st = store.stats();
+                for (event, v) in [
+                    ("fragment_read", st.reads),
+                    ("fragment_write", st.writes),
+                    ("checksum_error", st.checksum_errors),
+                    ("stale_epoch_reject", st.stale_epoch_rejects),
+                ] {
+                    crate::metrics::catch_up(&m.node_events.with_label_values(&[event]), v);
+                }
+                m.node_store_bytes
+                    .with_label_values(&["capacity"])
+                    .set(st.capacity as i64);
+                m.node_store_bytes
+                    .with_label_values(&["allocated"])
+                    .set(st.allocated as i64);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -132,7 +157,7 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     // Requests already started finish (they may be writes the gateway is waiting for).
     for _ in 0..500 {
-        if handler.in_flight() == 0 {
+        if handler.0.in_flight() == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -210,4 +235,45 @@ fn call(addr: SocketAddr, req: Request, timeout: Duration) -> anyhow::Result<Res
             async move { Client::new(addr, timeout).call(&req).await },
         )
         .with_context(|| format!("asking node {addr}"))
+}
+
+/// The node's request handler, counted and timed per operation for `/metrics`.
+struct Metered(NodeHandler);
+
+fn op_name(req: &Request) -> &'static str {
+    match req {
+        Request::Hello { .. } => "hello",
+        Request::Write { .. } => "write",
+        Request::Swap { .. } => "swap",
+        Request::Read { .. } => "read",
+        Request::Versions { .. } => "versions",
+        Request::Revert { .. } => "revert",
+        Request::Trim { .. } => "trim",
+        Request::Stats => "stats",
+        Request::Epoch { .. } => "epoch",
+        Request::Scrub => "scrub",
+        Request::PutBlob { .. } => "put_blob",
+        Request::GetBlob { .. } => "get_blob",
+    }
+}
+
+impl tessera_rpc::Handler for Metered {
+    fn handle(
+        &self,
+        req: Request,
+    ) -> tessera_rpc::server::LocalFuture<Result<Response, tessera_rpc::Refusal>> {
+        let op = op_name(&req);
+        let started = std::time::Instant::now();
+        let f = self.0.handle(req);
+        Box::pin(async move {
+            let r = f.await;
+            let m = crate::metrics::metrics();
+            m.node_request_duration
+                .with_label_values(&[op])
+                .observe(started.elapsed().as_secs_f64());
+            let outcome = if r.is_ok() { "ok" } else { "refused" };
+            m.node_requests.with_label_values(&[op, outcome]).inc();
+            r
+        })
+    }
 }

@@ -481,6 +481,7 @@ async fn agent(
             _ = shutdown.changed() => break,
         };
         logged_down = false;
+        crate::metrics::metrics().cluster_lease_held.set(1);
         // What was published went with the old lease.
         view.published = None;
         // Sessions from now on see this gateway's own target port.
@@ -542,6 +543,9 @@ async fn agent(
                 loop {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     let quiet = at.get().elapsed();
+                    crate::metrics::metrics()
+                        .cluster_lease_age
+                        .set(quiet.as_secs_f64());
                     if quiet > fence_after {
                         let why = format!(
                             "lease not renewed for {:.1} s (TTL {ttl} s): stopping writes before another gateway can take over",
@@ -640,6 +644,7 @@ async fn agent(
         }
         campaign.abort();
         watchdog.abort();
+        crate::metrics::metrics().cluster_lease_held.set(0);
     }
     for (_, e) in view.exported.drain() {
         e.volume.close();

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,98 @@ struct Session {
     target: Arc<Target>,
     nexus: Arc<Nexus>,
     registration: Registration,
+    /// The target's name, for metrics labels.
+    target_name: Arc<str>,
+    /// Per-LUN metric handles, looked up once per session and LUN.
+    lun_metrics: std::cell::RefCell<HashMap<[u8; 8], Rc<LunMetrics>>>,
+}
+
+/// The metrics of one LUN as a session updates them.
+struct LunMetrics {
+    commands: [prometheus::IntCounter; 3],
+    duration: [prometheus::Histogram; 3],
+    bytes: [prometheus::IntCounter; 2],
+    in_flight: prometheus::IntGauge,
+    target: Arc<str>,
+    lun: String,
+}
+
+const KINDS: [&str; 3] = ["read", "write", "other"];
+
+impl LunMetrics {
+    fn new(target: &Arc<str>, lun: u64) -> Self {
+        let m = crate::metrics::metrics();
+        let l = lun.to_string();
+        let t: &str = target;
+        Self {
+            commands: KINDS.map(|k| m.scsi_commands.with_label_values(&[t, &l, k])),
+            duration: KINDS.map(|k| m.scsi_duration.with_label_values(&[t, &l, k])),
+            bytes: ["read", "write"].map(|d| m.scsi_bytes.with_label_values(&[t, &l, d])),
+            in_flight: m.scsi_in_flight.with_label_values(&[t, &l]),
+            target: target.clone(),
+            lun: l,
+        }
+    }
+
+    fn check_condition(&self, sense: &[u8]) {
+        const KEYS: [&str; 16] = [
+            "no_sense",
+            "recovered_error",
+            "not_ready",
+            "medium_error",
+            "hardware_error",
+            "illegal_request",
+            "unit_attention",
+            "data_protect",
+            "blank_check",
+            "vendor_specific",
+            "copy_aborted",
+            "aborted_command",
+            "reserved_c",
+            "volume_overflow",
+            "miscompare",
+            "reserved_f",
+        ];
+        let key = match sense.first().map(|b| b & 0x7f) {
+            Some(0x72 | 0x73) => sense.get(1).copied().unwrap_or(0) & 0x0f,
+            _ => sense.get(2).copied().unwrap_or(0) & 0x0f,
+        };
+        crate::metrics::metrics()
+            .scsi_check_conditions
+            .with_label_values(&[&*self.target, self.lun.as_str(), KEYS[usize::from(key)]])
+            .inc();
+    }
+}
+
+/// Counts an open connection while it lives.
+struct ConnCount;
+
+impl ConnCount {
+    fn new() -> Self {
+        crate::metrics::metrics().iscsi_connections.inc();
+        Self
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        crate::metrics::metrics().iscsi_connections.dec();
+    }
+}
+
+fn failure_reason(f: &tessera_proto::iscsi::login::LoginFailure) -> Option<&'static str> {
+    use tessera_proto::iscsi::login::LoginFailure as F;
+    Some(match f {
+        F::Authentication => "authentication",
+        F::Authorization => "authorization",
+        F::InitiatorError => "initiator_error",
+        F::MissingParameter => "missing_parameter",
+        F::NotFound => "target_not_found",
+        F::Redirected => return None,
+        F::SessionDoesNotExist => "session_does_not_exist",
+        F::SessionType => "session_type",
+        F::Version => "version",
+    })
 }
 
 fn task_attr(a: u8) -> TaskAttr {
@@ -115,6 +208,8 @@ pub(super) async fn serve(
         }
     };
     let _ = stream.set_nodelay(true);
+    let _counted = ConnCount::new();
+    let (mut digest_seen, mut rejects_seen) = (0u64, 0u64);
     let mut challenge = [0u8; 16];
     rand::thread_rng().fill(&mut challenge);
     let cfg = ConnConfig {
@@ -199,6 +294,8 @@ pub(super) async fn serve(
                             target,
                             nexus,
                             registration,
+                            target_name: te.name.as_str().into(),
+                            lun_metrics: Default::default(),
                         });
                     }
                     Event::Command(c) => {
@@ -224,7 +321,15 @@ pub(super) async fn serve(
                     Event::Close(why) => {
                         match &why {
                             CloseReason::Logout => debug!(%peer, "logout"),
-                            CloseReason::LoginFailed(f) => info!(%peer, "login failed: {f}"),
+                            CloseReason::LoginFailed(f) => {
+                                info!(%peer, "login failed: {f}");
+                                if let Some(r) = failure_reason(f) {
+                                    crate::metrics::metrics()
+                                        .iscsi_login_failures
+                                        .with_label_values(&[r])
+                                        .inc();
+                                }
+                            }
                             other => info!(%peer, "closing connection: {other:?}"),
                         }
                         closing = true;
@@ -301,6 +406,13 @@ pub(super) async fn serve(
                             if rbuf.len() >= 4 << 20 { break; }
                         }
                         conn.handle_input(&mut rbuf, Instant::now());
+                        let st = conn.stats();
+                        if st.digest_errors > digest_seen || st.rejects > rejects_seen {
+                            let m = crate::metrics::metrics();
+                            m.iscsi_digest_errors.inc_by(st.digest_errors - digest_seen);
+                            m.iscsi_rejects.inc_by(st.rejects - rejects_seen);
+                            (digest_seen, rejects_seen) = (st.digest_errors, st.rejects);
+                        }
                         if eof {
                             debug!(%peer, "peer closed the connection");
                             break 'outer;
@@ -347,6 +459,20 @@ fn command_future(
     let nexus = s.nexus.clone();
     let itt = c.itt;
     let lun = c.lun;
+    let lm = s
+        .lun_metrics
+        .borrow_mut()
+        .entry(lun)
+        .or_insert_with(|| Rc::new(LunMetrics::new(&s.target_name, Target::decode_lun(lun))))
+        .clone();
+    let kind = match c.cdb.first().copied().unwrap_or(0) {
+        0x08 | 0x28 | 0xa8 | 0x88 => 0, // READ (6/10/12/16)
+        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0x8e | 0x89 => 1, // WRITE, WRITE AND VERIFY, COMPARE AND WRITE
+        _ => 2,
+    };
+    let written = c.data.len() as u64;
+    let started = Instant::now();
+    lm.in_flight.inc();
     let cmd = ScsiCommand {
         cdb: c.cdb,
         data_out: c.data,
@@ -360,6 +486,18 @@ fn command_future(
         Abortable::new(
             async move {
                 let r = target.execute(&nexus, lun, &cmd).await;
+                lm.in_flight.dec();
+                lm.commands[kind].inc();
+                lm.duration[kind].observe(started.elapsed().as_secs_f64());
+                if written > 0 {
+                    lm.bytes[1].inc_by(written);
+                }
+                if !r.data_in.is_empty() {
+                    lm.bytes[0].inc_by(r.data_in.len() as u64);
+                }
+                if r.status == 0x02 {
+                    lm.check_condition(r.sense.as_deref().unwrap_or(&[]));
+                }
                 Completion {
                     status: r.status,
                     sense: r.sense,

@@ -394,6 +394,15 @@ fn flush_all(gw: &Gateway) {
 /// Bind the portals and start the workers.
 pub fn start(gw: Gateway) -> anyhow::Result<Running> {
     let gw = Arc::new(gw);
+    if let Some(addr) = gw.cfg.metrics {
+        crate::metrics::serve(addr)?;
+        let weak = Arc::downgrade(&gw);
+        crate::metrics::set_refresh(move || {
+            if let Some(gw) = weak.upgrade() {
+                refresh_metrics(&gw);
+            }
+        });
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut threads = Vec::new();
     if let Some(cl) = gw.cfg.cluster.clone() {
@@ -496,6 +505,57 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
 
 /// Background work of the erasure-coded volumes: checks after an unclean stop, nodes catching
 /// up, repairs, clearing the write-intent log.
+/// Bring what the volumes and the session registry keep into the metrics (at each scrape).
+fn refresh_metrics(gw: &Gateway) {
+    use crate::metrics::catch_up;
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = crate::metrics::metrics();
+    m.iscsi_sessions.set(gw.sessions.len() as i64);
+    let vols = gw.volumes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if gw.cfg.cluster.is_some() {
+        m.cluster_volumes_owned.set(vols.len() as i64);
+    }
+    for v in &vols {
+        let name = v.spec().name.as_str();
+        let st = v.stats();
+        for (event, c) in [
+            ("degraded_read", &st.degraded_reads),
+            ("repaired_fragment", &st.repaired_fragments),
+            ("checksum_error", &st.checksum_errors),
+            ("rolled_forward", &st.rolled_forward),
+            ("rolled_back", &st.rolled_back),
+            ("degraded_write", &st.degraded_writes),
+        ] {
+            catch_up(
+                &m.volume_events.with_label_values(&[name, event]),
+                c.load(Relaxed),
+            );
+        }
+        m.volume_epoch
+            .with_label_values(&[name])
+            .set(v.epoch() as i64);
+        m.volume_fenced
+            .with_label_values(&[name])
+            .set(i64::from(v.is_fenced()));
+        let p = v.fill_progress();
+        m.rebuild_active
+            .with_label_values(&[name])
+            .set(i64::from(p.is_some_and(|p| !p.finished)));
+        if let Some(p) = p {
+            m.rebuild_stripes
+                .with_label_values(&[name])
+                .set(p.stripes as i64);
+            m.rebuild_done_stripes
+                .with_label_values(&[name])
+                .set(p.done as i64);
+            m.rebuild_written_bytes
+                .with_label_values(&[name])
+                .set(p.bytes as i64);
+            m.rebuild_rate.with_label_values(&[name]).set(p.rate);
+        }
+    }
+}
+
 fn maintenance(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
