@@ -294,6 +294,34 @@ impl Demo {
             .collect()
     }
 
+    /// Run `tessera ARGS` against the demo's cluster (`TESSERA_ETCD` set): whether it
+    /// succeeded, and what it printed (stdout, then stderr).
+    pub fn tessera(&self, args: &[&str]) -> (bool, String) {
+        let out = run(
+            Command::new(tessera_bin())
+                .args(args)
+                .env("TESSERA_ETCD", self.etcd()),
+            Duration::from_secs(60),
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Counter `key` of storage node `i` (`tessera node stats`).
+    pub fn node_stat(&self, i: usize, key: &str) -> u64 {
+        let out = &self.node_cmd("stats")[i];
+        let t = String::from_utf8_lossy(&out.stdout);
+        t.split_whitespace()
+            .skip_while(|w| *w != key)
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {t}"))
+    }
+
     /// Send SIGTERM and wait for a clean exit; returns whether it exited with success.
     pub fn stop(mut self) -> bool {
         let ok = self.terminate();
@@ -437,6 +465,32 @@ impl Drop for Gateway {
 }
 
 /// Disk images through `qemu-img` (raw files against `iscsi://` URLs).
+/// A process a test started; SIGKILLed (by PID) and reaped when dropped.
+pub struct Started(pub Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The guest harness (`GUEST_DIR`, default `../shared/tools/guest`).
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/guest")
+        })
+}
+
+/// The guest harness's build cache (`GUEST_CACHE`, default `build/guest-cache`).
+pub fn guest_cache() -> PathBuf {
+    std::env::var_os("GUEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/guest-cache"))
+}
+
 pub mod images {
     use std::io::Write;
     use std::path::Path;

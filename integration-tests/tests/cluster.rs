@@ -8,21 +8,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tessera_integration_tests::images::{compare, convert, random_file};
+use tessera_integration_tests::Started;
 use tessera_integration_tests::{require_tool, run, tessera_bin, Demo};
 
 fn tessera(demo: &Demo, args: &[&str]) -> (bool, String) {
-    let out = run(
-        Command::new(tessera_bin())
-            .args(args)
-            .env("TESSERA_ETCD", demo.etcd()),
-        Duration::from_secs(60),
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    demo.tessera(args)
 }
 
 /// Wait until `tessera ARGS` prints something `pred` accepts.
@@ -231,16 +221,6 @@ fn admin_commands_say_where_the_cluster_is_missing() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("etcd"), "{err}");
-}
-
-/// A process the test started; SIGKILLed by PID when dropped.
-struct Started(std::process::Child);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

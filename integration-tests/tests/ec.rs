@@ -35,13 +35,7 @@ fn scrub_all(demo: &Demo) -> Vec<(u64, u64)> {
 }
 
 fn node_stat(demo: &Demo, i: usize, key: &str) -> u64 {
-    let out = &demo.node_cmd("stats")[i];
-    let t = String::from_utf8_lossy(&out.stdout);
-    t.split_whitespace()
-        .skip_while(|w| *w != key)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {t}"))
+    demo.node_stat(i, key)
 }
 
 fn seed() -> u64 {

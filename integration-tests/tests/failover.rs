@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tessera_cluster::process::{free_port, Etcd, Member};
 use tessera_cluster::{Cluster, OwnerRecord};
 use tessera_integration_tests::initiator::{Outcome, Session};
+use tessera_integration_tests::Started;
 use tessera_integration_tests::{tessera_bin, Gateway};
 
 const TARGET: &str = "iqn.2024-01.io.tessera:cluster";
@@ -30,16 +31,6 @@ const REGION_LEN: u64 = 1024;
 const GOOD_AFTER: Duration = Duration::from_secs(3);
 /// Retryable answers are retried this long in the phases where none is expected.
 const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A process the test started; SIGKILLed by PID when dropped.
-struct Started(Child);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x << 13;

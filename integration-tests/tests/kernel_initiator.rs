@@ -4,25 +4,11 @@
 //! Needs the guest built (`make guest-build`); `GUEST_DIR` and `GUEST_CACHE` point at the
 //! harness and its cache (the Makefile sets both).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use tessera_integration_tests::{guest_cache, guest_dir};
 use tessera_integration_tests::{require_tool, run, Demo};
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/guest")
-        })
-}
-
-fn guest_cache() -> PathBuf {
-    std::env::var_os("GUEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/guest-cache"))
-}
 
 fn guest(demo: &Demo, test: &str, settings: &[String]) {
     require_tool("qemu-system-x86_64", "qemu-system-x86");

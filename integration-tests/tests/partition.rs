@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use tessera_cluster::process::{free_port, Etcd};
 use tessera_cluster::Cluster;
 use tessera_integration_tests::initiator::{Outcome, Session};
+use tessera_integration_tests::Started;
 use tessera_integration_tests::{tessera_bin, Gateway};
 
 const TARGET: &str = "iqn.2024-01.io.tessera:cluster";
@@ -36,15 +37,6 @@ const BS: usize = 512;
 const BLOCKS: u64 = 2048;
 /// Gateway 2's client writes the first half after the takeover.
 const TAKEN: u64 = 1024;
-
-struct Started(Child);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");

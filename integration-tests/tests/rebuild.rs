@@ -7,25 +7,13 @@
 //!   with progress in `tessera status`; afterwards two more nodes can go and every byte still
 //!   reads back.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tessera_integration_tests::images::{compare, convert, random_file};
-use tessera_integration_tests::{require_tool, run, tessera_bin, Demo};
+use tessera_integration_tests::{require_tool, Demo};
 
 fn tessera(demo: &Demo, args: &[&str]) -> (bool, String) {
-    let out = run(
-        Command::new(tessera_bin())
-            .args(args)
-            .env("TESSERA_ETCD", demo.etcd()),
-        Duration::from_secs(60),
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    demo.tessera(args)
 }
 
 fn status(demo: &Demo) -> String {
@@ -35,13 +23,7 @@ fn status(demo: &Demo) -> String {
 }
 
 fn node_stat(demo: &Demo, i: usize, key: &str) -> u64 {
-    let out = &demo.node_cmd("stats")[i];
-    let t = String::from_utf8_lossy(&out.stdout);
-    t.split_whitespace()
-        .skip_while(|w| *w != key)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {t}"))
+    demo.node_stat(i, key)
 }
 
 /// Wait until the gateway logs `line` once more than `before` times.

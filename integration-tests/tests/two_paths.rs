@@ -12,39 +12,18 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tessera_cluster::process::{free_port, Etcd};
 use tessera_cluster::Cluster;
+use tessera_integration_tests::Started;
+use tessera_integration_tests::{guest_cache, guest_dir};
 use tessera_integration_tests::{require_tool, tessera_bin, Gateway};
 
 const TARGET: &str = "iqn.2024-01.io.tessera:cluster";
 const MARK: &str = "TWO-PATHS-KILL-OWNER";
-
-struct Started(Child);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/guest")
-        })
-}
-
-fn guest_cache() -> PathBuf {
-    std::env::var_os("GUEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/guest-cache"))
-}
 
 #[test]
 fn two_sessions_through_two_gateways_survive_the_owners_death() {

@@ -556,13 +556,28 @@ impl Cluster {
 
     /// The states operators set, by node id (nodes without one are up).
     pub async fn node_states(&self) -> Result<std::collections::HashMap<String, NodeState>> {
-        let prefix = self.key("node-states/");
-        let mut out = std::collections::HashMap::new();
-        for (k, v) in self.get_prefix("node-states/").await? {
-            let id = String::from_utf8_lossy(&k[prefix.len().min(k.len())..]).into_owned();
-            out.insert(id, decode(&k, &v)?);
-        }
-        Ok(out)
+        Ok(self
+            .by_name("node-states/", decode)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    /// Every key under `rest`, as (the rest of its name, its value parsed by `parse`).
+    async fn by_name<T>(
+        &self,
+        rest: &str,
+        parse: impl Fn(&[u8], &[u8]) -> Result<T>,
+    ) -> Result<Vec<(String, T)>> {
+        let prefix = self.key(rest);
+        self.get_prefix(rest)
+            .await?
+            .iter()
+            .map(|(k, v)| {
+                let name = String::from_utf8_lossy(&k[prefix.len().min(k.len())..]).into_owned();
+                Ok((name, parse(k, v)?))
+            })
+            .collect()
     }
 
     /// Set a node's state (`draining`: move its data elsewhere now; `out`: the same, and
@@ -608,13 +623,11 @@ impl Cluster {
 
     /// Nodes recorded absent, with since when.
     pub async fn absent(&self) -> Result<std::collections::HashMap<String, u64>> {
-        let prefix = self.key("absent/");
-        let mut out = std::collections::HashMap::new();
-        for (k, v) in self.get_prefix("absent/").await? {
-            let id = String::from_utf8_lossy(&k[prefix.len().min(k.len())..]).into_owned();
-            out.insert(id, parse_u64(&k, &v)?);
-        }
-        Ok(out)
+        Ok(self
+            .by_name("absent/", parse_u64)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// The cluster-wide settings (defaults where unset).
@@ -709,16 +722,12 @@ impl Cluster {
     /// The initiators with sessions to the cluster target, by gateway (gateways without
     /// sessions are left out).
     pub async fn sessions(&self) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
-        let prefix = self.key("sessions/");
-        let mut out = std::collections::BTreeMap::new();
-        for (k, v) in self.get_prefix("sessions/").await? {
-            let id = String::from_utf8_lossy(&k[prefix.len().min(k.len())..]).into_owned();
-            let list: Vec<String> = decode(&k, &v)?;
-            if !list.is_empty() {
-                out.insert(id, list);
-            }
-        }
-        Ok(out)
+        Ok(self
+            .by_name("sessions/", decode::<Vec<String>>)
+            .await?
+            .into_iter()
+            .filter(|(_, list)| !list.is_empty())
+            .collect())
     }
 
     /// Every live gateway, by id.
