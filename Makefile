@@ -21,7 +21,7 @@ DESTDIR      ?=
 DEB_PACKAGES := build-essential pkg-config libiscsi-bin qemu-utils qemu-block-extra tgt istgt \
                 socat cpio xz-utils zstd kmod iproute2 procps qemu-system-x86 open-iscsi \
                 nvme-cli e2fsprogs fio busybox-static python3 clang etcd-server protobuf-compiler \
-                systemd
+                systemd prometheus
 
 export CARGO_TERM_COLOR = never
 

@@ -42,6 +42,41 @@ pub fn require_tool(tool: &str, package: &str) {
     );
 }
 
+/// `GET path` from the HTTP server at `addr` (`ip:port`), HTTP/1.0: the status code and
+/// the body. Panics on a connection failure.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let a: SocketAddr = addr.parse().expect("an ip:port address");
+    let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .unwrap_or_else(|e| panic!("reading from {addr}: {e}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP answer from {addr}: {text}"));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head}"));
+    (code, body.to_string())
+}
+
+/// `s` percent-encoded for a URL query value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -464,7 +499,6 @@ impl Drop for Gateway {
     }
 }
 
-/// Disk images through `qemu-img` (raw files against `iscsi://` URLs).
 /// A process a test started; SIGKILLed (by PID) and reaped when dropped.
 pub struct Started(pub Child);
 
@@ -491,6 +525,7 @@ pub fn guest_cache() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/guest-cache"))
 }
 
+/// Disk images through `qemu-img` (raw files against `iscsi://` URLs).
 pub mod images {
     use std::io::Write;
     use std::path::Path;

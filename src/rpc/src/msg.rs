@@ -69,6 +69,25 @@ impl Op {
     /// Write ranges of fragments on their newest copies and return the bytes they replaced
     /// (a data chunk's part of a small write: the old bytes give the parity delta).
     pub const SWAP: Op = Op(12);
+
+    /// A short lowercase name (for logs and metric labels); `unknown` for an unknown code.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::HELLO => "hello",
+            Op::WRITE => "write",
+            Op::READ => "read",
+            Op::VERSIONS => "versions",
+            Op::REVERT => "revert",
+            Op::TRIM => "trim",
+            Op::STATS => "stats",
+            Op::EPOCH => "epoch",
+            Op::SCRUB => "scrub",
+            Op::PUT_BLOB => "put_blob",
+            Op::GET_BLOB => "get_blob",
+            Op::SWAP => "swap",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Outcome codes, per frame and per item.

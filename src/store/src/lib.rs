@@ -14,8 +14,8 @@ pub mod uring;
 pub use buf::{AlignedBuf, BufWith, IoBuf, IoBufMut};
 pub use file::{DirectMode, FileDevice, FileOptions, IoPath, OpenError};
 pub use uring::{
-    BufResult, EngineConfig, EngineError, EngineMode, EngineStats, FallocateMode, FlushPolicy,
-    RwFlags, SharedFd, Uring,
+    engine_totals, BufResult, EngineConfig, EngineError, EngineMode, EngineStats, EngineTotals,
+    FallocateMode, FlushPolicy, RwFlags, SharedFd, Uring,
 };
 
 #[cfg(test)]

@@ -61,6 +61,31 @@ pub struct Metrics {
     pub cluster_lease_age: Gauge,
     /// Volumes this gateway owns.
     pub cluster_volumes_owned: IntGauge,
+    /// 1 while the gateway's last exchange with etcd (a lease renewal) is recent.
+    pub cluster_etcd_reachable: IntGauge,
+    /// PGs with a position on a node that may lack writes, by volume.
+    pub volume_degraded_pgs: IntGaugeVec,
+    /// PGs with a position being rebuilt onto a new node, by volume.
+    pub volume_rebuilding_pgs: IntGaugeVec,
+    /// Nodes of the volume that may lack writes.
+    pub volume_stale_nodes: IntGaugeVec,
+    /// Stripes with a damaged or missing fragment waiting to be rewritten.
+    pub volume_repair_stripes: IntGaugeVec,
+    /// Gateway: fragment protocol calls to storage nodes, by node, operation and outcome.
+    pub fragment_requests: IntCounterVec,
+    /// Gateway: fragment protocol call latency, by node and operation.
+    pub fragment_request_duration: HistogramVec,
+    /// io_uring operations submitted, completed, `io_uring_enter` calls, synchronous
+    /// fallbacks (process-wide, read at scrape).
+    pub uring_submissions: IntCounter,
+    /// See `uring_submissions`.
+    pub uring_completions: IntCounter,
+    /// See `uring_submissions`.
+    pub uring_enters: IntCounter,
+    /// See `uring_submissions`.
+    pub uring_sync_ops: IntCounter,
+    /// io_uring operations submitted and not yet completed (the rings' queue depth).
+    pub uring_in_flight: IntGauge,
     /// Storage node: fragment requests served, by operation.
     pub node_requests: IntCounterVec,
     /// Storage node: fragment request latency, by operation.
@@ -224,6 +249,66 @@ impl Metrics {
                 "tessera_cluster_volumes_owned",
                 "Volumes this gateway owns.",
             ),
+            cluster_etcd_reachable: int_gauge(
+                "tessera_cluster_etcd_reachable",
+                "1 while the gateway's last lease renewal with etcd is recent (within two renewal intervals).",
+            ),
+            volume_degraded_pgs: gauge_vec(
+                &r,
+                "tessera_volume_degraded_pgs",
+                "PGs with a fragment position on a node that may lack writes (it missed some while away).",
+                &["volume"],
+            ),
+            volume_rebuilding_pgs: gauge_vec(
+                &r,
+                "tessera_volume_rebuilding_pgs",
+                "PGs with a fragment position being rebuilt onto a node new to it.",
+                &["volume"],
+            ),
+            volume_stale_nodes: gauge_vec(
+                &r,
+                "tessera_volume_stale_nodes",
+                "Storage nodes of the volume that may lack writes.",
+                &["volume"],
+            ),
+            volume_repair_stripes: gauge_vec(
+                &r,
+                "tessera_volume_repair_stripes",
+                "Stripes with a damaged or missing fragment waiting to be rewritten.",
+                &["volume"],
+            ),
+            fragment_requests: counter_vec(
+                &r,
+                "tessera_fragment_requests_total",
+                "Fragment protocol calls from this gateway to storage nodes, by outcome (ok, unreachable, timeout, stale_epoch, refused, malformed).",
+                &["node", "op", "outcome"],
+            ),
+            fragment_request_duration: histogram_vec(
+                &r,
+                "tessera_fragment_request_duration_seconds",
+                "Time from sending a fragment protocol call to a storage node to its answer.",
+                &["node", "op"],
+            ),
+            uring_submissions: int_counter(
+                "tessera_uring_submissions_total",
+                "Operations queued to the process's io_uring rings.",
+            ),
+            uring_completions: int_counter(
+                "tessera_uring_completions_total",
+                "Completions reaped from the process's io_uring rings.",
+            ),
+            uring_enters: int_counter(
+                "tessera_uring_enters_total",
+                "io_uring_enter system calls made to submit or to reap.",
+            ),
+            uring_sync_ops: int_counter(
+                "tessera_uring_sync_operations_total",
+                "Disk operations done as plain system calls (no ring, or the synchronous fallback).",
+            ),
+            uring_in_flight: int_gauge(
+                "tessera_uring_operations_in_flight",
+                "io_uring operations submitted and not yet completed (the rings' queue depth).",
+            ),
             node_requests: counter_vec(
                 &r,
                 "tessera_node_requests_total",
@@ -257,6 +342,12 @@ impl Metrics {
         if let Some(f) = REFRESH.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             f();
         }
+        let t = tessera_store::engine_totals();
+        catch_up(&self.uring_submissions, t.submitted);
+        catch_up(&self.uring_completions, t.completed);
+        catch_up(&self.uring_enters, t.enters);
+        catch_up(&self.uring_sync_ops, t.sync_ops);
+        self.uring_in_flight.set(t.in_flight() as i64);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             warn!("encoding metrics: {e}");
@@ -270,6 +361,60 @@ pub fn catch_up(c: &IntCounter, v: u64) {
     let cur = c.get();
     if v > cur {
         c.inc_by(v - cur);
+    }
+}
+
+/// Counts and times the gateway's calls to storage nodes ([`Metrics::fragment_requests`],
+/// [`Metrics::fragment_request_duration`]). Label lookups are cached per thread.
+pub struct FragmentCalls;
+
+type CallHandles = (prometheus::Histogram, IntCounter);
+
+thread_local! {
+    static CALLS: std::cell::RefCell<std::collections::HashMap<(SocketAddr, u8), CallHandles>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn outcome(e: &tessera_rpc::CallError) -> &'static str {
+    use tessera_rpc::CallError as E;
+    match e {
+        E::Unreachable { .. } => "unreachable",
+        E::Timeout(_) => "timeout",
+        E::StaleEpoch { .. } => "stale_epoch",
+        E::Status { .. } => "refused",
+        E::Protocol { .. } => "malformed",
+    }
+}
+
+impl tessera_volume::nodes::CallObserver for FragmentCalls {
+    fn observe(
+        &self,
+        addr: SocketAddr,
+        op: tessera_rpc::Op,
+        elapsed: std::time::Duration,
+        result: Result<(), &tessera_rpc::CallError>,
+    ) {
+        let m = metrics();
+        CALLS.with(|c| {
+            let mut c = c.borrow_mut();
+            let (h, ok) = c.entry((addr, op.0)).or_insert_with(|| {
+                let node = addr.to_string();
+                (
+                    m.fragment_request_duration
+                        .with_label_values(&[node.as_str(), op.name()]),
+                    m.fragment_requests
+                        .with_label_values(&[node.as_str(), op.name(), "ok"]),
+                )
+            });
+            h.observe(elapsed.as_secs_f64());
+            match result {
+                Ok(()) => ok.inc(),
+                Err(e) => m
+                    .fragment_requests
+                    .with_label_values(&[addr.to_string().as_str(), op.name(), outcome(e)])
+                    .inc(),
+            }
+        });
     }
 }
 
@@ -326,6 +471,29 @@ pub fn serve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_readme_lists_every_metric() {
+        let src = include_str!("metrics.rs");
+        let readme = include_str!("../../../README.md");
+        let mut names: Vec<&str> = src
+            .split('"')
+            .filter(|w| {
+                w.starts_with("tessera_")
+                    && w.len() > 8
+                    && w.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    && !w.ends_with("_bucket")
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 30, "{names:?}");
+        let missing: Vec<&&str> = names
+            .iter()
+            .filter(|n| !readme.contains(&format!("`{n}`")))
+            .collect();
+        assert!(missing.is_empty(), "README lacks {missing:?}");
+    }
 
     #[test]
     fn the_exposition_names_every_family_and_serves_over_http() {

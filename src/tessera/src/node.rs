@@ -240,29 +240,12 @@ fn call(addr: SocketAddr, req: Request, timeout: Duration) -> anyhow::Result<Res
 /// The node's request handler, counted and timed per operation for `/metrics`.
 struct Metered(NodeHandler);
 
-fn op_name(req: &Request) -> &'static str {
-    match req {
-        Request::Hello { .. } => "hello",
-        Request::Write { .. } => "write",
-        Request::Swap { .. } => "swap",
-        Request::Read { .. } => "read",
-        Request::Versions { .. } => "versions",
-        Request::Revert { .. } => "revert",
-        Request::Trim { .. } => "trim",
-        Request::Stats => "stats",
-        Request::Epoch { .. } => "epoch",
-        Request::Scrub => "scrub",
-        Request::PutBlob { .. } => "put_blob",
-        Request::GetBlob { .. } => "get_blob",
-    }
-}
-
 impl tessera_rpc::Handler for Metered {
     fn handle(
         &self,
         req: Request,
     ) -> tessera_rpc::server::LocalFuture<Result<Response, tessera_rpc::Refusal>> {
-        let op = op_name(&req);
+        let op = req.op().name();
         let started = std::time::Instant::now();
         let f = self.0.handle(req);
         Box::pin(async move {

@@ -17,7 +17,8 @@ pub mod testing;
 mod volume;
 
 pub use volume::{
-    EcVolume, OpenError, ScrubStats, VolumeSpec, VolumeStats, BLOB_INTENT, CLEAR_AFTER,
+    EcVolume, FillProgress, Health, OpenError, ScrubStats, VolumeSpec, VolumeStats, BLOB_INTENT,
+    CLEAR_AFTER,
 };
 
 #[cfg(test)]

@@ -5,10 +5,11 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tessera_proto::block::LocalBoxFuture;
-use tessera_rpc::{CallError, Client, Request, Response};
+use tessera_rpc::{CallError, Client, Op, Request, Response};
 
 /// One node, as seen from one thread.
 pub trait NodeIo: 'static {
@@ -24,12 +25,30 @@ pub trait Connector: Send + Sync + 'static {
     fn nodes(&self) -> usize;
 }
 
+/// Told of every call made through an [`RpcConnector`] (for metrics): the node, the
+/// operation, how long the answer took and whether the call failed. Called on the I/O
+/// threads: keep it to atomics.
+pub trait CallObserver: Send + Sync + 'static {
+    /// One finished call.
+    fn observe(&self, addr: SocketAddr, op: Op, elapsed: Duration, result: Result<(), &CallError>);
+}
+
 /// Nodes reached over TCP with the fragment protocol. The list only grows ([`RpcConnector::push`]):
 /// a volume's indices stay valid when its map later names new nodes.
-#[derive(Debug)]
 pub struct RpcConnector {
     addrs: std::sync::RwLock<Vec<SocketAddr>>,
     timeout: Duration,
+    observer: Option<Arc<dyn CallObserver>>,
+}
+
+impl std::fmt::Debug for RpcConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcConnector")
+            .field("addrs", &self.addrs)
+            .field("timeout", &self.timeout)
+            .field("observed", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl RpcConnector {
@@ -38,7 +57,14 @@ impl RpcConnector {
         Self {
             addrs: std::sync::RwLock::new(addrs),
             timeout,
+            observer: None,
         }
+    }
+
+    /// Tell `observer` of every call.
+    pub fn observed(mut self, observer: Arc<dyn CallObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Add a node; returns its index.
@@ -58,10 +84,29 @@ impl NodeIo for ClientIo {
     }
 }
 
+struct ObservedIo(Client, Arc<dyn CallObserver>);
+
+impl NodeIo for ObservedIo {
+    fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Response, CallError>> {
+        let (c, o) = (self.0.clone(), self.1.clone());
+        Box::pin(async move {
+            let op = req.op();
+            let started = Instant::now();
+            let r = c.call(&req).await;
+            o.observe(c.addr(), op, started.elapsed(), r.as_ref().map(|_| ()));
+            r
+        })
+    }
+}
+
 impl Connector for RpcConnector {
     fn connect(&self, node: usize) -> Rc<dyn NodeIo> {
         let addr = self.addrs.read().expect("connector poisoned")[node];
-        Rc::new(ClientIo(Client::new(addr, self.timeout)))
+        let client = Client::new(addr, self.timeout);
+        match &self.observer {
+            Some(o) => Rc::new(ObservedIo(client, o.clone())),
+            None => Rc::new(ClientIo(client)),
+        }
     }
     fn nodes(&self) -> usize {
         self.addrs.read().expect("connector poisoned").len()

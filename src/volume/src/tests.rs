@@ -178,6 +178,9 @@ fn losing_m_nodes_loses_nothing_and_stale_nodes_catch_up() {
         let mut model = data.clone();
         model[100 * 1024..400 * 1024].copy_from_slice(&d2);
         assert_eq!(read(&v, 0, 2 << 20).await, model);
+        let h = v.health();
+        assert_eq!(h.stale_nodes, 1, "{h:?}");
+        assert!(h.degraded_pgs > 0 && h.rebuilding_pgs == 0, "{h:?}");
         // Two down: no quorum, the write is refused as retryable.
         s.nodes.set_down(3, true);
         let e = write(&v, 0, &pattern(9, 4096)).await.unwrap_err();
@@ -189,6 +192,7 @@ fn losing_m_nodes_loses_nothing_and_stale_nodes_catch_up() {
         // Node 2 comes back: it is brought up to date.
         s.nodes.set_down(2, false);
         settle(&v).await;
+        assert_eq!(v.health(), crate::Health::default(), "caught up");
         let sc = v.scrub().await;
         assert_eq!((sc.inconsistent, sc.parity_mismatches), (0, 0), "{sc:?}");
         // Now lose two others: node 2's fragments are current.
@@ -690,11 +694,18 @@ fn a_lost_node_is_rebuilt_elsewhere_and_then_m_more_losses_cost_nothing() {
         model[300 * 1024..400 * 1024].copy_from_slice(&d);
         let p = v.fill_progress().expect("a fill is in progress");
         assert_eq!((p.generation, p.finished), (2, false));
+        let h = v.health();
+        let held = s.spec.map.iter().filter(|r| r.contains(&3)).count();
+        assert!(
+            h.rebuilding_pgs >= held && held > 0,
+            "{held} PGs held node 3: {h:?}"
+        );
         settle(&v).await;
         let p = v.fill_progress().unwrap();
         assert!(p.finished && p.done == p.stripes, "{p:?}");
         assert!(p.bytes >= 4096 * lost as u64, "{p:?}");
         assert!(v.filling().is_empty());
+        assert_eq!(v.health().rebuilding_pgs, 0);
         let sc = v.scrub().await;
         assert_eq!((sc.inconsistent, sc.parity_mismatches), (0, 0), "{sc:?}");
         // Two more nodes of the new map lost: everything still reads back.

@@ -201,6 +201,19 @@ struct Fill {
     active: bool,
 }
 
+/// What a volume has to mend, at a glance (for metrics and status).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Health {
+    /// PGs with a position on a node that may lack writes (it missed some while away).
+    pub degraded_pgs: usize,
+    /// PGs with a position being filled onto a node new to it.
+    pub rebuilding_pgs: usize,
+    /// Nodes that may lack writes.
+    pub stale_nodes: usize,
+    /// Stripes with a damaged or missing fragment waiting to be rewritten.
+    pub repair_stripes: usize,
+}
+
 /// How far a fill (a rebuild onto replacement nodes, or a rebalance) has come.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FillProgress {
@@ -510,6 +523,24 @@ impl EcVolume {
             st.repair.len(),
             st.dirty.len(),
         )
+    }
+
+    /// What the volume has to mend now.
+    pub fn health(&self) -> Health {
+        let l = self.layout();
+        let st = self.sh.state.lock().expect("volume state poisoned");
+        let stale: Vec<bool> = st.stale.iter().map(|s| !s.is_empty()).collect();
+        let degraded_pgs = l
+            .map
+            .iter()
+            .filter(|row| row.iter().any(|&n| stale.get(n).copied().unwrap_or(false)))
+            .count();
+        Health {
+            degraded_pgs,
+            rebuilding_pgs: l.filling.values().filter(|p| !p.is_empty()).count(),
+            stale_nodes: stale.iter().filter(|&&s| s).count(),
+            repair_stripes: st.repair.len(),
+        }
     }
 
     fn ctx(&self) -> VolumeCtx {

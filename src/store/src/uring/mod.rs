@@ -66,7 +66,7 @@ use std::ops::BitOr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -263,6 +263,46 @@ pub struct EngineStats {
     pub sync_ops: u64,
     /// The most operations in flight at once.
     pub max_in_flight: usize,
+}
+
+/// Counters of every engine in the process together (for metrics): each thread's engine adds
+/// to them as it goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EngineTotals {
+    /// Operations queued to a ring.
+    pub submitted: u64,
+    /// Completions reaped from a ring.
+    pub completed: u64,
+    /// `io_uring_enter` calls.
+    pub enters: u64,
+    /// Operations performed as synchronous syscalls.
+    pub sync_ops: u64,
+}
+
+impl EngineTotals {
+    /// Operations queued or in the kernel, not yet completed.
+    pub fn in_flight(&self) -> u64 {
+        self.submitted.saturating_sub(self.completed)
+    }
+}
+
+static TOTAL_SUBMITTED: AtomicU64 = AtomicU64::new(0);
+static TOTAL_COMPLETED: AtomicU64 = AtomicU64::new(0);
+static TOTAL_ENTERS: AtomicU64 = AtomicU64::new(0);
+static TOTAL_SYNC: AtomicU64 = AtomicU64::new(0);
+
+/// The counters of every engine of the process.
+pub fn engine_totals() -> EngineTotals {
+    // Completions first: a completion counted here was submitted before this read of
+    // `submitted`, so `in_flight` never goes negative.
+    let completed = TOTAL_COMPLETED.load(Ordering::Relaxed);
+    EngineTotals {
+        submitted: TOTAL_SUBMITTED.load(Ordering::Relaxed),
+        completed,
+        enters: TOTAL_ENTERS.load(Ordering::Relaxed),
+        sync_ops: TOTAL_SYNC.load(Ordering::Relaxed),
+    }
 }
 
 /// A handle to the calling thread's I/O engine. Cheap to clone; `!Send`.
@@ -666,6 +706,7 @@ struct Inner {
 impl Inner {
     fn count_sync(&self) {
         self.sync_ops.set(self.sync_ops.get() + 1);
+        TOTAL_SYNC.fetch_add(1, Ordering::Relaxed);
     }
 
     fn ring(&self) -> &RefCell<Ring> {
@@ -742,6 +783,7 @@ impl Ring {
                     .enter::<libc::sigset_t>(to_submit, 0, flags, None)
             };
             self.stats.enters += 1;
+            TOTAL_ENTERS.fetch_add(1, Ordering::Relaxed);
             match r {
                 Ok(n) => {
                     self.unsubmitted = self.unsubmitted.saturating_sub(n);
@@ -787,6 +829,7 @@ impl Ring {
             }
         }
         *in_flight -= n.min(*in_flight);
+        TOTAL_COMPLETED.fetch_add(n as u64, Ordering::Relaxed);
         if n > 0 {
             wakers.append(space_waiters);
         }
@@ -903,6 +946,7 @@ impl<T: 'static> Future for Op<T> {
                     ring.in_flight += 1;
                     ring.unsubmitted += 1;
                     ring.stats.ring_ops += 1;
+                    TOTAL_SUBMITTED.fetch_add(1, Ordering::Relaxed);
                     ring.stats.max_in_flight = ring.stats.max_in_flight.max(ring.in_flight);
                     match inner.flush {
                         FlushPolicy::Immediate => {

@@ -52,6 +52,7 @@ async fn roundtrip(ring: &Uring, fd: &SharedFd) {
 
 fn roundtrip_all(mode: EngineMode) {
     let Some(ring) = engine(mode) else { return };
+    let before = engine_totals();
     for shm in [false, true] {
         for direct in [false, true] {
             let dir = tmpdir(shm);
@@ -78,6 +79,21 @@ fn roundtrip_all(mode: EngineMode) {
         EngineMode::Sync => assert!(s.sync_ops > 0 && s.ring_ops == 0, "{s:?}"),
         _ => assert!(s.ring_ops > 0 && s.sync_ops == 0, "{s:?}"),
     }
+    // The process-wide totals count this thread's work too (other tests may add theirs).
+    let after = engine_totals();
+    assert!(
+        after.submitted - before.submitted >= s.ring_ops,
+        "{after:?} {s:?}"
+    );
+    assert!(
+        after.completed - before.completed >= s.ring_ops,
+        "{after:?} {s:?}"
+    );
+    assert!(
+        after.sync_ops - before.sync_ops >= s.sync_ops,
+        "{after:?} {s:?}"
+    );
+    assert!(after.enters - before.enters >= s.enters, "{after:?} {s:?}");
 }
 
 #[test]

@@ -482,6 +482,7 @@ async fn agent(
         };
         logged_down = false;
         crate::metrics::metrics().cluster_lease_held.set(1);
+        crate::metrics::metrics().cluster_etcd_reachable.set(1);
         // What was published went with the old lease.
         view.published = None;
         // Sessions from now on see this gateway's own target port.
@@ -532,6 +533,8 @@ async fn agent(
         // Stop writing well before the lease could expire unrenewed: a watchdog of its own, so
         // that nothing this loop waits for (etcd calls time out after seconds) can delay it.
         let fence_after = Duration::from_millis(cl.lease_ttl as u64 * 1000 * 2 / 3);
+        // How often the lease is renewed (as `Cluster::keep_alive_with` does it).
+        let renew_every = Duration::from_millis((cl.lease_ttl.max(1) as u64 * 1000 / 5).min(2000));
         let owned: Rc<std::cell::RefCell<Vec<tessera_volume::EcVolume>>> = Rc::new(
             std::cell::RefCell::new(view.exported.values().map(|e| e.volume.clone()).collect()),
         );
@@ -543,9 +546,10 @@ async fn agent(
                 loop {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     let quiet = at.get().elapsed();
-                    crate::metrics::metrics()
-                        .cluster_lease_age
-                        .set(quiet.as_secs_f64());
+                    let m = crate::metrics::metrics();
+                    m.cluster_lease_age.set(quiet.as_secs_f64());
+                    m.cluster_etcd_reachable
+                        .set(i64::from(quiet < renew_every * 2));
                     if quiet > fence_after {
                         let why = format!(
                             "lease not renewed for {:.1} s (TTL {ttl} s): stopping writes before another gateway can take over",
@@ -644,7 +648,9 @@ async fn agent(
         }
         campaign.abort();
         watchdog.abort();
-        crate::metrics::metrics().cluster_lease_held.set(0);
+        let m = crate::metrics::metrics();
+        m.cluster_lease_held.set(0);
+        m.cluster_etcd_reachable.set(0);
     }
     for (_, e) in view.exported.drain() {
         e.volume.close();
@@ -1080,10 +1086,10 @@ async fn open(
         node_names: map.nodes.iter().map(|n| n.id.clone()).collect(),
         epoch: Some(epoch),
     };
-    let connector = Arc::new(RpcConnector::new(
-        addrs,
-        Duration::from_millis(gw.cfg.node_timeout_ms),
-    ));
+    let connector = Arc::new(
+        RpcConnector::new(addrs, Duration::from_millis(gw.cfg.node_timeout_ms))
+            .observed(Arc::new(crate::metrics::FragmentCalls)),
+    );
     let index = map
         .nodes
         .iter()

@@ -106,11 +106,13 @@ fn open_ec(cfg: &Config, lun: &config::Lun) -> anyhow::Result<tessera_volume::Ec
         node_names: cfg.nodes.iter().map(|n| n.id.clone()).collect(),
         epoch: None,
     };
-    let connector: Arc<dyn tessera_volume::nodes::Connector> =
-        Arc::new(tessera_volume::nodes::RpcConnector::new(
+    let connector: Arc<dyn tessera_volume::nodes::Connector> = Arc::new(
+        tessera_volume::nodes::RpcConnector::new(
             cfg.nodes.iter().map(|n| n.address).collect(),
             Duration::from_millis(cfg.node_timeout_ms),
-        ));
+        )
+        .observed(Arc::new(crate::metrics::FragmentCalls)),
+    );
     std::thread::scope(|sc| {
         sc.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -503,8 +505,6 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
     })
 }
 
-/// Background work of the erasure-coded volumes: checks after an unclean stop, nodes catching
-/// up, repairs, clearing the write-intent log.
 /// Bring what the volumes and the session registry keep into the metrics (at each scrape).
 fn refresh_metrics(gw: &Gateway) {
     use crate::metrics::catch_up;
@@ -537,6 +537,15 @@ fn refresh_metrics(gw: &Gateway) {
         m.volume_fenced
             .with_label_values(&[name])
             .set(i64::from(v.is_fenced()));
+        let h = v.health();
+        for (g, n) in [
+            (&m.volume_degraded_pgs, h.degraded_pgs),
+            (&m.volume_rebuilding_pgs, h.rebuilding_pgs),
+            (&m.volume_stale_nodes, h.stale_nodes),
+            (&m.volume_repair_stripes, h.repair_stripes),
+        ] {
+            g.with_label_values(&[name]).set(n as i64);
+        }
         let p = v.fill_progress();
         m.rebuild_active
             .with_label_values(&[name])
@@ -556,6 +565,8 @@ fn refresh_metrics(gw: &Gateway) {
     }
 }
 
+/// Background work of the erasure-coded volumes: checks after an unclean stop, nodes catching
+/// up, repairs, clearing the write-intent log.
 fn maintenance(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
