@@ -132,6 +132,7 @@ install: build
 	done
 	install -m 0644 target-config/*.toml target-config/*.yml target-config/*.conf $(DESTDIR)/etc/tessera/examples/
 	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/tessera/
+	install -D -m 0644 grafana/tessera-dashboard.json $(DESTDIR)$(PREFIX)/share/tessera/grafana/tessera-dashboard.json
 
 # `make install` into a scratch root, and `systemd-analyze verify` of every installed unit
 # (the template as an instance) against the installed binary.
@@ -142,7 +143,7 @@ install-check: build
 	for f in usr/bin/tessera usr/lib/systemd/system/tessera-gateway.service \
 	    usr/lib/systemd/system/tessera-node@.service usr/lib/systemd/system/tessera-etcd.service \
 	    etc/tessera/examples/cluster-gateway.toml etc/tessera/examples/multipath.conf \
-	    usr/share/doc/tessera/README.md; do \
+	    usr/share/doc/tessera/README.md usr/share/tessera/grafana/tessera-dashboard.json; do \
 	  test -e $$root/$$f || { echo "install-check: $$f not installed"; exit 1; }; \
 	done; \
 	grep -q "^ExecStart=/usr/bin/tessera gateway" $$root/usr/lib/systemd/system/tessera-gateway.service || \

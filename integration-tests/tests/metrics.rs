@@ -438,5 +438,63 @@ fn a_prometheus_server_scrapes_the_gateway_and_a_node() {
     println!("write p99 {p99:?} s, fragment calls {rate:?}/s");
     assert!(p99.is_some_and(|v| v > 0.0), "no write latency quantile");
     assert!(rate.is_some_and(|v| v > 0.0), "no fragment call rate");
+
+    // The Grafana dashboard's every query is valid PromQL on these series, and the core
+    // panels show data.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana/tessera-dashboard.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut with_data = Vec::new();
+    let mut queries = 0;
+    for p in dash["panels"].as_array().expect("panels") {
+        let title = p["title"].as_str().unwrap_or("");
+        for t in p["targets"].as_array().cloned().unwrap_or_default() {
+            let expr = t["expr"].as_str().expect("a PromQL expression");
+            for name in expr.split(|c: char| !(c.is_ascii_lowercase() || c == '_')) {
+                let base = name.trim_end_matches("_bucket");
+                if base.starts_with("tessera_") {
+                    assert!(
+                        readme.contains(&format!("`{base}`")),
+                        "panel {title:?} uses {base}, which README does not list"
+                    );
+                }
+            }
+            let q = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$volume", ".*");
+            let v = api(&format!("/api/v1/query?query={}", url_encode(&q)));
+            queries += 1;
+            if v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                with_data.push(title.to_string());
+            }
+        }
+    }
+    with_data.dedup();
+    println!(
+        "dashboard: {queries} queries valid, {} panels with data",
+        with_data.len()
+    );
+    for core in [
+        "IOPS by kind",
+        "Throughput",
+        "Latency p50 / p99",
+        "Degraded and rebuilding PGs",
+        "Lease held and etcd reachable",
+        "Fragment calls by node (gateway side)",
+        "Node requests by op",
+        "io_uring submissions and enters",
+        "Store space",
+    ] {
+        assert!(
+            with_data.iter().any(|t| t == core),
+            "panel {core:?} shows no data"
+        );
+    }
     assert!(demo.stop());
 }
