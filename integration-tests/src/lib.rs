@@ -428,7 +428,7 @@ impl Drop for Demo {
 
 /// A `tessera gateway` started from configuration text (`{PORT}` is replaced by a free port).
 pub struct Gateway {
-    child: Child,
+    child: std::sync::Mutex<Child>,
     /// Directory holding the configuration.
     pub dir: tempfile::TempDir,
     /// The portal.
@@ -460,10 +460,14 @@ impl Gateway {
             .spawn()
             .expect("start tessera gateway");
         let portal: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let mut g = Self { child, dir, portal };
+        let mut g = Self {
+            child: std::sync::Mutex::new(child),
+            dir,
+            portal,
+        };
         let start = Instant::now();
         while TcpStream::connect(portal).is_err() {
-            if let Ok(Some(st)) = g.child.try_wait() {
+            if let Ok(Some(st)) = g.child.get_mut().expect("child").try_wait() {
                 panic!("tessera gateway exited early: {st}");
             }
             assert!(
@@ -485,17 +489,22 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Ok(Some(_)) = child.try_wait() {
+            // Already reaped (terminated by the test): its PID is no longer ours to signal.
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(15) {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -615,10 +624,14 @@ impl Gateway {
             .spawn()
             .expect("start tessera gateway");
         let portal = SocketAddr::from((ip, port));
-        let mut g = Self { child, dir, portal };
+        let mut g = Self {
+            child: std::sync::Mutex::new(child),
+            dir,
+            portal,
+        };
         let start = Instant::now();
         while TcpStream::connect(portal).is_err() {
-            if let Ok(Some(st)) = g.child.try_wait() {
+            if let Ok(Some(st)) = g.child.get_mut().expect("child").try_wait() {
                 panic!("tessera gateway exited early: {st}\n{}", g.log());
             }
             assert!(
@@ -633,14 +646,36 @@ impl Gateway {
 
     /// Its PID.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
+    }
+
+    /// SIGTERM it (by PID) and wait for it to exit: its exit status and how long it took.
+    /// Panics if it is still running after `limit`.
+    pub fn terminate(&self, limit: Duration) -> (std::process::ExitStatus, Duration) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().expect("wait for the gateway") {
+                return (st, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "gateway {} still running {limit:?} after SIGTERM",
+                self.portal
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGKILL it (by PID) and wait until its portal refuses connections. The process is
     /// left for drop to reap, so its PID cannot be reused meanwhile.
     pub fn kill(&self) {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::unistd::Pid::from_raw(self.pid() as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
         let start = Instant::now();

@@ -575,8 +575,26 @@ fn logs(gws: &[(String, Gateway)]) -> String {
     out
 }
 
+/// How the owner gateway goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGKILL: its lease lapses after the TTL.
+    Kill,
+    /// SIGTERM: it finishes, releases its lease and exits within 10 s.
+    Term,
+}
+
 #[test]
 fn killing_the_owner_gateway_moves_the_volume_and_loses_no_acknowledged_write() {
+    failover(Stop::Kill);
+}
+
+#[test]
+fn stopping_the_owner_gateway_hands_the_volume_over_at_once_and_loses_no_acknowledged_write() {
+    failover(Stop::Term);
+}
+
+fn failover(how: Stop) {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -839,15 +857,36 @@ fn killing_the_owner_gateway_moves_the_volume_and_loses_no_acknowledged_write() 
     );
     let victim = &gws.iter().find(|(id, _)| *id == owner.gateway).unwrap().1;
     let sent = Instant::now();
-    victim.kill();
-    let gone = Instant::now();
-    *shared.kill.lock().unwrap() = Some(Kill { sent, gone });
-    println!(
-        "SIGKILLed {} (pid {}) after {:.2} s of writes",
-        owner.gateway,
-        victim.pid(),
-        started.elapsed().as_secs_f64()
-    );
+    let pid = victim.pid();
+    match how {
+        Stop::Kill => {
+            victim.kill();
+            *shared.kill.lock().unwrap() = Some(Kill {
+                sent,
+                gone: Instant::now(),
+            });
+            println!(
+                "SIGKILLed {} (pid {pid}) after {:.2} s of writes",
+                owner.gateway,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Stop::Term => {
+            // The writer moves on once the process is gone; it notices the closed session.
+            let (status, took) = victim.terminate(Duration::from_secs(10));
+            *shared.kill.lock().unwrap() = Some(Kill {
+                sent,
+                gone: Instant::now(),
+            });
+            println!(
+                "SIGTERMed {} (pid {pid}) after {:.2} s of writes: exited ({status}) in {:.2} s",
+                owner.gateway,
+                started.elapsed().as_secs_f64(),
+                took.as_secs_f64()
+            );
+            assert!(status.success(), "{} exited with {status}", owner.gateway);
+        }
+    }
     // Takeover: etcd names a new owner.
     let (new_owner, takeover) = loop {
         if let Ok(Some(o)) = rt.block_on(c.owner(vol.id)) {
@@ -909,6 +948,14 @@ fn killing_the_owner_gateway_moves_the_volume_and_loses_no_acknowledged_write() 
         "takeover took {takeover:?}, more than TTL + 2 s (+ polling slack)\n{}",
         logs(&gws)
     );
+    if how == Stop::Term {
+        // A released lease hands over at once: sooner than any lapse could.
+        assert!(
+            takeover < Duration::from_secs(TTL),
+            "after SIGTERM the takeover took {takeover:?}: the lease was not released\n{}",
+            logs(&gws)
+        );
+    }
 
     // Every block of the model, read through both survivors: identical, and every
     // acknowledged write there (uncertain blocks: old or new content).

@@ -38,7 +38,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -171,6 +171,24 @@ pub struct LogicalUnit {
     /// Serializes PERSISTENT RESERVE OUT including persistence.
     pub(crate) pr_out: tokio::sync::Mutex<()>,
     pub(crate) pr_store: Option<Arc<dyn PrStore>>,
+    /// Commands executing now (a removed logical unit drains until this is 0).
+    pub(crate) busy: AtomicUsize,
+}
+
+/// Counts a command in [`LogicalUnit::busy`] while it lives.
+struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn enter(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::AcqRel);
+        Self(c)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -254,6 +272,7 @@ impl LogicalUnit {
             locks: RangeLocks::new(lock_shift),
             pr_out: tokio::sync::Mutex::new(()),
             pr_store,
+            busy: AtomicUsize::new(0),
         })
     }
 
@@ -334,6 +353,7 @@ impl LogicalUnit {
 
     /// Execute one command from `nexus`.
     pub async fn execute(&self, nexus: &Nexus, cmd: &ScsiCommand) -> ScsiResult {
+        let _busy = Busy::enter(&self.busy);
         let cdb = &cmd.cdb[..];
         let (op, sa) = Command::opcode_of(cdb);
         let class = Class::of(op, sa);
@@ -355,6 +375,16 @@ impl LogicalUnit {
             Ok(r) => r,
             Err(s) => self.fail(s),
         }
+    }
+
+    /// Commands executing now.
+    pub fn in_flight(&self) -> usize {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// The device the logical unit stores its blocks on.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
     }
 
     fn admit(&self, nexus: &Nexus, class: &Class) -> Result<(), Sense> {

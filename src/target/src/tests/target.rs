@@ -1,5 +1,6 @@
 //! Target routing: REPORT LUNS, absent LUNs, LUN decoding, task management side effects.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use super::*;
@@ -228,4 +229,36 @@ async fn remote_luns_take_every_command_tmf_and_nexus_loss() {
     t.add_lun(5, setup().0);
     assert!(t.lun(5).is_some());
     assert_eq!(t.luns(), vec![0, 5]);
+}
+
+#[test]
+fn a_removed_lun_keeps_its_executing_commands_until_they_finish() {
+    let mut dev = TestDevice::new(1 << 20);
+    dev.yields = true;
+    let (lu, dev) = setup_with(LuConfig::default(), dev);
+    let t = Target::new("iqn.2024-01.test:drain");
+    t.add_lun(3, lu.clone());
+    local(async move {
+        let n = nexus("iqn.2024-01.test:i", 1);
+        let data = blocks(8, 0x5a);
+        let t = Rc::new(t);
+        trun(&t, &n, 3, &[0; 6]).await; // the power-on unit attention
+        let cmd = command(&rw10(WRITE10, 0, 8, 0), &data, data.len() as u32);
+        let (t2, n2) = (t.clone(), n.clone());
+        let w = tokio::task::spawn_local(async move { t2.execute(&n2, lun(3), &cmd).await });
+        // The write has started (the device yields mid-way): counted.
+        while lu.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let removed = t.remove_lun(3).expect("a local LUN");
+        assert!(Arc::ptr_eq(&removed, &lu));
+        // New commands no longer reach it; the one executing does.
+        let r = trun(&t, &n, 3, &rw10(READ10, 0, 8, 0)).await;
+        assert_check(&r, 5, 0x25, 0);
+        assert_eq!(lu.in_flight(), 1);
+        assert_good(&w.await.unwrap());
+        assert_eq!(lu.in_flight(), 0, "drained");
+        assert_eq!(&read_blocks(&lu, &n, 0, 8).await[..], &data[..]);
+        assert!(dev.writes.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    });
 }

@@ -137,7 +137,7 @@ fn handler(gw: Arc<Gateway>, cl: &ClusterConfig) -> forward::Handler {
         let key = key.clone();
         let nexuses = nexuses.clone();
         Box::pin(async move {
-            let Some(target) = gw.targets.get(&key).cloned() else {
+            let Some(target) = gw.target(&key) else {
                 return match req {
                     Request::Execute { .. } => Response::Executed(transitioning()),
                     Request::TaskMgmt { .. } => Response::TaskMgmt(TmfResponse::NoSuchLun),
@@ -776,7 +776,7 @@ async fn reconcile(
     me: &GatewayRecord,
     view: &mut View,
 ) {
-    let Some(target) = gw.targets.get(&cl.target.to_ascii_lowercase()).cloned() else {
+    let Some(target) = gw.target(&cl.target) else {
         return;
     };
     let (vols, gateways, owners) = match (c.volumes().await, c.gateways().await, c.owners().await) {

@@ -257,8 +257,7 @@ pub(super) async fn serve(
                         let Some(te) = o.target.as_ref() else {
                             break 'outer;
                         };
-                        let Some(target) = gw.targets.get(&te.name.to_ascii_lowercase()).cloned()
-                        else {
+                        let Some(target) = gw.target(&te.name) else {
                             break 'outer;
                         };
                         let nexus = Arc::new(Nexus {

@@ -9,13 +9,14 @@
 mod cluster;
 pub(crate) mod forward;
 mod iscsi;
+mod reload;
 mod session;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -30,23 +31,27 @@ use tracing::{error, info, warn};
 
 use crate::config::{self, Backend, Config};
 
+pub use reload::Reloaded;
 pub use session::SessionRegistry;
 
 /// Everything the workers share.
 pub struct Gateway {
-    /// The validated configuration.
+    /// The validated configuration it started with (what a reload cannot change stays so).
     pub cfg: Config,
     /// Targets by lower-case IQN.
-    pub targets: HashMap<String, Arc<Target>>,
+    targets: RwLock<HashMap<String, Arc<Target>>>,
+    /// The target definitions in force: the startup configuration's, then each reload's.
+    defs: Mutex<Vec<config::Target>>,
     /// What login and discovery see (replaced when the cluster numbers this gateway).
     directory: Mutex<Arc<Directory>>,
     /// Negotiation limits.
     pub limits: Limits,
-    /// Sessions, for reinstatement.
     /// The event loops the watchdog's health check watches.
     pub heartbeats: crate::notify::Heartbeats,
+    /// Sessions, for reinstatement.
     pub sessions: SessionRegistry,
-    devices: Vec<Arc<dyn BlockDevice>>,
+    /// Every configured LUN's device (flushed at shutdown).
+    devices: Mutex<Vec<Arc<dyn BlockDevice>>>,
     /// Erasure-coded volumes, for their maintenance loop (cluster volumes come and go).
     volumes: Mutex<Vec<tessera_volume::EcVolume>>,
     next_tsih: AtomicU16,
@@ -64,6 +69,54 @@ pub fn stable_hash(parts: &[&[u8]]) -> u64 {
         }
     }
     h
+}
+
+/// What login and discovery see for targets `defs` under configuration `cfg` (its discovery
+/// secrets and cluster target); `pgt_of` gives the portal group tags already assigned (the
+/// cluster's, once it numbers this gateway).
+fn directory_of(cfg: &Config, defs: &[config::Target], pgt_of: Option<&Directory>) -> Directory {
+    let tag = |name: &str, configured: u16| {
+        pgt_of
+            .and_then(|d| d.targets.iter().find(|t| t.name.eq_ignore_ascii_case(name)))
+            .map_or(configured, |t| t.portal_group_tag)
+    };
+    let cluster = cfg.cluster.as_ref().map(|c| c.target.as_str());
+    let mut entries: Vec<TargetEntry> = defs
+        .iter()
+        .map(|t| TargetEntry {
+            name: t.iqn.clone(),
+            alias: t.alias.clone(),
+            chap: creds(&t.chap),
+            mutual_chap: creds(&t.mutual_chap),
+            allowed_initiators: t.allowed_initiators.clone(),
+            portal_group_tag: if cluster.is_some_and(|c| c.eq_ignore_ascii_case(&t.iqn)) {
+                tag(&t.iqn, t.portal_group_tag)
+            } else {
+                t.portal_group_tag
+            },
+            portals: t.advertise.clone(),
+            redirect: None,
+        })
+        .collect();
+    if let Some(c) = cluster {
+        if !defs.iter().any(|t| t.iqn.eq_ignore_ascii_case(c)) {
+            entries.push(TargetEntry {
+                name: c.to_string(),
+                alias: Some("tessera-cluster".into()),
+                chap: None,
+                mutual_chap: None,
+                allowed_initiators: Vec::new(),
+                portal_group_tag: tag(c, 1),
+                portals: Vec::new(),
+                redirect: None,
+            });
+        }
+    }
+    Directory {
+        targets: entries,
+        discovery_chap: creds(&cfg.discovery_chap),
+        discovery_mutual_chap: creds(&cfg.discovery_mutual_chap),
+    }
 }
 
 fn creds(c: &Option<config::Chap>) -> Option<Credentials> {
@@ -233,7 +286,6 @@ impl Gateway {
     /// Open every LUN's backend and build the targets.
     pub fn build(cfg: Config) -> anyhow::Result<Self> {
         let mut targets = HashMap::new();
-        let mut entries = Vec::new();
         let mut devices = Vec::new();
         let mut volumes = Vec::new();
         if let Some(dir) = &cfg.state_dir {
@@ -256,16 +308,6 @@ impl Gateway {
                 target.add_lun(l.id, Arc::new(lu));
             }
             targets.insert(t.iqn.to_ascii_lowercase(), Arc::new(target));
-            entries.push(TargetEntry {
-                name: t.iqn.clone(),
-                alias: t.alias.clone(),
-                chap: creds(&t.chap),
-                mutual_chap: creds(&t.mutual_chap),
-                allowed_initiators: t.allowed_initiators.clone(),
-                portal_group_tag: t.portal_group_tag,
-                portals: t.advertise.clone(),
-                redirect: None,
-            });
         }
         // The cluster's volumes are LUNs of one target (configured above, for its access
         // settings, or made here with none).
@@ -273,23 +315,9 @@ impl Gateway {
             let key = cl.target.to_ascii_lowercase();
             if let std::collections::hash_map::Entry::Vacant(e) = targets.entry(key) {
                 e.insert(Arc::new(Target::new(&cl.target)));
-                entries.push(TargetEntry {
-                    name: cl.target.clone(),
-                    alias: Some("tessera-cluster".into()),
-                    chap: None,
-                    mutual_chap: None,
-                    allowed_initiators: Vec::new(),
-                    portal_group_tag: 1,
-                    portals: Vec::new(),
-                    redirect: None,
-                });
             }
         }
-        let directory = Arc::new(Directory {
-            targets: entries,
-            discovery_chap: creds(&cfg.discovery_chap),
-            discovery_mutual_chap: creds(&cfg.discovery_mutual_chap),
-        });
+        let directory = Arc::new(directory_of(&cfg, &cfg.targets, None));
         let limits = Limits {
             max_recv_data_segment_length: cfg.max_recv_data_segment_length,
             max_burst_length: cfg.max_burst_length,
@@ -301,17 +329,27 @@ impl Gateway {
             allow_data_digest: cfg.digests,
         };
         Ok(Self {
+            defs: Mutex::new(cfg.targets.clone()),
             cfg,
-            targets,
+            targets: RwLock::new(targets),
             directory: Mutex::new(directory),
             limits,
             sessions: SessionRegistry::default(),
             heartbeats: crate::notify::Heartbeats::default(),
-            devices,
+            devices: Mutex::new(devices),
             volumes: Mutex::new(volumes),
             next_tsih: AtomicU16::new(1),
             next_nexus: AtomicU64::new(1),
         })
+    }
+
+    /// The target named `iqn` (any case), if it is configured now.
+    pub fn target(&self, iqn: &str) -> Option<Arc<Target>> {
+        self.targets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&iqn.to_ascii_lowercase())
+            .cloned()
     }
 
     /// What login and discovery see now.
@@ -362,6 +400,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The running gateway.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
     /// Stop accepting, let connections finish their commands (bounded), flush the backends.
     pub fn stop(self) {
         let _ = self.shutdown.send(true);
@@ -385,7 +428,8 @@ fn flush_all(gw: &Gateway) {
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
-        for d in &gw.devices {
+        let devices = gw.devices.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for d in &devices {
             if let Err(e) = d.flush().await {
                 warn!("flush on shutdown failed: {e}");
             }
@@ -472,12 +516,8 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
                 .spawn(move || worker(gw, rx, sd))?,
         );
     }
-    let has_volumes = !gw
-        .volumes
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_empty();
-    if has_volumes || gw.cfg.cluster.is_some() {
+    // Always: volumes may come later (the cluster's, or a reload's ec LUNs).
+    {
         let g = gw.clone();
         let sd = shutdown_rx.clone();
         threads.push(
@@ -709,16 +749,29 @@ fn worker(
     });
 }
 
-/// Run the gateway from a configuration file until SIGINT or SIGTERM.
+/// Run the gateway from a configuration file until SIGINT or SIGTERM; SIGHUP reloads it.
 pub fn run_config(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let gw = Gateway::build(cfg)?;
     let heartbeats = gw.heartbeats.clone();
     let portals = gw.cfg.portals.len();
     let running = start(gw)?;
-    crate::notify::ready(&format!("serving on {portals} portal(s)"));
+    let status = format!("serving on {portals} portal(s)");
+    crate::notify::ready(&status);
     heartbeats.start_watchdog();
-    wait_for_signal()?;
+    let gw = running.gateway().clone();
+    wait_for_signal(|| {
+        crate::notify::reloading();
+        info!(file = %path.display(), "SIGHUP: reloading the configuration");
+        match Config::load(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| gw.reload(c))
+        {
+            Ok(r) => info!("configuration reloaded: {r}"),
+            Err(e) => error!("configuration not reloaded, the running one stays: {e:#}"),
+        }
+        crate::notify::ready(&status);
+    })?;
     crate::notify::stopping();
     info!("stopping");
     running.stop();
@@ -726,8 +779,8 @@ pub fn run_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Block until SIGINT or SIGTERM.
-pub fn wait_for_signal() -> anyhow::Result<()> {
+/// Block until SIGINT or SIGTERM, calling `on_hup` at each SIGHUP meanwhile.
+pub fn wait_for_signal(mut on_hup: impl FnMut()) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -735,9 +788,13 @@ pub fn wait_for_signal() -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => on_hup(),
+            }
         }
         Ok(())
     })
