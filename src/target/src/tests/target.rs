@@ -259,6 +259,6 @@ fn a_removed_lun_keeps_its_executing_commands_until_they_finish() {
         assert_good(&w.await.unwrap());
         assert_eq!(lu.in_flight(), 0, "drained");
         assert_eq!(&read_blocks(&lu, &n, 0, 8).await[..], &data[..]);
-        assert!(dev.writes.load(std::sync::atomic::Ordering::SeqCst) > 0);
+        assert!(dev.writes.load(Ordering::SeqCst) > 0);
     });
 }
