@@ -116,11 +116,25 @@ fn a_lost_node_is_rebuilt_elsewhere_and_two_more_losses_cost_nothing() {
     );
     demo.kill_node(3);
     let t = Instant::now();
+    // An operator following it once it has started: `tessera cluster wait-rebuild` (plain
+    // lines, not a terminal).
+    let mut follower = None;
     let mut progress = Vec::new();
     let done = loop {
         let st = status(&demo);
         if let Some(l) = st.lines().find(|l| l.contains("rebuild")) {
             let l = l.trim().to_string();
+            if follower.is_none() && l.contains("rebuilding map") {
+                follower = Some(tessera_integration_tests::Started(
+                    std::process::Command::new(tessera_integration_tests::tessera_bin())
+                        .args(["cluster", "wait-rebuild", "--timeout", "4m"])
+                        .env("TESSERA_ETCD", demo.etcd())
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()
+                        .expect("tessera cluster wait-rebuild"),
+                ));
+            }
             if progress.last() != Some(&l) {
                 println!("{:>5.1} s  {l}", t.elapsed().as_secs_f64());
                 progress.push(l.clone());
@@ -198,6 +212,43 @@ fn a_lost_node_is_rebuilt_elsewhere_and_two_more_losses_cost_nothing() {
         moves.len() - 1
     );
     assert!(compare(&src, &url), "data differs after the rebuild");
+    let mut follower = follower.expect("the rebuild was seen in progress");
+    let waited = Instant::now();
+    let status = loop {
+        if let Some(st) = follower.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "wait-rebuild still waiting with the map settled"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut said = String::new();
+    use std::io::Read;
+    follower
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    follower
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    println!("tessera cluster wait-rebuild:\n{said}");
+    assert!(status.success(), "{said}");
+    assert!(
+        said.contains("demo map 2: ")
+            && said.contains("% (")
+            && said.contains("demo map 2: done")
+            && said.trim_end().ends_with("no rebuild in progress"),
+        "progress lines, the end of the rebuild and the wait's end: {said}"
+    );
 
     // 3. Two more nodes lost: the rebuilt fragments carry the data.
     demo.kill_node(0);

@@ -12,8 +12,10 @@
 //! Positions of lost nodes always move. Any other move takes a position away from a node
 //! that still holds it while its new node is filled, so a PG gets at most one such move per
 //! map change and only while nothing else of it is missing, filling or absent: a PG never has
-//! more positions unavailable than its parity covers. The rest follows in later changes, one
-//! per finished fill. (A volume without parity cannot be drained: its fragments can only be
+//! more positions unavailable than its parity covers. A change that replaces a lost node
+//! makes no other move at all: redundancy is restored first, and rebalancing (placement may
+//! want a position or two elsewhere once the lost node is gone) follows when the rebuild is
+//! whole. The rest follows in later changes, one per finished fill. (A volume without parity cannot be drained: its fragments can only be
 //! rebuilt from the others.)
 //!
 //! While the owner fills a change, the next waits, unless a node of the map is lost
@@ -212,7 +214,12 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<(PgMapRecord, Vec<Move>), Hold> {
                 });
             }
         }
-        // 2. At most one other move, and only with nothing of the PG unavailable.
+        // 2. At most one other move, and only with nothing of the PG unavailable; none at
+        //    all while a lost node's positions are being replaced (redundancy first:
+        //    rebalancing waits for the rebuild to be whole).
+        if lost_in_map {
+            continue;
+        }
         let unavailable = (0..width)
             .filter(|&p| moving.contains(&(pg32, p)) || absent(&next[pg][p]))
             .count();

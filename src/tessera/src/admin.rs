@@ -273,6 +273,81 @@ pub fn cluster_set(e: &EtcdArgs, key: &str, value: &str) -> anyhow::Result<()> {
     })
 }
 
+/// `tessera cluster wait-rebuild`: follow every volume's (or one volume's) rebuild until
+/// none is in progress and no new map has come for a few seconds (a rebalance may follow a
+/// rebuild).
+pub fn cluster_wait_rebuild(
+    e: &EtcdArgs,
+    volume: Option<&str>,
+    timeout: &str,
+) -> anyhow::Result<()> {
+    const SETTLED: std::time::Duration = std::time::Duration::from_secs(5);
+    let limit = std::time::Duration::from_secs(
+        parse_duration(timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?,
+    );
+    block_on(async {
+        let c = connect(e).await?;
+        let mut p = crate::progress::Progress::new();
+        let start = std::time::Instant::now();
+        let mut quiet: Option<std::time::Instant> = None;
+        loop {
+            let vols = c.volumes().await?;
+            if let Some(n) = volume {
+                anyhow::ensure!(vols.iter().any(|v| v.name == n), "no volume named {n:?}");
+            }
+            let maps = c.pg_maps().await?;
+            let fills = c.fills().await?;
+            let mut busy = 0;
+            for v in vols.iter().filter(|v| volume.is_none_or(|n| n == v.name)) {
+                let Some(m) = maps.get(&v.id).filter(|m| !m.moving.is_empty()) else {
+                    continue;
+                };
+                let name = format!("{} map {}", v.name, m.epoch);
+                match fills.get(&v.id).filter(|f| f.map_epoch == m.epoch) {
+                    Some(f) if f.finished => p.finish(
+                        &name,
+                        &format!(
+                            "done: {} fragment positions moved, {} written",
+                            m.moving.len(),
+                            human_bytes(f.bytes as f64)
+                        ),
+                    ),
+                    Some(f) => {
+                        busy += 1;
+                        p.update(
+                            &name,
+                            f.done,
+                            f.stripes,
+                            &format!(
+                                "stripes, {} written at {}/s",
+                                human_bytes(f.bytes as f64),
+                                human_bytes(f.rate)
+                            ),
+                        );
+                    }
+                    None => {
+                        busy += 1;
+                        p.update(&name, 0, 1, "waiting for the owner to start");
+                    }
+                }
+            }
+            if busy == 0 {
+                if quiet.get_or_insert_with(std::time::Instant::now).elapsed() >= SETTLED {
+                    println!("no rebuild in progress");
+                    return Ok(());
+                }
+            } else {
+                quiet = None;
+            }
+            anyhow::ensure!(
+                start.elapsed() < limit,
+                "rebuilds still in progress after {timeout}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    })
+}
+
 fn human_bytes(b: f64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b;

@@ -11,3 +11,4 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod progress;

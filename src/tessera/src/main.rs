@@ -74,6 +74,16 @@ enum ClusterCmd {
         /// The value.
         value: String,
     },
+    /// Follow rebuilds (and rebalancing) until none is in progress: a progress bar per
+    /// volume on a terminal, plain lines otherwise. Fails after the timeout.
+    WaitRebuild {
+        /// Only this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Give up after this long (e.g. 30m).
+        #[arg(long, default_value = "1h")]
+        timeout: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -297,6 +307,9 @@ fn main() -> ExitCode {
         Cmd::Cluster { etcd, cmd } => match cmd {
             ClusterCmd::Show => tessera::admin::cluster_show(&etcd),
             ClusterCmd::Set { key, value } => tessera::admin::cluster_set(&etcd, &key, &value),
+            ClusterCmd::WaitRebuild { volume, timeout } => {
+                tessera::admin::cluster_wait_rebuild(&etcd, volume.as_deref(), &timeout)
+            }
         },
     };
     match r {
