@@ -79,11 +79,7 @@ impl Progress {
         if it.finished {
             return;
         }
-        let pct = if total == 0 {
-            100
-        } else {
-            done.min(total) * 100 / total
-        };
+        let pct = (done.min(total) * 100).checked_div(total).unwrap_or(100);
         match &it.bar {
             Some(b) => {
                 b.set_length(total);
