@@ -55,26 +55,27 @@ fn has(m: &HashMap<String, f64>, name: &str) -> bool {
         .any(|k| k == name || k.starts_with(&format!("{name}{{")))
 }
 
+/// The metrics addresses demo.json lists for the processes of `role`.
+fn metrics_of(demo: &Demo, role: &str) -> Vec<String> {
+    demo.json["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| p["role"] == role)
+        .map(|p| {
+            p["metrics"]
+                .as_str()
+                .expect("processes[].metrics")
+                .to_string()
+        })
+        .collect()
+}
+
 #[test]
 fn gateway_and_node_metrics_exist_and_move_with_io() {
     require_tool("qemu-img", "qemu-utils and qemu-block-extra");
     let demo = Demo::start(&["--backend", "ec", "--ec", "4+2", "--size", "32MiB"]);
-    let procs = demo.json["processes"]
-        .as_array()
-        .expect("processes")
-        .clone();
-    let addr_of = |role: &str| -> Vec<String> {
-        procs
-            .iter()
-            .filter(|p| p["role"] == role)
-            .map(|p| {
-                p["metrics"]
-                    .as_str()
-                    .expect("processes[].metrics")
-                    .to_string()
-            })
-            .collect()
-    };
+    let addr_of = |role: &str| metrics_of(&demo, role);
     let gw = addr_of("gateway").remove(0);
     let nodes = addr_of("node");
     assert_eq!(nodes.len(), 6);
@@ -264,19 +265,10 @@ fn a_prometheus_server_scrapes_the_gateway_and_a_node() {
     require_tool("promtool", "prometheus");
     require_tool("qemu-img", "qemu-utils and qemu-block-extra");
     let demo = Demo::start(&["--backend", "ec", "--ec", "4+2", "--size", "32MiB"]);
-    let procs = demo.json["processes"]
-        .as_array()
-        .expect("processes")
-        .clone();
-    let metrics_of = |role: &str| -> String {
-        procs
-            .iter()
-            .find(|p| p["role"] == role)
-            .and_then(|p| p["metrics"].as_str())
-            .expect("processes[].metrics")
-            .to_string()
-    };
-    let (gw, node) = (metrics_of("gateway"), metrics_of("node"));
+    let (gw, node) = (
+        metrics_of(&demo, "gateway").remove(0),
+        metrics_of(&demo, "node").remove(0),
+    );
 
     // promtool's linter on both expositions (names, units, help, types).
     for (what, addr) in [("gateway", &gw), ("node", &node)] {

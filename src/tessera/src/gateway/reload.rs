@@ -245,24 +245,9 @@ impl Gateway {
         // 2. Open the new LUNs before anything changes.
         let mut opened: Vec<Opened> = Vec::new();
         for (t, l) in to_open {
-            let r = (|| -> anyhow::Result<Opened> {
-                let (dev, volume): (Arc<dyn BlockDevice>, _) = if l.backend == Backend::Ec {
-                    let v = open_ec(&self.cfg, l)?;
-                    (Arc::new(v.clone()), Some(v))
-                } else {
-                    (open_device(l)?, None)
-                };
-                let lu = make_lu(&self.cfg, &t.iqn, l.id, l, dev.clone())?;
-                Ok(Opened {
-                    key: t.iqn.to_ascii_lowercase(),
-                    iqn: t.iqn.clone(),
-                    id: l.id,
-                    lu: Arc::new(lu),
-                    dev,
-                    volume,
-                })
-            })()
-            .with_context(|| format!("{file}: target {} LUN {}", t.iqn, l.id));
+            let r = self
+                .open_lun(t, l)
+                .with_context(|| format!("{file}: target {} LUN {}", t.iqn, l.id));
             match r {
                 Ok(o) => opened.push(o),
                 Err(e) => {
@@ -336,6 +321,25 @@ impl Gateway {
                 .context("starting the drain thread")?;
         }
         Ok(out)
+    }
+
+    /// Open LUN `l` of target `t` (its device, or its ec volume) as a logical unit.
+    fn open_lun(&self, t: &config::Target, l: &config::Lun) -> anyhow::Result<Opened> {
+        let (dev, volume): (Arc<dyn BlockDevice>, _) = if l.backend == Backend::Ec {
+            let v = open_ec(&self.cfg, l)?;
+            (Arc::new(v.clone()), Some(v))
+        } else {
+            (open_device(l)?, None)
+        };
+        let lu = make_lu(&self.cfg, &t.iqn, l.id, l, dev.clone())?;
+        Ok(Opened {
+            key: t.iqn.to_ascii_lowercase(),
+            iqn: t.iqn.clone(),
+            id: l.id,
+            lu: Arc::new(lu),
+            dev,
+            volume,
+        })
     }
 
     /// Wait for a removed LUN's commands to finish, flush it, close it.
