@@ -188,8 +188,10 @@ impl Demo {
                 break;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "tessera demo did not start"
+                // Generous: etcd, the nodes and the gateway start one after another, and a
+                // loaded 2-core machine can take a while.
+                start.elapsed() < Duration::from_secs(60),
+                "tessera demo did not start within 60 s"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -292,9 +294,16 @@ impl Demo {
 
     /// Start storage node `i` again with its command line; wait until it listens.
     pub fn restart_node(&mut self, i: usize) {
+        self.restart_node_with(i, &[]);
+    }
+
+    /// Start storage node `i` again with its command line and `extra` arguments; wait until
+    /// it listens.
+    pub fn restart_node_with(&mut self, i: usize, extra: &[&str]) {
         let n = self.nodes()[i].clone();
         let child = Command::new(&n.command[0])
             .args(&n.command[1..])
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

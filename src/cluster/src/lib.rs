@@ -131,6 +131,9 @@ pub struct GatewayRecord {
     /// Its share of volume ownership, relative to the others' (weighted rendezvous).
     #[serde(default = "one")]
     pub weight: u32,
+    /// The IQN of its cluster target (whose LUNs are the volumes).
+    #[serde(default)]
+    pub target: String,
 }
 
 fn one() -> u32 {

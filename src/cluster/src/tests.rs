@@ -277,6 +277,7 @@ fn gw(id: &str, weight: u32) -> GatewayRecord {
         number: 0,
         forward: String::new(),
         weight,
+        target: String::new(),
     }
 }
 

@@ -47,8 +47,8 @@ pub(crate) async fn write_segments<W: tokio::io::AsyncWrite + Unpin>(
 
 pub use client::{CallError, Client};
 pub use msg::{
-    FragKey, Manifest, NodeStats, Op, ReadItem, ReadResult, Request, Response, ScrubReport,
-    SlotInfo, Status, VersionEntry, VolumeCtx, Want, WriteItem,
+    FragKey, Manifest, NodeStats, Op, ReadItem, ReadResult, Request, Response, ScrubProgress,
+    ScrubReport, SlotInfo, Status, VersionEntry, VolumeCtx, Want, WriteItem,
 };
 pub use server::{Handler, Refusal};
 

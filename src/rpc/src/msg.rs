@@ -69,6 +69,8 @@ impl Op {
     /// Write ranges of fragments on their newest copies and return the bytes they replaced
     /// (a data chunk's part of a small write: the old bytes give the parity delta).
     pub const SWAP: Op = Op(12);
+    /// How far the scrub in progress (or the last one) has got.
+    pub const SCRUB_STATUS: Op = Op(13);
 
     /// A short lowercase name (for logs and metric labels); `unknown` for an unknown code.
     pub fn name(self) -> &'static str {
@@ -85,6 +87,7 @@ impl Op {
             Op::PUT_BLOB => "put_blob",
             Op::GET_BLOB => "get_blob",
             Op::SWAP => "swap",
+            Op::SCRUB_STATUS => "scrub_status",
             _ => "unknown",
         }
     }
@@ -495,6 +498,23 @@ pub struct ScrubReport {
     pub bytes: u64,
 }
 
+/// How far a node's scrub has got: the one running, or else the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ScrubProgress {
+    /// Scrubs started since the node started (0: none yet).
+    pub scrubs: u64,
+    /// Whether one is running now.
+    pub running: bool,
+    /// Bytes it has to read (counted when it started; writes since may add some).
+    pub total_bytes: u64,
+    /// Bytes it has read.
+    pub done_bytes: u64,
+    /// Copies checked.
+    pub checked: u64,
+    /// Copies whose checksum did not match.
+    pub mismatches: u64,
+}
+
 /// A request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -560,6 +580,8 @@ pub enum Request {
     },
     /// Verify everything now.
     Scrub,
+    /// How far the scrub has got.
+    ScrubStatus,
     /// Store record `name` of the volume, replacing an older `seq`.
     PutBlob {
         /// Volume id.
@@ -610,6 +632,8 @@ pub enum Response {
     Epoch(u64),
     /// Scrub findings.
     Scrub(ScrubReport),
+    /// Scrub progress.
+    ScrubStatus(ScrubProgress),
     /// Stored.
     PutBlob,
     /// The record (`seq` 0 and empty when absent).
@@ -778,6 +802,7 @@ impl Request {
             Request::Stats => Op::STATS,
             Request::Epoch { .. } => Op::EPOCH,
             Request::Scrub => Op::SCRUB,
+            Request::ScrubStatus => Op::SCRUB_STATUS,
             Request::PutBlob { .. } => Op::PUT_BLOB,
             Request::GetBlob { .. } => Op::GET_BLOB,
         }
@@ -808,6 +833,7 @@ impl Request {
                 | Request::Epoch { epoch: 0, .. }
                 | Request::GetBlob { .. }
                 | Request::Scrub
+                | Request::ScrubStatus
         )
     }
 
@@ -898,7 +924,7 @@ impl Request {
                     k.encode(out);
                 }
             }
-            Request::Stats | Request::Scrub => {}
+            Request::Stats | Request::Scrub | Request::ScrubStatus => {}
             Request::Epoch { volume, epoch } => {
                 out.put_u64(*volume);
                 out.put_u64(*epoch);
@@ -998,6 +1024,7 @@ impl Request {
             }
             Op::STATS => Request::Stats,
             Op::SCRUB => Request::Scrub,
+            Op::SCRUB_STATUS => Request::ScrubStatus,
             Op::EPOCH => Request::Epoch {
                 volume: r.u64("volume")?,
                 epoch: r.u64("epoch")?,
@@ -1116,6 +1143,13 @@ impl Response {
                 out.put_u64(s.mismatches);
                 out.put_u64(s.bytes);
             }
+            Response::ScrubStatus(p) => {
+                out.put_u64(p.scrubs);
+                out.put_u8(u8::from(p.running));
+                for v in [p.total_bytes, p.done_bytes, p.checked, p.mismatches] {
+                    out.put_u64(v);
+                }
+            }
             Response::PutBlob => {}
             Response::GetBlob { seq, data: blob } => {
                 out.put_u64(*seq);
@@ -1198,6 +1232,18 @@ impl Response {
                 checked: r.u64("scrub")?,
                 mismatches: r.u64("scrub")?,
                 bytes: r.u64("scrub")?,
+            }),
+            Op::SCRUB_STATUS => Response::ScrubStatus(ScrubProgress {
+                scrubs: r.u64("scrub status")?,
+                running: match r.u8("scrub status")? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Invalid("scrub running flag")),
+                },
+                total_bytes: r.u64("scrub status")?,
+                done_bytes: r.u64("scrub status")?,
+                checked: r.u64("scrub status")?,
+                mismatches: r.u64("scrub status")?,
             }),
             Op::PUT_BLOB => Response::PutBlob,
             Op::GET_BLOB => Response::GetBlob {
@@ -1397,6 +1443,7 @@ mod tests {
             },
             Request::Stats,
             Request::Scrub,
+            Request::ScrubStatus,
             Request::Epoch {
                 volume: 9,
                 epoch: 4,
@@ -1480,6 +1527,17 @@ mod tests {
                     checked: 10,
                     mismatches: 1,
                     bytes: 40960,
+                }),
+            ),
+            (
+                Op::SCRUB_STATUS,
+                Response::ScrubStatus(ScrubProgress {
+                    scrubs: 2,
+                    running: true,
+                    total_bytes: 1 << 30,
+                    done_bytes: 1 << 20,
+                    checked: 7,
+                    mismatches: 1,
                 }),
             ),
             (Op::PUT_BLOB, Response::PutBlob),

@@ -42,7 +42,9 @@ pub struct CreateArgs {
     pub write_quorum: Option<usize>,
 }
 
-fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+pub(crate) fn block_on<T>(
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -57,7 +59,7 @@ impl EtcdArgs {
     }
 }
 
-async fn connect(e: &EtcdArgs) -> anyhow::Result<Cluster> {
+pub(crate) async fn connect(e: &EtcdArgs) -> anyhow::Result<Cluster> {
     let url = e.url()?;
     let urls: Vec<String> = url.split(',').map(|s| s.trim().to_string()).collect();
     Cluster::connect(&urls, &e.prefix)

@@ -7,6 +7,8 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod image;
+pub mod initiator;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -100,6 +100,12 @@ enum VolumeCmd {
         #[arg(long)]
         size: String,
     },
+    /// Copy a raw image file (or block device) into the volume, through the owner
+    /// gateway's iSCSI portal; progress on a terminal, plain lines otherwise.
+    Import(tessera::image::ImageArgs),
+    /// Copy the whole volume out to a file (created; all-zero ranges left as holes) or a
+    /// block device, through the owner gateway's iSCSI portal.
+    Export(tessera::image::ImageArgs),
     /// Delete a volume (refused while initiators have sessions to the cluster target, unless
     /// --force).
     Delete {
@@ -302,6 +308,8 @@ fn main() -> ExitCode {
             VolumeCmd::List => tessera::admin::volume_list(&etcd),
             VolumeCmd::Resize { name, size } => tessera::admin::volume_resize(&etcd, &name, &size),
             VolumeCmd::Delete { name, force } => tessera::admin::volume_delete(&etcd, &name, force),
+            VolumeCmd::Import(a) => tessera::image::import(&etcd, &a),
+            VolumeCmd::Export(a) => tessera::image::export(&etcd, &a),
         },
         Cmd::Status { etcd } => tessera::admin::status(&etcd),
         Cmd::Cluster { etcd, cmd } => match cmd {

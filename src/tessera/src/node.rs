@@ -195,9 +195,71 @@ async fn register(cl: crate::config::ClusterConfig, rec: tessera_cluster::NodeRe
     }
 }
 
-/// Ask the node at `addr` to scrub now; prints its report. Fails if anything mismatched.
+/// Ask the node at `addr` to scrub now and follow it (a progress bar on a terminal, plain lines
+/// otherwise); prints its report. Fails if anything mismatched.
 pub fn scrub(addr: SocketAddr) -> anyhow::Result<()> {
-    let r = call(addr, Request::Scrub, Duration::from_secs(3600))?;
+    scrub_with(addr, &mut crate::progress::Progress::new())
+}
+
+/// [`scrub`], reporting progress to `progress`.
+pub fn scrub_with(
+    addr: SocketAddr,
+    progress: &mut crate::progress::Progress,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    let r = local
+        .block_on(&rt, async {
+            // The scrub on one connection, its progress asked on another.
+            let worker = Client::new(addr, Duration::from_secs(24 * 3600));
+            let watcher = Client::new(addr, Duration::from_secs(10));
+            let status = async || match watcher.call(&Request::ScrubStatus).await {
+                Ok(Response::ScrubStatus(p)) => Some(p),
+                _ => None,
+            };
+            let before = status().await.map_or(0, |p| p.scrubs);
+            let run = worker.call(&Request::Scrub);
+            tokio::pin!(run);
+            let mut shown: Option<u64> = None;
+            loop {
+                tokio::select! {
+                    r = &mut run => {
+                        if let (Some(n), Ok(Response::Scrub(rep))) = (shown, &r) {
+                            let name = format!("{addr} scrub {n}");
+                            progress.update(&name, rep.bytes, rep.bytes, "");
+                            progress.finish(&name, "done");
+                        }
+                        return r;
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                let Some(p) = status().await else { continue };
+                if !p.running {
+                    continue;
+                }
+                if let Some(n) = shown.filter(|&n| n != p.scrubs) {
+                    progress.finish(&format!("{addr} scrub {n}"), "done");
+                }
+                shown = Some(p.scrubs);
+                let whose = if p.scrubs > before {
+                    ""
+                } else {
+                    " (a scrub already running: ours follows it)"
+                };
+                progress.update(
+                    &format!("{addr} scrub {}", p.scrubs),
+                    p.done_bytes,
+                    p.total_bytes,
+                    &format!(
+                        "{} copies checked, {} mismatches{whose}",
+                        p.checked, p.mismatches
+                    ),
+                );
+            }
+        })
+        .with_context(|| format!("asking node {addr}"))?;
     let Response::Scrub(r) = r else {
         anyhow::bail!("unexpected answer {r:?}");
     };

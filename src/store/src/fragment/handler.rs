@@ -112,6 +112,7 @@ impl Handler for NodeHandler {
                     Response::Epoch(store.raise_epoch(volume, epoch).await?)
                 }
                 Request::Scrub => Response::Scrub(store.scrub(scrub_rate).await),
+                Request::ScrubStatus => Response::ScrubStatus(store.scrub_progress()),
                 Request::PutBlob {
                     volume,
                     name,

@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tessera_rpc::msg::{
-    FragKey, Manifest, NodeStats, ReadItem, ReadResult, ScrubReport, SlotInfo, Status,
-    VersionEntry, VolumeCtx, Want, WriteItem,
+    FragKey, Manifest, NodeStats, ReadItem, ReadResult, ScrubProgress, ScrubReport, SlotInfo,
+    Status, VersionEntry, VolumeCtx, Want, WriteItem,
 };
 use tessera_rpc::Refusal;
 use tokio::sync::Notify;
@@ -163,6 +163,10 @@ struct Inner {
     released: Notify,
     flush: Flusher,
     counters: Counters,
+    /// How far the running (or last) scrub has got.
+    scrub: Cell<ScrubProgress>,
+    /// Held by the running scrub: scrubs run one at a time.
+    scrubbing: tokio::sync::Mutex<()>,
     /// errno of the first write-side failure: the store is then fail-stop for writes.
     failed: Cell<i32>,
 }
@@ -351,6 +355,8 @@ impl FragmentStore {
                 released: Notify::new(),
                 flush: Flusher::default(),
                 counters: Counters::default(),
+                scrub: Cell::new(ScrubProgress::default()),
+                scrubbing: tokio::sync::Mutex::new(()),
                 failed: Cell::new(0),
             }),
         })
@@ -1362,15 +1368,52 @@ impl FragmentStore {
         Ok(out)
     }
 
+    /// How far the running scrub (or else the last one) has got.
+    pub fn scrub_progress(&self) -> ScrubProgress {
+        self.inner.scrub.get()
+    }
+
     /// Verify the checksum of every copy held, at most `rate` bytes a second (0: unlimited).
+    /// One scrub runs at a time: a second one waits for the first to end, then runs.
+    /// [`FragmentStore::scrub_progress`] follows it.
     pub async fn scrub(&self, rate: u64) -> ScrubReport {
+        let _one = self.inner.scrubbing.lock().await;
         let mut report = ScrubReport::default();
         let start = Instant::now();
         let all: Vec<Rc<ExtentMem>> = self.inner.extents.borrow().values().cloned().collect();
+        let mut loaded = Vec::with_capacity(all.len());
+        let mut total = 0u64;
         for e in all {
             if self.ensure_loaded(&e).await.is_err() {
                 continue;
             }
+            for pair in 0..e.rec.pairs() {
+                let copies = Self::slots(&e, pair)
+                    .iter()
+                    .filter(|c| c.kind == DATA)
+                    .count();
+                total += (copies * (BLOCK + e.rec.chunk as usize)) as u64;
+            }
+            loaded.push(e);
+        }
+        let progress = |report: &ScrubReport, running: bool| {
+            let p = self.inner.scrub.get();
+            self.inner.scrub.set(ScrubProgress {
+                scrubs: p.scrubs,
+                running,
+                total_bytes: total,
+                done_bytes: report.bytes,
+                checked: report.checked,
+                mismatches: report.mismatches,
+            });
+        };
+        let p = self.inner.scrub.get();
+        self.inner.scrub.set(ScrubProgress {
+            scrubs: p.scrubs + 1,
+            ..ScrubProgress::default()
+        });
+        progress(&report, true);
+        for e in loaded {
             for pair in 0..e.rec.pairs() {
                 let cur = Self::slots(&e, pair);
                 for (slot, c) in cur.iter().enumerate() {
@@ -1408,6 +1451,7 @@ impl FragmentStore {
                             "scrub: checksum mismatch"
                         );
                     }
+                    progress(&report, true);
                     if rate > 0 {
                         let due = Duration::from_secs_f64(report.bytes as f64 / rate as f64);
                         let spent = start.elapsed();
@@ -1418,6 +1462,7 @@ impl FragmentStore {
                 }
             }
         }
+        progress(&report, false);
         report
     }
 }

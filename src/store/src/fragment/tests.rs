@@ -299,6 +299,65 @@ fn bit_rot_is_detected_on_read_and_scrub() {
 }
 
 #[test]
+fn scrub_progress_follows_a_running_scrub_and_scrubs_run_one_at_a_time() {
+    let dir = tmpdir(false);
+    run(async {
+        let s = FragmentStore::open(dir.path().join("store"), &opts()).unwrap();
+        assert_eq!(s.scrub_progress(), ScrubProgress::default(), "no scrub yet");
+        let v = vol(4096);
+        for stripe in 0..16 {
+            s.write(&v, vec![item(stripe, 0, 1, &pattern(stripe, 4096))])
+                .await
+                .unwrap();
+        }
+        let copy = (BLOCK + 4096) as u64;
+        // 16 copies at 8 copies a second: about two seconds, watched as it goes.
+        let watch = async {
+            let mut seen = Vec::new();
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let p = s.scrub_progress();
+                seen.push(p);
+                if p.scrubs == 2 && !p.running {
+                    return seen;
+                }
+            }
+        };
+        let (a, b, seen) = tokio::join!(s.scrub(8 * copy), s.scrub(0), watch);
+        assert_eq!((a.checked, b.checked), (16, 16));
+        let first: Vec<_> = seen.iter().filter(|p| p.scrubs == 1 && p.running).collect();
+        assert!(
+            first.len() >= 5,
+            "the throttled scrub was seen running: {seen:?}"
+        );
+        assert!(first.iter().all(|p| p.total_bytes == 16 * copy));
+        assert!(
+            first
+                .iter()
+                .any(|p| p.done_bytes > 0 && p.done_bytes < p.total_bytes),
+            "seen part way: {seen:?}"
+        );
+        assert!(
+            first.windows(2).all(|w| w[0].done_bytes <= w[1].done_bytes),
+            "progress only moves forward"
+        );
+        let last = s.scrub_progress();
+        assert_eq!(
+            last,
+            ScrubProgress {
+                scrubs: 2,
+                running: false,
+                total_bytes: 16 * copy,
+                done_bytes: 16 * copy,
+                checked: 16,
+                mismatches: 0,
+            },
+            "the second scrub waited for the first, then ran whole"
+        );
+    });
+}
+
+#[test]
 fn torn_writes_keep_the_previous_copy() {
     let dir = tmpdir(false);
     let path = dir.path().join("store");

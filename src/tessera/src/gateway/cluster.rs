@@ -455,6 +455,7 @@ async fn agent(
                 number,
                 forward: forward_addr.to_string(),
                 weight: cl.weight,
+                target: cl.target.clone(),
             };
             c.register_gateway(&me, lease).await?;
             Ok::<_, tessera_cluster::ClusterError>((c, lease, asked, me))
