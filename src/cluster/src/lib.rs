@@ -155,6 +155,16 @@ pub fn preferred_owner(volume: u64, gateways: &[GatewayRecord]) -> Option<&Gatew
         .map(|(_, g)| g)
 }
 
+/// The IQN of volume `volume`'s own target under cluster target `cluster` (gateways with
+/// `[cluster] volume_targets`): lower case, `_` as `-` (iSCSI names allow neither).
+pub fn volume_target_name(cluster: &str, volume: &str) -> String {
+    format!(
+        "{}:{}",
+        cluster.to_ascii_lowercase(),
+        volume.to_ascii_lowercase().replace('_', "-")
+    )
+}
+
 /// A volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {

@@ -322,6 +322,12 @@ pub struct ClusterFile {
     /// Gateways: share of volume ownership relative to the other gateways (default 1; 0 owns
     /// nothing unless no other gateway is left).
     pub weight: Option<Spanned<i64>>,
+    /// Gateways: also export each volume as a target of its own, `<target>:<volume>`, with
+    /// the volume as LUN 0 (default false).
+    pub volume_targets: Option<bool>,
+    /// Gateways: a login to a volume's own target at a gateway that does not own the volume
+    /// is redirected to the owner's portal (needs `volume_targets`; default false).
+    pub redirect: Option<Spanned<bool>>,
 }
 
 /// The validated `[cluster]` table.
@@ -341,6 +347,10 @@ pub struct ClusterConfig {
     pub forward: Option<SocketAddr>,
     /// Ownership weight (gateways).
     pub weight: u32,
+    /// Each volume also has a target of its own (gateways).
+    pub volume_targets: bool,
+    /// Logins to a volume's own target go to its owner's portal (gateways).
+    pub redirect: bool,
 }
 
 /// The default IQN of the target that exports the cluster's volumes.
@@ -754,6 +764,17 @@ impl Ctx<'_> {
                 ))
             }
         };
+        let volume_targets = c.volume_targets.unwrap_or(false);
+        let redirect = match &c.redirect {
+            Some(r) if *r.get_ref() && !volume_targets => {
+                return Err(self.err(
+                    r.span(),
+                    "cluster.redirect",
+                    "redirects logins to volumes' own targets: set volume_targets = true too",
+                ))
+            }
+            r => r.as_ref().is_some_and(|r| *r.get_ref()),
+        };
         Ok(Some(ClusterConfig {
             etcd,
             prefix,
@@ -762,6 +783,8 @@ impl Ctx<'_> {
             gateway_id,
             forward,
             weight,
+            volume_targets,
+            redirect,
         }))
     }
 
@@ -1322,6 +1345,16 @@ mod tests {
             ),
             ("/tessera", 10, "gw-9", CLUSTER_TARGET)
         );
+        assert!(
+            !cl.volume_targets && !cl.redirect,
+            "both off unless asked for"
+        );
+        let c = parse(&format!(
+            "{base}[cluster]\netcd = [\"http://a:1\"]\nvolume_targets = true\nredirect = true\n"
+        ))
+        .unwrap();
+        let cl = c.cluster.unwrap();
+        assert!(cl.volume_targets && cl.redirect);
         for (table, key, line) in [
             ("etcd = [\"127.0.0.1:2379\"]", "cluster.etcd[0]", 4),
             ("etcd = []", "cluster.etcd", 0),
@@ -1338,6 +1371,11 @@ mod tests {
             (
                 "etcd = [\"http://a:1\"]\ntarget = \"not an iqn\"",
                 "cluster.target",
+                5,
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nredirect = true",
+                "cluster.redirect",
                 5,
             ),
         ] {

@@ -53,6 +53,11 @@ pub struct ImageArgs {
     /// Overwrite an existing, non-empty output file (export).
     #[arg(long)]
     pub force: bool,
+    /// Use the volume's own target (`<cluster target>:<volume>`, LUN 0; gateways with
+    /// `[cluster] volume_targets`) instead of its LUN of the cluster target; a gateway that
+    /// redirects sends the login to the owner.
+    #[arg(long)]
+    pub own_target: bool,
 }
 
 /// Where a volume is served.
@@ -67,7 +72,12 @@ struct Located {
 
 /// Find the volume, its LUN, and the portal of the gateway that owns it (any gateway when
 /// none does).
-async fn locate(e: &EtcdArgs, name: &str, portal: Option<SocketAddr>) -> anyhow::Result<Located> {
+async fn locate(
+    e: &EtcdArgs,
+    name: &str,
+    portal: Option<SocketAddr>,
+    own_target: bool,
+) -> anyhow::Result<Located> {
     let c = crate::admin::connect(e).await?;
     let v = c
         .volume(name)
@@ -94,10 +104,15 @@ async fn locate(e: &EtcdArgs, name: &str, portal: Option<SocketAddr>) -> anyhow:
                 .with_context(|| format!("gateway {}'s portal {p:?}", g.id))?
         }
     };
+    let (target, lun) = if own_target {
+        (tessera_cluster::volume_target_name(&target, &v.name), 0)
+    } else {
+        (target, v.lun)
+    };
     Ok(Located {
         portal,
         target,
-        lun: v.lun,
+        lun,
         size: v.size,
         block_size: v.block_size,
     })
@@ -215,7 +230,7 @@ fn transfer(
             if session.is_none() {
                 if a.portal.is_none() {
                     // The owner may have changed since.
-                    if let Ok(l) = crate::admin::block_on(locate(e, &a.name, None)) {
+                    if let Ok(l) = crate::admin::block_on(locate(e, &a.name, None, a.own_target)) {
                         loc = l;
                     }
                 }
@@ -353,7 +368,7 @@ pub fn import_with(e: &EtcdArgs, a: &ImageArgs, progress: &mut Progress) -> anyh
     let len = f
         .seek(SeekFrom::End(0))
         .with_context(|| format!("sizing {}", a.file.display()))?;
-    let loc = crate::admin::block_on(locate(e, &a.name, a.portal))?;
+    let loc = crate::admin::block_on(locate(e, &a.name, a.portal, a.own_target))?;
     anyhow::ensure!(
         len <= loc.size,
         "{} is {len} bytes, more than volume {} holds ({} bytes): grow it first (tessera volume resize)",
@@ -414,7 +429,7 @@ fn output(path: &Path, force: bool, size: u64) -> anyhow::Result<(File, bool)> {
 
 /// [`export`], reporting progress to `progress`.
 pub fn export_with(e: &EtcdArgs, a: &ImageArgs, progress: &mut Progress) -> anyhow::Result<()> {
-    let loc = crate::admin::block_on(locate(e, &a.name, a.portal))?;
+    let loc = crate::admin::block_on(locate(e, &a.name, a.portal, a.own_target))?;
     let size = loc.size;
     let (f, sparse) = output(&a.file, a.force, size)?;
     transfer(

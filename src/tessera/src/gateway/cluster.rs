@@ -401,6 +401,103 @@ struct View {
     held: HashMap<u64, String>,
     /// The session list last published, and when.
     published: Option<(Vec<String>, tokio::time::Instant)>,
+    /// Volumes' own targets (`[cluster] volume_targets`): volume → its target.
+    volume_targets: HashMap<u64, VolumeTarget>,
+}
+
+/// A volume's own target and what its LUN 0 leads to now.
+struct VolumeTarget {
+    name: String,
+    lun0: Lun0,
+}
+
+#[derive(Clone)]
+enum Lun0 {
+    /// The logical unit served here.
+    Local(Arc<LogicalUnit>),
+    /// Forwarded to this owner (its forwarding address; `None`: no owner).
+    Remote(Option<String>),
+}
+
+impl PartialEq for Lun0 {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Lun0::Local(a), Lun0::Local(b)) => Arc::ptr_eq(a, b),
+            (Lun0::Remote(a), Lun0::Remote(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Give every volume its own target (LUN 0: the volume, served here or forwarded to its
+/// owner), redirecting logins at a gateway that does not own it to the owner's portal when
+/// `[cluster] redirect` says so; drop the targets of deleted volumes.
+fn sync_volume_targets(
+    gw: &Gateway,
+    cl: &ClusterConfig,
+    vols: &[VolumeRecord],
+    owners: &HashMap<u64, tessera_cluster::OwnerRecord>,
+    gateways: &[GatewayRecord],
+    me: &GatewayRecord,
+    view: &mut View,
+) {
+    if !cl.volume_targets {
+        return;
+    }
+    let gone: Vec<u64> = view
+        .volume_targets
+        .keys()
+        .filter(|id| !vols.iter().any(|v| v.id == **id))
+        .copied()
+        .collect();
+    for id in gone {
+        let t = view.volume_targets.remove(&id).expect("present");
+        gw.remove_volume_target(&t.name);
+        info!(target = %t.name, "volume deleted: its target removed");
+    }
+    for v in vols {
+        let name = tessera_cluster::volume_target_name(&cl.target, &v.name);
+        if let Some(other) = view
+            .volume_targets
+            .iter()
+            .find(|(id, t)| **id != v.id && t.name == name)
+        {
+            debug!(volume = %v.name, other = other.0, "its target name is taken");
+            continue;
+        }
+        let owner = owners.get(&v.id).filter(|o| o.gateway != me.id);
+        let redirect = owner
+            .filter(|_| cl.redirect && !view.exported.contains_key(&v.id))
+            .and_then(|o| gateways.iter().find(|g| g.id == o.gateway))
+            .and_then(|g| g.portals.first())
+            .filter(|p| {
+                p.parse::<SocketAddr>()
+                    .is_ok_and(|a| !a.ip().is_unspecified())
+            })
+            .cloned();
+        let target = gw.put_volume_target(&name, &cl.target, &v.name, redirect);
+        let lun0 = match view.exported.get(&v.id) {
+            Some(e) => Lun0::Local(e.lu.clone()),
+            None => Lun0::Remote(view.remote.get(&v.id).and_then(|(_, o)| o.clone())),
+        };
+        let known = view.volume_targets.get(&v.id).map(|t| t.lun0.clone());
+        if known.as_ref() == Some(&lun0) {
+            continue;
+        }
+        match &lun0 {
+            Lun0::Local(lu) => target.add_lun(0, lu.clone()),
+            Lun0::Remote(owner) => {
+                let to = owner.as_deref().and_then(|a| view.client(a));
+                // The owner runs it on the volume's LUN of its cluster target.
+                target.add_remote_lun(0, Arc::new(Forwarded { lun: v.lun, to }));
+            }
+        }
+        if known.is_none() {
+            info!(volume = %v.name, target = %name, "serving the volume's own target");
+        }
+        view.volume_targets
+            .insert(v.id, VolumeTarget { name, lun0 });
+    }
 }
 
 impl View {
@@ -822,7 +919,7 @@ async fn reconcile(
         }
     }
     view.unowned.retain(|id, _| live.contains(id));
-    for v in vols {
+    for v in &vols {
         let owner = owners.get(&v.id);
         let preferred = tessera_cluster::preferred_owner(v.id, &gateways);
         let forward_of = |gateway: &str| {
@@ -919,7 +1016,7 @@ async fn reconcile(
                 continue;
             }
         };
-        match open(gw, c, &v, &map, epoch).await {
+        match open(gw, c, v, &map, epoch).await {
             Ok((vol, connector, index)) => {
                 let naa = stable_hash(&[b"tessera-volume", &v.id.to_be_bytes()]);
                 let lu_cfg = LuConfig {
@@ -985,6 +1082,7 @@ async fn reconcile(
             }
         }
     }
+    sync_volume_targets(gw, cl, &vols, &owners, &gateways, me, view);
 }
 
 /// Tell etcd which initiators have sessions to the cluster target here (what `volume
@@ -998,7 +1096,11 @@ async fn publish_sessions(
     view: &mut View,
 ) {
     let now = tokio::time::Instant::now();
-    let list = gw.sessions.initiators(&cl.target);
+    let mut list = gw.sessions.initiators(&cl.target);
+    for t in view.volume_targets.values() {
+        list.extend(gw.sessions.initiators(&t.name));
+    }
+    list.sort();
     if let Some((last, at)) = &view.published {
         if *last == list && now.duration_since(*at) < Duration::from_secs(30) {
             return;

@@ -320,6 +320,9 @@ pub(super) async fn serve(
                     Event::Close(why) => {
                         match &why {
                             CloseReason::Logout => debug!(%peer, "logout"),
+                            CloseReason::LoginFailed(
+                                tessera_proto::iscsi::login::LoginFailure::Redirected,
+                            ) => info!(%peer, "login redirected to the volume's owner"),
                             CloseReason::LoginFailed(f) => {
                                 info!(%peer, "login failed: {f}");
                                 if let Some(r) = failure_reason(f) {

@@ -44,6 +44,9 @@ pub struct Gateway {
     defs: Mutex<Vec<config::Target>>,
     /// What login and discovery see (replaced when the cluster numbers this gateway).
     directory: Mutex<Arc<Directory>>,
+    /// The cluster volumes' own targets (`[cluster] volume_targets`), by lower-case IQN:
+    /// their directory entries, kept across reloads.
+    volume_targets: Mutex<HashMap<String, TargetEntry>>,
     /// Negotiation limits.
     pub limits: Limits,
     /// The event loops the watchdog's health check watches.
@@ -333,6 +336,7 @@ impl Gateway {
             cfg,
             targets: RwLock::new(targets),
             directory: Mutex::new(directory),
+            volume_targets: Mutex::new(HashMap::new()),
             limits,
             sessions: SessionRegistry::default(),
             heartbeats: crate::notify::Heartbeats::default(),
@@ -358,6 +362,80 @@ impl Gateway {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Serve (or update) the volume target `name`, with the cluster target `like`'s access
+    /// settings and portal group tag, redirecting new logins to `redirect` (`host:port`)
+    /// when set. Returns the target (its LUNs are the caller's).
+    pub fn put_volume_target(
+        &self,
+        name: &str,
+        like: &str,
+        alias: &str,
+        redirect: Option<String>,
+    ) -> Arc<Target> {
+        let key = name.to_ascii_lowercase();
+        let target = self
+            .targets
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Target::new(name)))
+            .clone();
+        let mut d = self.directory.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(template) = d.targets.iter().find(|t| t.name.eq_ignore_ascii_case(like)) else {
+            return target;
+        };
+        let entry = TargetEntry {
+            name: name.to_string(),
+            alias: Some(alias.to_string()),
+            redirect,
+            ..template.clone()
+        };
+        let mut dynamic = self
+            .volume_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if dynamic.get(&key) != Some(&entry) {
+            let mut next = (**d).clone();
+            next.targets.retain(|t| !t.name.eq_ignore_ascii_case(name));
+            next.targets.push(entry.clone());
+            *d = Arc::new(next);
+            dynamic.insert(key, entry);
+        }
+        target
+    }
+
+    /// Stop serving the volume target `name` (its sessions keep the target until they end).
+    pub fn remove_volume_target(&self, name: &str) {
+        let key = name.to_ascii_lowercase();
+        if self
+            .volume_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key)
+            .is_none()
+        {
+            return;
+        }
+        self.targets
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        let mut d = self.directory.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = (**d).clone();
+        next.targets.retain(|t| !t.name.eq_ignore_ascii_case(name));
+        *d = Arc::new(next);
+    }
+
+    /// The volume targets' directory entries (a reload keeps them).
+    fn volume_target_entries(&self) -> Vec<TargetEntry> {
+        self.volume_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Give the target `name` the portal group tag `tag` (the cluster target takes the

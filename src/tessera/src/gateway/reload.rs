@@ -305,8 +305,11 @@ impl Gateway {
             }
         }
         {
+            let kept = self.volume_target_entries();
             let mut d = self.directory.lock().unwrap_or_else(|e| e.into_inner());
-            *d = Arc::new(directory_of(&new, &new.targets, Some(&d)));
+            let mut next = directory_of(&new, &new.targets, Some(&d));
+            next.targets.extend(kept);
+            *d = Arc::new(next);
         }
         *self.defs.lock().unwrap_or_else(|e| e.into_inner()) = new.targets.clone();
         if !draining.is_empty() {
