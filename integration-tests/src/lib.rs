@@ -698,3 +698,143 @@ impl Gateway {
         }
     }
 }
+
+/// The fixture of the multi-gateway tests: one etcd member and six storage nodes registered
+/// in it (their stores and logs in a directory of the test's). Dropping it stops the nodes
+/// (by PID), then etcd.
+pub struct SmallCluster {
+    /// The etcd member.
+    pub etcd: tessera_cluster::process::Etcd,
+    /// Its client URL.
+    pub url: String,
+    /// The storage node processes.
+    pub nodes: Vec<Started>,
+    /// A runtime for the cluster calls.
+    pub rt: tokio::runtime::Runtime,
+    /// A connection to the cluster.
+    pub cluster: tessera_cluster::Cluster,
+}
+
+impl SmallCluster {
+    /// etcd on a free port of `etcd_ip`, six nodes (ids `{tag}0` to `{tag}5`, one host label
+    /// each) on free ports of `node_ip`; waits until every node has registered.
+    pub fn start(dir: &Path, etcd_ip: [u8; 4], node_ip: [u8; 4], tag: &str) -> Self {
+        use tessera_cluster::process::{free_port, Etcd};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let eaddr = SocketAddr::from((etcd_ip, free_port(etcd_ip).expect("a free port")));
+        let mut etcd = Etcd::start_single(eaddr, &dir.join("etcd"), &dir.join("etcd.log"))
+            .expect("start etcd");
+        etcd.wait_ready(Duration::from_secs(30))
+            .expect("etcd ready");
+        let url = etcd.member.client_url();
+        let mut nodes = Vec::new();
+        for i in 0..6 {
+            let listen = SocketAddr::from((node_ip, free_port(node_ip).expect("a free port")));
+            nodes.push(Started(
+                Command::new(tessera_bin())
+                    .args(["node", "--id", &format!("{tag}{i}"), "--listen"])
+                    .arg(listen.to_string())
+                    .arg("--data")
+                    .arg(dir.join(format!("{tag}{i}.store")))
+                    .args(["--host", &format!("h{i}"), "--etcd", &url])
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(dir.join(format!("{tag}{i}.log"))).expect("log"))
+                    .spawn()
+                    .expect("start node"),
+            ));
+        }
+        let cluster = rt.block_on(async {
+            let start = Instant::now();
+            let c = tessera_cluster::Cluster::connect(
+                std::slice::from_ref(&url),
+                tessera_cluster::DEFAULT_PREFIX,
+            )
+            .await
+            .expect("etcd");
+            while c.nodes().await.map_or(0, |n| n.len()) < 6 {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "nodes did not register"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            c
+        });
+        Self {
+            etcd,
+            url,
+            nodes,
+            rt,
+            cluster,
+        }
+    }
+
+    /// Create a 4+2 volume of `size` bytes, 512-byte blocks, 16 PGs, chunks of `chunk`.
+    pub fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        chunk: u64,
+    ) -> tessera_cluster::VolumeRecord {
+        self.rt
+            .block_on(self.cluster.create_volume(&tessera_cluster::NewVolume {
+                name: name.into(),
+                size,
+                block_size: 512,
+                profile: tessera_ec::Profile::parse("4+2", chunk).expect("a profile"),
+                pgs: 16,
+                write_quorum: None,
+            }))
+            .expect("create the volume")
+    }
+
+    /// Wait (30 s at most) until gateway `id` (`g`, whose log a failure shows) owns `volume`.
+    pub fn wait_owner(&self, volume: u64, id: &str, g: &Gateway) {
+        let start = Instant::now();
+        while self
+            .rt
+            .block_on(self.cluster.owner(volume))
+            .ok()
+            .flatten()
+            .map(|o| o.gateway)
+            .as_deref()
+            != Some(id)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{id} never took the volume\n{}",
+                g.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for SmallCluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        self.etcd.stop();
+    }
+}
+
+/// Run `tessera ARGS` with extra environment `env` (two minutes at most): whether it
+/// succeeded and what it printed (stdout, then stderr), also printed for the test's log.
+pub fn tessera_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut c = Command::new(tessera_bin());
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = run(&mut c, Duration::from_secs(120));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    (out.status.success(), text)
+}

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_integration_tests::{images, require_tool, run, tessera_bin, Demo};
+use tessera_integration_tests::{images, require_tool, run, tessera_bin, tessera_cli, Demo};
 
 /// The percent values of a progress item's plain lines (`NAME: P% (...)`).
 fn percents(out: &str, name: &str) -> Vec<u64> {
@@ -145,21 +145,12 @@ fn import_with_chap_and_through_a_connection_cut_mid_copy() {
     let img = dir.path().join("in.raw");
     images::random_file(&img, 24, 5);
     let img_s = img.to_str().unwrap();
+    let etcd = demo.etcd();
     let tessera = |args: &[&str], secret: Option<&str>| {
-        let mut c = Command::new(tessera_bin());
-        c.args(args).env("TESSERA_ETCD", demo.etcd());
-        match secret {
-            Some(s) => c.env("TESSERA_CHAP_SECRET", s),
-            None => c.env_remove("TESSERA_CHAP_SECRET"),
-        };
-        let out = run(&mut c, Duration::from_secs(120));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        println!("{text}");
-        (out.status.success(), text)
+        let mut env = vec![("TESSERA_ETCD", etcd.as_str())];
+        // Without a secret the variable is set empty (the CLI takes that as none given).
+        env.push(("TESSERA_CHAP_SECRET", secret.unwrap_or("")));
+        tessera_cli(args, &env)
     };
     let (ok, out) = tessera(&["volume", "import", "demo", img_s], None);
     assert!(!ok && out.contains("authentication failed"), "{out}");

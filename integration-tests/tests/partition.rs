@@ -19,16 +19,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tessera_cluster::process::{free_port, Etcd};
-use tessera_cluster::Cluster;
 use tessera_integration_tests::initiator::{Outcome, Session};
-use tessera_integration_tests::Started;
-use tessera_integration_tests::{tessera_bin, Gateway};
+use tessera_integration_tests::{Gateway, SmallCluster};
 
 const TARGET: &str = "iqn.2024-01.io.tessera:cluster";
 const TTL: u64 = 5;
@@ -230,61 +227,9 @@ fn a_gateway_cut_from_etcd_stops_writing_and_never_overwrites_its_successor() {
     let net = Net::new();
     Net::enter(&net.core);
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-
-    let eaddr = SocketAddr::from(([10, 213, 2, 1], free_port([10, 213, 2, 1]).unwrap()));
-    let mut etcd = Etcd::start_single(
-        eaddr,
-        &dir.path().join("etcd"),
-        &dir.path().join("etcd.log"),
-    )
-    .expect("start etcd");
-    etcd.wait_ready(Duration::from_secs(30)).unwrap();
-    let url = etcd.member.client_url();
-    let mut procs = Vec::new();
-    for i in 0..6 {
-        let listen = SocketAddr::from(([10, 213, 1, 1], free_port([10, 213, 1, 1]).unwrap()));
-        procs.push(Started(
-            Command::new(tessera_bin())
-                .args(["node", "--id", &format!("p{i}"), "--listen"])
-                .arg(listen.to_string())
-                .arg("--data")
-                .arg(dir.path().join(format!("p{i}.store")))
-                .args(["--host", &format!("h{i}"), "--etcd", &url])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.path().join(format!("p{i}.log"))).unwrap())
-                .spawn()
-                .expect("start node"),
-        ));
-    }
-    let c = rt.block_on(async {
-        let start = Instant::now();
-        let c = Cluster::connect(std::slice::from_ref(&url), tessera_cluster::DEFAULT_PREFIX)
-            .await
-            .expect("etcd");
-        while c.nodes().await.map_or(0, |n| n.len()) < 6 {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "nodes did not register"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        c
-    });
-    let vol = rt
-        .block_on(c.create_volume(&tessera_cluster::NewVolume {
-            name: "part".into(),
-            size: 16 << 20,
-            block_size: 512,
-            profile: tessera_ec::Profile::parse("4+2", 4096).unwrap(),
-            pgs: 16,
-            write_quorum: None,
-        }))
-        .expect("create the volume");
+    let cl = SmallCluster::start(dir.path(), [10, 213, 2, 1], [10, 213, 1, 1], "p");
+    let (rt, c, url) = (&cl.rt, &cl.cluster, cl.url.clone());
+    let vol = cl.create_volume("part", 16 << 20, 4096);
     let lun = u8::try_from(vol.lun).unwrap();
 
     // Gateway 1, in iso, first: it takes the volume.
@@ -299,21 +244,7 @@ fn a_gateway_cut_from_etcd_stops_writing_and_never_overwrites_its_successor() {
     })
     .join()
     .expect("start gateway 1");
-    let start = Instant::now();
-    while rt
-        .block_on(c.owner(vol.id))
-        .ok()
-        .flatten()
-        .map(|o| o.gateway)
-        != Some("gw-1".into())
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "gw-1 never took the volume\n{}",
-            g1.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cl.wait_owner(vol.id, "gw-1", &g1);
     let epoch1 = rt.block_on(c.epoch(vol.id)).unwrap();
     // Gateway 2, in core, weight 0: it forwards to gw-1 while gw-1 owns the volume.
     let g2 = Gateway::start_on(
@@ -463,7 +394,6 @@ fn a_gateway_cut_from_etcd_stops_writing_and_never_overwrites_its_successor() {
     drop(s2);
     drop(g2);
     drop(g1);
-    drop(procs);
-    etcd.stop();
+    drop(cl);
     drop(net);
 }

@@ -6,12 +6,10 @@
 //! deleted volume's target goes.
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tessera_cluster::process::{free_port, Etcd};
-use tessera_cluster::Cluster;
-use tessera_integration_tests::{images, require_tool, run, tessera_bin, Gateway, Started};
+use tessera_integration_tests::{images, require_tool, run, tessera_cli, Gateway, SmallCluster};
 
 const TARGET: &str = "iqn.2024-01.io.tessera:cluster";
 const VOLUME_TARGET: &str = "iqn.2024-01.io.tessera:cluster:red-vol";
@@ -29,61 +27,9 @@ fn logins_to_a_volumes_own_target_are_redirected_to_its_owner() {
     require_tool("iscsi-ls", "libiscsi-bin");
     require_tool("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let lo = [127, 0, 0, 1];
-    let eaddr = SocketAddr::from((lo, free_port(lo).unwrap()));
-    let mut etcd = Etcd::start_single(
-        eaddr,
-        &dir.path().join("etcd"),
-        &dir.path().join("etcd.log"),
-    )
-    .expect("start etcd");
-    etcd.wait_ready(Duration::from_secs(30)).unwrap();
-    let url = etcd.member.client_url();
-    let mut nodes = Vec::new();
-    for i in 0..6 {
-        let listen = SocketAddr::from((lo, free_port(lo).unwrap()));
-        nodes.push(Started(
-            Command::new(tessera_bin())
-                .args(["node", "--id", &format!("r{i}"), "--listen"])
-                .arg(listen.to_string())
-                .arg("--data")
-                .arg(dir.path().join(format!("r{i}.store")))
-                .args(["--host", &format!("h{i}"), "--etcd", &url])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.path().join(format!("r{i}.log"))).unwrap())
-                .spawn()
-                .expect("start node"),
-        ));
-    }
-    let c = rt.block_on(async {
-        let start = Instant::now();
-        let c = Cluster::connect(std::slice::from_ref(&url), tessera_cluster::DEFAULT_PREFIX)
-            .await
-            .expect("etcd");
-        while c.nodes().await.map_or(0, |n| n.len()) < 6 {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "nodes did not register"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        c
-    });
-    let vol = rt
-        .block_on(c.create_volume(&tessera_cluster::NewVolume {
-            name: "red_vol".into(),
-            size: 32 << 20,
-            block_size: 512,
-            profile: tessera_ec::Profile::parse("4+2", 16384).unwrap(),
-            pgs: 16,
-            write_quorum: None,
-        }))
-        .expect("create the volume");
+    let cl = SmallCluster::start(dir.path(), [127, 0, 0, 1], [127, 0, 0, 1], "r");
+    let url = cl.url.clone();
+    let vol = cl.create_volume("red_vol", 32 << 20, 16384);
     let cfg = |id: &str, weight: u32| {
         format!(
             "[gateway]\nportals = [\"127.0.0.1:{{PORT}}\"]\n\n[cluster]\netcd = [\"{url}\"]\n\
@@ -92,22 +38,9 @@ fn logins_to_a_volumes_own_target_are_redirected_to_its_owner() {
         )
     };
     // gw-1 owns the volume; gw-2 (weight 0) does not.
+    let lo = [127, 0, 0, 1];
     let g1 = Gateway::start_on(lo, &cfg("gw-1", 1));
-    let start = Instant::now();
-    while rt
-        .block_on(c.owner(vol.id))
-        .ok()
-        .flatten()
-        .map(|o| o.gateway)
-        != Some("gw-1".into())
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "gw-1 never took the volume\n{}",
-            g1.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cl.wait_owner(vol.id, "gw-1", &g1);
     let g2 = Gateway::start_on(lo, &cfg("gw-2", 0));
     let start = Instant::now();
     while !discovered(g2.portal).contains(VOLUME_TARGET) {
@@ -128,22 +61,7 @@ fn logins_to_a_volumes_own_target_are_redirected_to_its_owner() {
     // tessera's own initiator, sent to the non-owner, is redirected to the owner.
     let img = dir.path().join("img.raw");
     images::random_file(&img, 8, 21);
-    let cli = |args: &[&str]| {
-        let out = run(
-            Command::new(tessera_bin())
-                .args(args)
-                .env("TESSERA_ETCD", &url)
-                .env("RUST_LOG", "info"),
-            Duration::from_secs(120),
-        );
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        println!("{text}");
-        (out.status.success(), text)
-    };
+    let cli = |args: &[&str]| tessera_cli(args, &[("TESSERA_ETCD", &url), ("RUST_LOG", "info")]);
     let via_g2 = g2.portal.to_string();
     let (ok, out) = cli(&[
         "volume",
@@ -200,7 +118,9 @@ fn logins_to_a_volumes_own_target_are_redirected_to_its_owner() {
     );
 
     // A deleted volume's target goes from discovery.
-    rt.block_on(c.delete_volume("red_vol")).expect("delete");
+    cl.rt
+        .block_on(cl.cluster.delete_volume("red_vol"))
+        .expect("delete");
     let start = Instant::now();
     while discovered(g2.portal).contains(VOLUME_TARGET)
         || discovered(g1.portal).contains(VOLUME_TARGET)
@@ -213,6 +133,5 @@ fn logins_to_a_volumes_own_target_are_redirected_to_its_owner() {
     }
     drop(g2);
     drop(g1);
-    drop(nodes);
-    etcd.stop();
+    drop(cl);
 }

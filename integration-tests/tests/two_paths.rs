@@ -10,17 +10,13 @@
 //! harness and its cache (the Makefile sets both).
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tessera_cluster::process::{free_port, Etcd};
-use tessera_cluster::Cluster;
-use tessera_integration_tests::Started;
 use tessera_integration_tests::{guest_cache, guest_dir};
-use tessera_integration_tests::{require_tool, tessera_bin, Gateway};
+use tessera_integration_tests::{require_tool, Gateway, SmallCluster, Started};
 
 const TARGET: &str = "iqn.2024-01.io.tessera:cluster";
 const MARK: &str = "TWO-PATHS-KILL-OWNER";
@@ -41,61 +37,9 @@ fn two_sessions_through_two_gateways_survive_the_owners_death() {
     );
     let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/guest");
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let lo = [127, 0, 0, 1];
-    let eaddr = SocketAddr::from((lo, free_port(lo).unwrap()));
-    let mut etcd = Etcd::start_single(
-        eaddr,
-        &dir.path().join("etcd"),
-        &dir.path().join("etcd.log"),
-    )
-    .expect("start etcd");
-    etcd.wait_ready(Duration::from_secs(30)).unwrap();
-    let url = etcd.member.client_url();
-    let mut nodes = Vec::new();
-    for i in 0..6 {
-        let listen = SocketAddr::from((lo, free_port(lo).unwrap()));
-        nodes.push(Started(
-            Command::new(tessera_bin())
-                .args(["node", "--id", &format!("t{i}"), "--listen"])
-                .arg(listen.to_string())
-                .arg("--data")
-                .arg(dir.path().join(format!("t{i}.store")))
-                .args(["--host", &format!("h{i}"), "--etcd", &url])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.path().join(format!("t{i}.log"))).unwrap())
-                .spawn()
-                .expect("start node"),
-        ));
-    }
-    let c = rt.block_on(async {
-        let start = Instant::now();
-        let c = Cluster::connect(std::slice::from_ref(&url), tessera_cluster::DEFAULT_PREFIX)
-            .await
-            .expect("etcd");
-        while c.nodes().await.map_or(0, |n| n.len()) < 6 {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "nodes did not register"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        c
-    });
-    let vol = rt
-        .block_on(c.create_volume(&tessera_cluster::NewVolume {
-            name: "paths".into(),
-            size: 64 << 20,
-            block_size: 512,
-            profile: tessera_ec::Profile::parse("4+2", 16384).unwrap(),
-            pgs: 16,
-            write_quorum: None,
-        }))
-        .expect("create the volume");
+    let cl = SmallCluster::start(dir.path(), [127, 0, 0, 1], [127, 0, 0, 1], "t");
+    let url = cl.url.clone();
+    let vol = cl.create_volume("paths", 64 << 20, 16384);
     let cfg = |id: &str, weight: u32| {
         format!(
             "[gateway]\nportals = [\"127.0.0.1:{{PORT}}\"]\n\n[cluster]\netcd = [\"{url}\"]\n\
@@ -103,22 +47,9 @@ fn two_sessions_through_two_gateways_survive_the_owners_death() {
         )
     };
     // The owner first; the second gateway (weight 0) forwards to it.
+    let lo = [127, 0, 0, 1];
     let g1 = Gateway::start_on(lo, &cfg("gw-1", 1));
-    let start = Instant::now();
-    while rt
-        .block_on(c.owner(vol.id))
-        .ok()
-        .flatten()
-        .map(|o| o.gateway)
-        != Some("gw-1".into())
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "gw-1 never took the volume\n{}",
-            g1.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cl.wait_owner(vol.id, "gw-1", &g1);
     let g2 = Gateway::start_on(lo, &cfg("gw-2", 0));
     std::thread::sleep(Duration::from_secs(1));
 
@@ -204,12 +135,15 @@ fn two_sessions_through_two_gateways_survive_the_owners_death() {
         killed.is_some(),
         "the guest never asked for the owner to die:\n{text}"
     );
-    let owner = rt.block_on(c.owner(vol.id)).unwrap().expect("an owner");
+    let owner = cl
+        .rt
+        .block_on(cl.cluster.owner(vol.id))
+        .unwrap()
+        .expect("an owner");
     assert_eq!(owner.gateway, "gw-2", "the survivor owns the volume");
     assert!(owner.epoch >= 2, "{owner:?}");
     drop(guest);
     drop(g2);
     drop(g1);
-    drop(nodes);
-    etcd.stop();
+    drop(cl);
 }

@@ -350,7 +350,8 @@ pub fn cluster_wait_rebuild(
     })
 }
 
-fn human_bytes(b: f64) -> String {
+/// Bytes as B, KiB, MiB, GiB or TiB with one decimal.
+pub(crate) fn human_bytes(b: f64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b;
     let mut u = 0;

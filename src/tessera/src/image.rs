@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use tessera_proto::iscsi::chap::Credentials;
 
-use crate::admin::EtcdArgs;
+use crate::admin::{human_bytes, EtcdArgs};
 use crate::initiator::{InitiatorError, LoginParams, Session};
 use crate::progress::Progress;
 
@@ -122,6 +122,8 @@ fn login_params(a: &ImageArgs, loc: &Located) -> anyhow::Result<LoginParams> {
     let chap = match &a.chap_user {
         Some(user) => {
             let secret = std::env::var("TESSERA_CHAP_SECRET")
+                .ok()
+                .filter(|s| !s.is_empty())
                 .context("--chap-user needs the secret in TESSERA_CHAP_SECRET")?;
             Some(Credentials {
                 user: user.clone(),
@@ -241,22 +243,37 @@ fn transfer(
                 let Some(off) = todo.pop_front() else { break };
                 let n = io.min(len - off);
                 let blocks = n.div_ceil(bs);
-                let itt = match &dir {
+                let started: anyhow::Result<u32> = match &dir {
                     Dir::Import(f, flen) => {
                         buf_cache.clear();
                         buf_cache.resize((blocks * bs) as usize, 0);
                         let have = (*flen - off).min(n) as usize;
-                        f.read_exact_at(&mut buf_cache[..have], off)
-                            .with_context(|| format!("reading the image at offset {off}"))?;
-                        let cdb = rw16(0x8a, off / bs, blocks as u32);
-                        s.submit(loc.lun, &cdb, Bytes::copy_from_slice(&buf_cache), 0)?
+                        match f.read_exact_at(&mut buf_cache[..have], off) {
+                            Ok(()) => {
+                                let cdb = rw16(0x8a, off / bs, blocks as u32);
+                                s.submit(loc.lun, &cdb, Bytes::copy_from_slice(&buf_cache), 0)
+                                    .map_err(Into::into)
+                            }
+                            Err(e) => Err(anyhow::Error::new(e)
+                                .context(format!("reading the image at offset {off}"))),
+                        }
                     }
                     Dir::Export(..) => {
                         let cdb = rw16(0x88, off / bs, blocks as u32);
-                        s.submit(loc.lun, &cdb, Bytes::new(), (blocks * bs) as u32)?
+                        s.submit(loc.lun, &cdb, Bytes::new(), (blocks * bs) as u32)
+                            .map_err(Into::into)
                     }
                 };
-                flight.insert(itt, off);
+                match started {
+                    Ok(itt) => {
+                        flight.insert(itt, off);
+                    }
+                    Err(e) => {
+                        // Not sent (or not known to be): it is done again after a re-login.
+                        todo.push_front(off);
+                        return Err(e);
+                    }
+                }
             }
             let (itt, o) = s.wait_any()?;
             let off = flight.remove(&itt).expect("a command of ours");
@@ -310,12 +327,13 @@ fn transfer(
             len,
             &format!(
                 "{} of {} at {}/s",
-                human(done as f64),
-                human(len as f64),
-                human(done as f64 / secs)
+                human_bytes(done as f64),
+                human_bytes(len as f64),
+                human_bytes(done as f64 / secs)
             ),
         );
     }
+    anyhow::ensure!(done == len, "{what}: {done} of {len} bytes copied");
     let mut s = match session.take() {
         Some(s) => s,
         None => open(&login_params(a, &loc)?, &loc)?,
@@ -332,8 +350,8 @@ fn transfer(
     let secs = start.elapsed().as_secs_f64().max(1e-3);
     let msg = format!(
         "{} in {secs:.1} s, {}/s (LUN {} of {} at {})",
-        human(len as f64),
-        human(len as f64 / secs),
+        human_bytes(len as f64),
+        human_bytes(len as f64 / secs),
         loc.lun,
         loc.target,
         s.portal()
@@ -343,17 +361,6 @@ fn transfer(
     }
     progress.finish(what, &format!("done: {msg}"));
     Ok(())
-}
-
-fn human(b: f64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < U.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", U[u])
 }
 
 /// `tessera volume import NAME FILE`: the file's bytes become the volume's first bytes (a

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use tessera_proto::block::BlockDevice;
+use tessera_proto::iscsi::login::Directory;
 use tessera_target::{LogicalUnit, Target};
 use tracing::{info, warn};
 
@@ -98,6 +99,15 @@ impl std::fmt::Display for Reloaded {
 }
 
 /// The settings a reload cannot change that differ between `old` and `new`.
+/// What login and discovery see after a reload to `new`: its targets and discovery secrets,
+/// but the running configuration's `[cluster]` (a restart-only setting: the cluster target
+/// keeps its name and the portal group tag `old` gave it).
+fn reloaded_directory(running: &Config, new: &Config, old: &Directory) -> Directory {
+    let mut view = new.clone();
+    view.cluster = running.cluster.clone();
+    directory_of(&view, &new.targets, Some(old))
+}
+
 fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut v = Vec::new();
     let mut differ = |name: &'static str, d: bool| {
@@ -307,7 +317,7 @@ impl Gateway {
         {
             let kept = self.volume_target_entries();
             let mut d = self.directory.lock().unwrap_or_else(|e| e.into_inner());
-            let mut next = directory_of(&new, &new.targets, Some(&d));
+            let mut next = reloaded_directory(&self.cfg, &new, &d);
             next.targets.extend(kept);
             *d = Arc::new(next);
         }
@@ -395,5 +405,40 @@ impl Gateway {
                 });
         }
         info!(target = %iqn, lun = id, drained_in = ?start.elapsed(), volume_closed = closed, "removed LUN drained");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(std::path::Path::new("t.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn a_reload_keeps_the_running_cluster_target_and_its_tag() {
+        let base =
+            "[gateway]\nportals = [\"127.0.0.1:3260\"]\n[cluster]\netcd = [\"http://a:1\"]\n";
+        let running = parse(&format!("{base}target = \"iqn.2024-01.io.tessera:one\"\n"));
+        let mut old = directory_of(&running, &running.targets, None);
+        for t in &mut old.targets {
+            t.portal_group_tag = 7;
+        }
+        // The new file renames the cluster target (restart-only) and adds a target.
+        let new = parse(&format!(
+            "{base}target = \"iqn.2024-01.io.tessera:two\"\n[[target]]\niqn = \"iqn.2024-01.io.tessera:extra\"\n"
+        ));
+        let d = reloaded_directory(&running, &new, &old);
+        let names: Vec<&str> = d.targets.iter().map(|t| t.name.as_str()).collect();
+        assert!(names.contains(&"iqn.2024-01.io.tessera:one"), "{names:?}");
+        assert!(!names.contains(&"iqn.2024-01.io.tessera:two"), "{names:?}");
+        assert!(names.contains(&"iqn.2024-01.io.tessera:extra"), "{names:?}");
+        let one = d
+            .targets
+            .iter()
+            .find(|t| t.name == "iqn.2024-01.io.tessera:one")
+            .unwrap();
+        assert_eq!(one.portal_group_tag, 7, "the tag the cluster gave it stays");
     }
 }
