@@ -107,6 +107,11 @@ fn import_and_export_copy_a_volume_byte_for_byte_through_its_target() {
         .unwrap();
     let (ok, out) = demo.tessera(&["volume", "import", "demo", big.to_str().unwrap()]);
     assert!(!ok && out.contains("grow it first"), "{out}");
+    let (ok, out) = demo.tessera(&["volume", "import", "demo", img_s, "--io-size", "1000"]);
+    assert!(
+        !ok && out.contains("multiple of the volume's block size"),
+        "{out}"
+    );
     let (ok, out) = demo.tessera(&["volume", "import", "nosuch", img_s]);
     assert!(!ok && out.contains("no volume named"), "{out}");
     let (ok, out) = demo.tessera(&["volume", "import", "demo", "/nonexistent/x.raw"]);
