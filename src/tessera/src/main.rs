@@ -1,4 +1,5 @@
-//! The `tessera` command: `gateway`, `node`, `demo`, `config check`.
+//! The `tessera` command: `gateway`, `node`, `demo`, `config check`, and the cluster commands
+//! (`volume`, `node list|drain|undrain`, `cluster`, `status`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
