@@ -292,6 +292,7 @@ pub fn cluster_wait_rebuild(
         let mut p = crate::progress::Progress::new();
         let start = std::time::Instant::now();
         let mut quiet: Option<std::time::Instant> = None;
+        let mut followed: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
         loop {
             let vols = c.volumes().await?;
             if let Some(n) = volume {
@@ -305,6 +306,20 @@ pub fn cluster_wait_rebuild(
                     continue;
                 };
                 let name = format!("{} map {}", v.name, m.epoch);
+                // A newer map replaced the one followed: end that one's line.
+                if let Some(old) = followed.insert(v.id, m.epoch).filter(|e| *e != m.epoch) {
+                    let old_name = format!("{} map {old}", v.name);
+                    match fills.get(&v.id).filter(|f| f.map_epoch == old) {
+                        Some(f) if f.finished => p.finish(
+                            &old_name,
+                            &format!("done: {} written", human_bytes(f.bytes as f64)),
+                        ),
+                        _ => p.finish(
+                            &old_name,
+                            &format!("done or superseded: map {} follows", m.epoch),
+                        ),
+                    }
+                }
                 match fills.get(&v.id).filter(|f| f.map_epoch == m.epoch) {
                     Some(f) if f.finished => p.finish(
                         &name,
