@@ -226,7 +226,6 @@ fn transfer(
     let mut done = 0u64;
     let start = Instant::now();
     let mut last_progress = Instant::now();
-    let mut buf_cache: Vec<u8> = Vec::new();
     while !todo.is_empty() || !flight.is_empty() {
         let step = (|| -> anyhow::Result<()> {
             if session.is_none() {
@@ -245,13 +244,13 @@ fn transfer(
                 let blocks = n.div_ceil(bs);
                 let started: anyhow::Result<u32> = match &dir {
                     Dir::Import(f, flen) => {
-                        buf_cache.clear();
-                        buf_cache.resize((blocks * bs) as usize, 0);
+                        // Read straight into the buffer the command sends (no second copy).
+                        let mut buf = vec![0u8; (blocks * bs) as usize];
                         let have = (*flen - off).min(n) as usize;
-                        match f.read_exact_at(&mut buf_cache[..have], off) {
+                        match f.read_exact_at(&mut buf[..have], off) {
                             Ok(()) => {
                                 let cdb = rw16(0x8a, off / bs, blocks as u32);
-                                s.submit(loc.lun, &cdb, Bytes::copy_from_slice(&buf_cache), 0)
+                                s.submit(loc.lun, &cdb, Bytes::from(buf), 0)
                                     .map_err(Into::into)
                             }
                             Err(e) => Err(anyhow::Error::new(e)

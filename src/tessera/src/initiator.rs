@@ -495,11 +495,6 @@ impl Session {
         }
     }
 
-    /// Commands sent and not yet answered.
-    pub fn in_flight(&self) -> usize {
-        self.tasks.len()
-    }
-
     /// Send a command on `lun` (its CDB, Data-Out, Data-In length expected); returns its tag.
     /// Waits for answers first while the target's command window is closed.
     pub fn submit(
