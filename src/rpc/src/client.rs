@@ -200,9 +200,7 @@ async fn drive(inner: Rc<Inner>, generation: u64) {
                         Err(e) => return Err::<(), String>(format!("bad frame: {e}")),
                     }
                 }
-                if buf.capacity() - buf.len() < 64 * 1024 {
-                    buf.reserve(256 * 1024);
-                }
+                crate::make_room(&mut buf);
                 match rd.read_buf(&mut buf).await {
                     Ok(0) => return Err("closed by the node".to_string()),
                     Ok(_) => {}

@@ -235,7 +235,10 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
     let header = Header::decode(&buf[..HEADER_LEN])?;
     let total = HEADER_LEN + header.body_len as usize;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // Room for the rest of this frame and the next ones (see `RECV_STEP`).
+        if buf.capacity() < total {
+            buf.reserve((total - buf.len()).max(crate::RECV_STEP));
+        }
         return Ok(None);
     }
     let mut whole = buf.split_to(total);

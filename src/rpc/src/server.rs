@@ -116,9 +116,7 @@ pub async fn serve<H: Handler>(
             return Ok(());
         }
         let can_read = !eof && running.len() < MAX_IN_FLIGHT;
-        if inbuf.capacity() - inbuf.len() < 64 * 1024 {
-            inbuf.reserve(256 * 1024);
-        }
+        crate::make_room(&mut inbuf);
         tokio::select! {
             r = rd.read_buf(&mut inbuf), if can_read => {
                 if r? == 0 {

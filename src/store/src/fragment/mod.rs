@@ -1042,8 +1042,15 @@ impl FragmentStore {
         );
         // Whole blocks covering the range; the header and everything up to the last of them in
         // one read when that is at most 64 KiB (one I/O instead of two; only the covering
-        // blocks are checked), else two reads.
+        // blocks are checked), else two reads. In memory (tmpfs) every byte read is a copy and
+        // a second read costs little: one read only when it fetches at most one block the
+        // range does not need.
         let (b0, b1) = (from / BLOCK, to.div_ceil(BLOCK));
+        let together = if self.inner.memory_fs {
+            b0 <= 1
+        } else {
+            b0 == 0 || (b1 - b0) * 2 >= chunk / BLOCK || (1 + b1) * BLOCK <= ONE_READ
+        };
         let off = e.rec.slot_offset(loc.pair, slot);
         let io_err = |err: io::Error| {
             if matches!(
@@ -1068,7 +1075,7 @@ impl FragmentStore {
                 Err(err) => return Self::not(io_err(err)),
             }
             (b.into_bytes(), Bytes::new(), 0)
-        } else if b0 == 0 || (b1 - b0) * 2 >= chunk / BLOCK || (1 + b1) * BLOCK <= ONE_READ {
+        } else if together {
             let len = BLOCK + b1 * BLOCK;
             let (r, b) = self
                 .inner

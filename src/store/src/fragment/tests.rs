@@ -509,7 +509,14 @@ fn concurrent_writes_to_new_extents_get_distinct_extents() {
 
 #[test]
 fn partial_writes_build_on_their_base_and_reads_check_only_their_blocks() {
-    let dir = tmpdir(false);
+    // On a disk and in memory (tmpfs), whose reads of ranges fetch the header apart.
+    for shm in [false, true] {
+        partial_writes_case(shm);
+    }
+}
+
+fn partial_writes_case(shm: bool) {
+    let dir = tmpdir(shm);
     let path = dir.path().join("store");
     let v = vol(16384);
     let a = pattern(20, 16384);

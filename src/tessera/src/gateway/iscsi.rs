@@ -168,6 +168,9 @@ fn hex6(b: &[u8; 6]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// How much the receive buffer grows by at a time.
+const RECV_STEP: usize = 1 << 20;
+
 /// Write as much of `tx` as the socket takes. `Ok(true)`: everything was written.
 fn flush(stream: &TcpStream, tx: &mut TxQueue) -> io::Result<bool> {
     while !tx.is_empty() {
@@ -388,7 +391,11 @@ pub(super) async fn serve(
                     Ok(ready) if ready.is_readable() => {
                         let mut eof = false;
                         loop {
-                            rbuf.reserve(64 * 1024);
+                            // Grow in large steps: growing moves the partial PDU at the
+                            // end, so a step per 64 KiB read copied most of each burst.
+                            if rbuf.capacity() - rbuf.len() < 64 * 1024 {
+                                rbuf.reserve(RECV_STEP);
+                            }
                             let room = rbuf.capacity() - rbuf.len();
                             match stream.try_read_buf(&mut rbuf) {
                                 Ok(0) => { eof = true; break; }
