@@ -23,7 +23,8 @@ use tokio::io::AsyncWriteExt;
 /// their requests run, so growing it means a new allocation and a copy of the partial frame
 /// at its end. Growing in large steps makes that copy rare: about once per `RECV_STEP`
 /// received, not once per frame (with 256 KiB steps, nearly every large write frame was
-/// copied once more). Untouched capacity is not backed by memory until it is read into.
+/// copied once more). The price is memory: a step stays allocated until every frame split
+/// from it is dropped, so a busy connection holds a few MiB while its requests run.
 pub(crate) const RECV_STEP: usize = 1 << 20;
 
 /// Make room for the next read into `buf`.
