@@ -312,6 +312,21 @@ mod tests {
         }
     }
 
+    /// The volume encodes into reused buffers that still hold old bytes: encoding must
+    /// overwrite every parity byte, not add to what is there.
+    #[test]
+    fn encode_overwrites_what_the_parity_buffers_held() {
+        for (k, m) in [(1, 1), (4, 2), (8, 4)] {
+            let c = codec(k as u32, m as u32);
+            let d = data(k, 4096, 9);
+            let mut parity = vec![vec![0xa5u8; 4096]; m];
+            let dr: Vec<&[u8]> = d.iter().map(|x| &x[..]).collect();
+            let mut pr: Vec<&mut [u8]> = parity.iter_mut().map(|x| &mut x[..]).collect();
+            c.encode(&dr, &mut pr).unwrap();
+            assert_eq!(parity, reference::encode(k, m, &d), "{k}+{m}");
+        }
+    }
+
     #[test]
     fn m_zero_is_plain_striping() {
         let c = codec(3, 0);

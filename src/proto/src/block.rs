@@ -12,6 +12,8 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
+use crate::segments::Segments;
+
 /// A boxed, core-local future, as returned by [`BlockDevice`] methods.
 pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
@@ -85,6 +87,18 @@ pub trait BlockDevice: Send + Sync + 'static {
         data: Bytes,
         fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>>;
+
+    /// Write `data`, held in pieces, at `offset`, as [`write`](Self::write) does. The default
+    /// gathers the pieces into one buffer (a copy when there is more than one); a backend
+    /// that can use the pieces as they are overrides it.
+    fn write_segments(
+        &self,
+        offset: u64,
+        data: Segments,
+        fua: bool,
+    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        self.write(offset, data.to_bytes(), fua)
+    }
 
     /// Make every completed write durable (SYNCHRONIZE CACHE).
     fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>>;

@@ -9,6 +9,7 @@
 //! - [`scsi`]: SPC-4 / SBC-3 command parsing, sense data, INQUIRY/VPD, mode pages,
 //!   persistent-reservation rules.
 //! - [`block`]: the one block interface every transport speaks and every backend implements.
+//! - [`segments`]: write data as it arrived, in pieces, without gathering it into one buffer.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -17,3 +18,4 @@ pub mod block;
 pub mod fuzzing;
 pub mod iscsi;
 pub mod scsi;
+pub mod segments;

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tessera_proto::segments::Segments;
 
 /// An I_T nexus: one initiator port talking to one target port (SAM-5 §4.6.4).
 ///
@@ -46,8 +47,10 @@ pub struct ScsiCommand {
     /// The CDB (6 to 260 bytes; iSCSI carries up to 16 in the BHS, more in an AHS).
     pub cdb: Bytes,
     /// The Data-Out the initiator sent: exactly `expected_len` bytes for a write command
-    /// (fewer only if the transport gave up collecting it), empty for reads.
-    pub data_out: Bytes,
+    /// (fewer only if the transport gave up collecting it), empty for reads. In the pieces the
+    /// transport received it in: WRITE hands them to the device as they are, other commands
+    /// gather them.
+    pub data_out: Segments,
     /// The transport's Expected Data Transfer Length (iSCSI EDTL), in bytes.
     pub expected_len: u32,
     /// The initiator declared a read (Data-In) transfer.

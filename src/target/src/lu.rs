@@ -551,22 +551,24 @@ impl LogicalUnit {
                 alloc_len,
             } => self.inquiry(nexus, evpd, page, alloc_len),
             Command::ModeSense(ms) => self.mode_sense(&ms),
-            Command::ModeSelect(ms) => self.mode_select(nexus, &ms, &cmd.data_out),
+            Command::ModeSelect(ms) => self.mode_select(nexus, &ms, &cmd.data_out.to_bytes()),
             Command::ReadCapacity10 => self.read_capacity10(),
             Command::ReadCapacity16 { alloc_len } => self.read_capacity16(alloc_len),
             Command::WriteAndVerify { rw, bytchk } => {
-                self.write_and_verify(rw, bytchk, &cmd.data_out).await
+                self.write_and_verify(rw, bytchk, &cmd.data_out.to_bytes())
+                    .await
             }
-            Command::Verify(v) => self.verify(v, &cmd.data_out).await,
-            Command::WriteSame(ws) => self.write_same(ws, &cmd.data_out).await,
+            Command::Verify(v) => self.verify(v, &cmd.data_out.to_bytes()).await,
+            Command::WriteSame(ws) => self.write_same(ws, &cmd.data_out.to_bytes()).await,
             Command::Unmap { anchor, param_len } => {
-                self.unmap(anchor, param_len, &cmd.data_out).await
+                self.unmap(anchor, param_len, &cmd.data_out.to_bytes())
+                    .await
             }
             Command::GetLbaStatus { lba, alloc_len } => self.get_lba_status(lba, alloc_len).await,
             Command::SynchronizeCache { lba, blocks } => self.synchronize_cache(lba, blocks).await,
             Command::PreFetch { lba, blocks } => self.pre_fetch(lba, blocks),
             Command::CompareAndWrite { lba, blocks, fua } => {
-                self.compare_and_write(lba, blocks, fua, &cmd.data_out)
+                self.compare_and_write(lba, blocks, fua, &cmd.data_out.to_bytes())
                     .await
             }
             Command::ReportLuns { select, alloc_len } => {
@@ -596,7 +598,8 @@ impl LogicalUnit {
                 kind,
                 param_len,
             } => {
-                self.persistent_reserve_out(nexus, sa, scope, kind, param_len, &cmd.data_out)
+                let params = cmd.data_out.to_bytes();
+                self.persistent_reserve_out(nexus, sa, scope, kind, param_len, &params)
                     .await
             }
         }

@@ -14,6 +14,7 @@ use tessera_proto::scsi::capacity::{self, Capacity};
 use tessera_proto::scsi::cdb::{Rw, Verify, WriteSame};
 use tessera_proto::scsi::provision::{self, LbaState, LbaStatus, UnmapLimits};
 use tessera_proto::scsi::Sense;
+use tessera_proto::segments::Segments;
 
 use crate::api::{status, ScsiResult};
 use crate::lu::LogicalUnit;
@@ -107,7 +108,7 @@ impl LogicalUnit {
     /// asked for) is completed by read-modify-write of that last block under exclusive
     /// locks, so the rest of the block keeps its contents (FCP-4 rule a: transfer what
     /// arrived).
-    async fn write_at(&self, lba: u64, data: Bytes, fua: bool) -> Result<(), Sense> {
+    async fn write_at(&self, lba: u64, data: Segments, fua: bool) -> Result<(), Sense> {
         let bs = self.bytes(1);
         let n = data.len();
         if n == 0 {
@@ -118,7 +119,7 @@ impl LogicalUnit {
             let _held = self.locks.shared(lba, blocks).await;
             return self
                 .dev
-                .write(self.offset(lba), data, fua)
+                .write_segments(self.offset(lba), data, fua)
                 .await
                 .map_err(backend);
         }
@@ -130,7 +131,9 @@ impl LogicalUnit {
             .await
             .map_err(backend)?;
         let mut buf = BytesMut::with_capacity(full + bs);
-        buf.extend_from_slice(&data);
+        for piece in data.parts() {
+            buf.extend_from_slice(piece);
+        }
         // A device returning fewer bytes than asked is broken: fail rather than panic.
         let rest = old.get(n - full..).ok_or(Sense::INTERNAL_TARGET_FAILURE)?;
         buf.extend_from_slice(rest);
@@ -142,7 +145,7 @@ impl LogicalUnit {
 
     /// WRITE(6/10/12/16). A Data-Out longer than the CDB asks is cut to the CDB length; a
     /// shorter one is written as far as it goes.
-    pub(crate) async fn write(&self, rw: Rw, data_out: &Bytes) -> Result<ScsiResult, Sense> {
+    pub(crate) async fn write(&self, rw: Rw, data_out: &Segments) -> Result<ScsiResult, Sense> {
         self.check_medium()?;
         self.check_writable()?;
         self.check_transfer(rw.blocks, rw.len_field)?;
@@ -170,7 +173,7 @@ impl LogicalUnit {
         let n = data_out.len().min(want);
         if n > 0 {
             let data = data_out.slice(..n);
-            self.write_at(rw.lba, data.clone(), true).await?;
+            self.write_at(rw.lba, data.clone().into(), true).await?;
             let back = self
                 .dev
                 .read(

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use tessera_ec::{placement, Profile};
 use tessera_proto::block::{BlockDevice, BlockError};
+use tessera_proto::segments::Segments;
 
 use crate::nodes::Connector;
 use crate::testing::LocalNodes;
@@ -84,6 +85,21 @@ async fn write(v: &EcVolume, off: u64, data: &[u8]) -> Result<(), BlockError> {
     v.write(off, Bytes::copy_from_slice(data), false).await
 }
 
+/// Write `data` handed over in pieces of `piece` bytes, as the iSCSI layer hands over the
+/// Data-Out PDUs of a command.
+async fn write_in_pieces(
+    v: &EcVolume,
+    off: u64,
+    data: &[u8],
+    piece: usize,
+) -> Result<(), BlockError> {
+    let mut segs = Segments::new();
+    for p in data.chunks(piece) {
+        segs.push(Bytes::copy_from_slice(p));
+    }
+    v.write_segments(off, segs, false).await
+}
+
 async fn read(v: &EcVolume, off: u64, len: usize) -> Vec<u8> {
     v.read(off, len).await.expect("read").to_vec()
 }
@@ -116,7 +132,15 @@ fn writes_of_every_shape_read_back() {
                 };
                 let off = rng.gen_range(0..((4 << 20) - len) / 512) * 512;
                 let d = pattern(step, len as usize);
-                write(&v, off, &d).await.unwrap();
+                // Every other write comes in pieces: chunk-sized, unaligned ones that cut
+                // chunks in two, and pieces smaller than a chunk.
+                match step % 8 {
+                    1 => write_in_pieces(&v, off, &d, 16384).await.unwrap(),
+                    3 => write_in_pieces(&v, off, &d, 5000).await.unwrap(),
+                    5 => write_in_pieces(&v, off, &d, 1536).await.unwrap(),
+                    7 => write_in_pieces(&v, off, &d, 65536 + 512).await.unwrap(),
+                    _ => write(&v, off, &d).await.unwrap(),
+                }
                 model[off as usize..off as usize + d.len()].copy_from_slice(&d);
                 let r = read(
                     &v,

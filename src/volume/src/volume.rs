@@ -11,10 +11,12 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use tessera_ec::{placement, Codec, Geometry, Profile, StripeSpan};
 use tessera_proto::block::{BlockDevice, BlockError, DeviceInfo, Extent, LocalBoxFuture};
+use tessera_proto::segments::Segments;
 use tessera_rpc::{
     CallError, FragKey, Manifest, ReadItem, Request, Response, SlotInfo, Status, VolumeCtx, Want,
     WriteItem,
 };
+use tessera_store::AlignedBuf;
 use tracing::{debug, error, info, warn};
 
 use crate::fault;
@@ -1380,7 +1382,7 @@ impl EcVolume {
         }
         let v = self.next_version();
         let data: Vec<Bytes> = shards[..k].iter().map(|c| Bytes::from(c.clone())).collect();
-        let parity: Vec<Vec<u8>> = shards[k..].to_vec();
+        let parity: Vec<Bytes> = shards[k..].iter().map(|p| Bytes::from(p.clone())).collect();
         let items = self.stripe_items(stripe, v, &data, parity);
         let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
         let ok = self.write_frags(items).await;
@@ -1581,7 +1583,7 @@ impl EcVolume {
 
     // ---- writes --------------------------------------------------------------------------
 
-    async fn do_write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+    async fn do_write(&self, offset: u64, data: Segments) -> Result<(), BlockError> {
         if offset
             .checked_add(data.len() as u64)
             .is_none_or(|e| e > self.size())
@@ -1604,7 +1606,17 @@ impl EcVolume {
             }
             Ok::<(), BlockError>(())
         };
-        let partial_w = join_all(partial.iter().map(|s| self.write_partial(s, &data)));
+        // A partial stripe works on its own bytes in one buffer (a copy only when they
+        // straddle two of the pieces the data came in).
+        let partial_w = join_all(partial.iter().map(|s| {
+            let start = s.buf_offset as usize;
+            let own = data.slice(start..start + s.len as usize).to_bytes();
+            let sp = StripeSpan {
+                buf_offset: 0,
+                ..*s
+            };
+            async move { self.write_partial(&sp, &own).await }
+        }));
         let (a, b) = futures_util::future::join(full_w, partial_w).await;
         a?;
         for r in b {
@@ -1618,7 +1630,7 @@ impl EcVolume {
         stripe: u64,
         version: u64,
         data: &[Bytes],
-        parity: Vec<Vec<u8>>,
+        parity: Vec<Bytes>,
     ) -> Vec<(u64, usize, WriteItem)> {
         let k = self.k();
         let all_zero = data.iter().all(|d| is_zero(d));
@@ -1658,7 +1670,7 @@ impl EcVolume {
                     },
                     manifest: manifest.clone(),
                     zero,
-                    data: if zero { Bytes::new() } else { Bytes::from(p) },
+                    data: if zero { Bytes::new() } else { p },
                     offset: 0,
                     base: 0,
                     xor: false,
@@ -1668,7 +1680,7 @@ impl EcVolume {
         items
     }
 
-    async fn write_full(&self, spans: &[StripeSpan], data: &Bytes) -> Result<(), BlockError> {
+    async fn write_full(&self, spans: &[StripeSpan], data: &Segments) -> Result<(), BlockError> {
         let (k, m, chunk) = (self.k(), usize::from(self.sh.spec.profile.m), self.chunk());
         let stripes: Vec<u64> = spans.iter().map(|s| s.stripe).collect();
         let _g = self.sh.locks.lock_many(&stripes, true).await;
@@ -1680,18 +1692,28 @@ impl EcVolume {
         let mut items = Vec::new();
         for sp in spans {
             let base = sp.buf_offset as usize;
+            // Each chunk straight out of the piece of the data that holds it.
             let chunks: Vec<Bytes> = (0..k)
-                .map(|i| data.slice(base + i * chunk..base + (i + 1) * chunk))
+                .map(|i| {
+                    data.slice(base + i * chunk..base + (i + 1) * chunk)
+                        .to_bytes()
+                })
                 .collect();
-            let mut parity = vec![vec![0u8; chunk]; m];
+            // Parity buffers from the thread's pool of recently freed ones (the encoder
+            // overwrites every byte, so they need no zeroing); they go back to it when the
+            // fragment writes are done with them.
+            let mut parity: Vec<AlignedBuf> = (0..m)
+                .map(|_| AlignedBuf::for_overwrite(chunk, 64))
+                .collect();
             {
                 let dr: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
-                let mut pr: Vec<&mut [u8]> = parity.iter_mut().map(|p| &mut p[..]).collect();
+                let mut pr: Vec<&mut [u8]> = parity.iter_mut().map(|p| p.as_mut_slice()).collect();
                 self.sh
                     .codec
                     .encode(&dr, &mut pr)
                     .map_err(|_| BlockError::Io(libc_einval()))?;
             }
+            let parity: Vec<Bytes> = parity.into_iter().map(AlignedBuf::into_bytes).collect();
             let v = self.next_version();
             items.extend(self.stripe_items(sp.stripe, v, &chunks, parity));
         }
@@ -2515,7 +2537,7 @@ impl EcVolume {
         while at < end {
             let n = (end - at).min(step - at % step.max(1)).min(step);
             let zeros = Bytes::from(vec![0u8; n as usize]);
-            self.do_write(at, zeros).await?;
+            self.do_write(at, zeros.into()).await?;
             at += n;
         }
         Ok(())
@@ -3103,6 +3125,15 @@ impl BlockDevice for EcVolume {
         _fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
         // Every acknowledged write is durable on its quorum: FUA asks for nothing more.
+        Box::pin(self.do_write(offset, data.into()))
+    }
+
+    fn write_segments(
+        &self,
+        offset: u64,
+        data: Segments,
+        _fua: bool,
+    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
         Box::pin(self.do_write(offset, data))
     }
 

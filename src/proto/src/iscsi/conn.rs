@@ -10,7 +10,8 @@
 //!   ahead of a gap are held until the gap fills, MaxCmdSN opens as commands complete;
 //! - write data: immediate data, unsolicited Data-Out up to FirstBurstLength, R2Ts in
 //!   MaxBurstLength pieces with at most MaxOutstandingR2T per task, DataSN / buffer offset /
-//!   TTT checks, a per-connection budget of buffered write data;
+//!   TTT checks, a per-connection budget of buffered write data; a command's data is handed
+//!   on as the [`Segments`] it arrived in (slices of the receive buffer, never copied here);
 //! - read data: Data-In PDUs of at most the initiator's MaxRecvDataSegmentLength, F bits per
 //!   MaxBurstLength sequence, the status collapsed into the last Data-In when there is no sense;
 //! - residual overflow and underflow from the command's own transfer length;
@@ -33,6 +34,7 @@ use super::pdu::{
 };
 use super::seq;
 use super::text;
+use crate::segments::Segments;
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -63,8 +65,9 @@ pub struct Command {
     pub lun: [u8; 8],
     /// The CDB (16 bytes from the BHS, more from an extended-CDB AHS).
     pub cdb: Bytes,
-    /// Data-Out, exactly `edtl` bytes for writes.
-    pub data: Bytes,
+    /// Data-Out, exactly `edtl` bytes for writes, in the pieces it arrived in (immediate data
+    /// and each Data-Out PDU's segment, uncopied).
+    pub data: Segments,
     /// Expected Data Transfer Length.
     pub edtl: u32,
     /// R bit.
@@ -181,7 +184,7 @@ struct R2tState {
 
 #[derive(Debug)]
 struct Collect {
-    buf: BytesMut,
+    data: Segments,
     received: u32,
     unsol_end: u32,
     unsol_data_sn: u32,
@@ -604,7 +607,7 @@ impl Connection {
                 return;
             }
             self.tasks.insert(c.itt, task);
-            self.dispatch(c.itt, Bytes::new());
+            self.dispatch(c.itt, Segments::new());
             return;
         }
         let too_much_imm = imm_len > c.edtl
@@ -620,11 +623,11 @@ impl Connection {
             return;
         }
         if imm_len == c.edtl {
-            // Everything came as immediate data: no copy, no R2T.
+            // Everything came as immediate data: no R2T.
             task.held_bytes = imm_len as usize;
             self.held_write_bytes += task.held_bytes;
             self.tasks.insert(c.itt, task);
-            self.dispatch(c.itt, p.data);
+            self.dispatch(c.itt, p.data.into());
             return;
         }
         let unsol_end = if self.params.initial_r2t || c.final_bit {
@@ -632,21 +635,16 @@ impl Connection {
         } else {
             c.edtl.min(self.params.first_burst_length)
         };
-        // Buffer space is reserved as data is allowed to come: the unsolicited part when it
-        // starts arriving, each R2T's part when the R2T goes out. Queued writes hold nothing.
-        let mut buf = BytesMut::new();
+        // Data is counted against the write budget as it is allowed to come: the unsolicited
+        // part when it starts arriving, each R2T's part when the R2T goes out. Queued writes
+        // hold nothing.
+        let mut data = Segments::new();
         if imm_len > 0 {
-            reserve_upto(
-                &mut buf,
-                &mut task.held_bytes,
-                &mut self.held_write_bytes,
-                unsol_end,
-                c.edtl,
-            );
-            buf.put_slice(&p.data);
+            admit_upto(&mut task.held_bytes, &mut self.held_write_bytes, unsol_end);
+            data.push(p.data);
         }
         task.state = TaskState::Collecting(Box::new(Collect {
-            buf,
+            data,
             received: imm_len,
             unsol_end,
             unsol_data_sn: 0,
@@ -662,7 +660,7 @@ impl Connection {
     }
 
     /// Hand a task with all its data to the driver.
-    fn dispatch(&mut self, itt: u32, data: Bytes) {
+    fn dispatch(&mut self, itt: u32, data: Segments) {
         let Some(t) = self.tasks.get_mut(&itt) else {
             return;
         };
@@ -720,13 +718,7 @@ impl Connection {
                     produced.push((*lun, ttt, c.r2t_sn, c.next_r2t_offset, len));
                     c.r2t_sn += 1;
                     c.next_r2t_offset += len;
-                    reserve_upto(
-                        &mut c.buf,
-                        held_bytes,
-                        &mut self.held_write_bytes,
-                        c.next_r2t_offset,
-                        *edtl,
-                    );
+                    admit_upto(held_bytes, &mut self.held_write_bytes, c.next_r2t_offset);
                 }
                 done = c.next_r2t_offset >= *edtl;
             } else {
@@ -799,21 +791,20 @@ impl Connection {
             return;
         }
         if d.ttt == RESERVED_TAG {
-            reserve_upto(
-                &mut c.buf,
+            admit_upto(
                 &mut task.held_bytes,
                 &mut self.held_write_bytes,
                 c.unsol_end,
-                task.edtl,
             );
         }
-        c.buf.put_slice(&p.data);
+        // The PDU's data stays where the framer cut it from the receive buffer.
+        c.data.push(p.data);
         c.received += len;
         c.r2ts.retain(|r| r.received < r.len);
         let complete = c.received == task.edtl;
         let more_r2ts = c.next_r2t_offset < task.edtl && c.r2ts.is_empty();
         if complete {
-            let data = std::mem::take(&mut c.buf).freeze();
+            let data = std::mem::take(&mut c.data);
             self.dispatch(d.itt, data);
         } else if more_r2ts || c.r2ts.len() < self.params.max_outstanding_r2t as usize {
             if !self.r2t_waiting.contains(&d.itt) && c.next_r2t_offset < task.edtl {
@@ -1310,15 +1301,13 @@ impl Connection {
             held, self.held_write_bytes,
             "held_write_bytes is the sum over tasks"
         );
-        let per_task = 2 * self.cfg.max_write_transfer as usize;
         for t in self.tasks.values() {
             if let TaskState::Collecting(c) = &t.state {
+                assert!(c.data.len() as u64 <= u64::from(t.edtl));
                 assert!(
-                    c.buf.capacity() <= per_task,
-                    "task buffer of {}",
-                    c.buf.capacity()
+                    c.data.len() <= t.held_bytes,
+                    "data beyond what was admitted"
                 );
-                assert!(c.buf.len() as u64 <= u64::from(t.edtl));
                 assert!(c.r2ts.len() <= self.params.max_outstanding_r2t.max(1) as usize);
             }
         }
@@ -1329,23 +1318,12 @@ impl Connection {
     }
 }
 
-/// Make room in a task's buffer for data up to offset `upto`, accounting it to the task and
-/// to the connection's write budget. The buffer is sized for the whole command (`total`) the
-/// first time, so it never grows by copying what it holds; the budget counts only what may
-/// arrive (large buffers are mapped lazily, so untouched capacity costs no memory).
-fn reserve_upto(
-    buf: &mut BytesMut,
-    task_held: &mut usize,
-    conn_held: &mut usize,
-    upto: u32,
-    total: u32,
-) {
+/// Count a task's data up to offset `upto` against the task and the connection's write budget
+/// (the data itself stays in the receive buffer's pieces; the budget bounds how much of it
+/// the connection lets in at once).
+fn admit_upto(task_held: &mut usize, conn_held: &mut usize, upto: u32) {
     let upto = upto as usize;
     if upto > *task_held {
-        let want = (total as usize).max(upto);
-        if buf.capacity() < want {
-            buf.reserve(want - buf.len());
-        }
         *conn_held += upto - *task_held;
         *task_held = upto;
     }

@@ -952,7 +952,7 @@ fn an_all_immediate_write_runs_without_r2t() {
     assert!(rs.is_empty(), "no R2T: {rs:?}");
     let c = ini.expect_command();
     assert_eq!((c.itt, c.edtl, c.write, c.read), (itt, 4096, true, false));
-    assert_eq!(&c.data[..], &data[..]);
+    assert_eq!(&c.data.to_bytes()[..], &data[..]);
     assert_eq!(c.cdb[0], 0x2a);
     let r = only(ini.complete_write(itt, 4096));
     let s = r.scsi();
@@ -984,7 +984,12 @@ fn immediate_then_unsolicited_data_then_one_r2t_for_the_rest() {
     );
     assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (2, 8));
     let c = ini.expect_command();
-    assert_eq!(&c.data[..], &data[..]);
+    assert_eq!(&c.data.to_bytes()[..], &data[..]);
+    // Immediate data, then 8 KiB Data-Out PDUs: the pieces as they came, none gathered.
+    let lens: Vec<usize> = c.data.parts().iter().map(|p| p.len()).collect();
+    assert_eq!(lens.first(), Some(&8192), "{lens:?}");
+    assert!(lens.iter().all(|&l| l <= 8192), "{lens:?}");
+    assert_eq!(lens.len(), 100_000usize.div_ceil(8192), "{lens:?}");
     let s = only(ini.complete_write(itt, 100_000));
     assert_eq!((s.scsi().stat_sn, s.scsi().residual), (2, Residual::None));
     assert_eq!(s.scsi().exp_data_sn, 1, "one R2T was sent");
@@ -1030,7 +1035,7 @@ fn solicited_writes_get_r2ts_in_max_burst_pieces_up_to_max_outstanding_r2t() {
         .send_sequence(c.itt, fifth.ttt, 65536, &data[65536..])
         .is_empty());
     let cmd = ini.expect_command();
-    assert_eq!(&cmd.data[..], &data[..]);
+    assert_eq!(&cmd.data.to_bytes()[..], &data[..]);
     let s = only(ini.complete_write(c.itt, len as u32));
     assert_eq!(s.scsi().exp_data_sn, 5);
 }

@@ -44,7 +44,7 @@ proptest! {
             cdb.extend_from_slice(&rest);
             let cmd = ScsiCommand {
                 cdb: Bytes::from(cdb),
-                data_out: Bytes::from(data),
+                data_out: Bytes::from(data).into(),
                 expected_len: expected,
                 read,
                 write: !read,

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use tessera_proto::block::{
     BlockDevice, BlockError, DeviceInfo, Extent, LocalBoxFuture, MemDevice,
 };
+use tessera_proto::segments::Segments;
 
 use crate::{LogicalUnit, LuConfig, Nexus, ScsiCommand, ScsiResult, TaskAttr};
 
@@ -157,9 +158,14 @@ pub(crate) fn command(cdb: &[u8], data: &[u8], expected_len: u32) -> ScsiCommand
     let mut c = [0u8; 16];
     let n = cdb.len().min(16);
     c[..n].copy_from_slice(&cdb[..n]);
+    // The data in uneven pieces, as a transport hands over Data-Out PDUs.
+    let mut data_out = Segments::new();
+    for piece in data.chunks(1000) {
+        data_out.push(Bytes::copy_from_slice(piece));
+    }
     ScsiCommand {
         cdb: Bytes::copy_from_slice(&c),
-        data_out: Bytes::copy_from_slice(data),
+        data_out,
         expected_len,
         read: data.is_empty(),
         write: !data.is_empty(),

@@ -187,7 +187,10 @@ pub(crate) fn encode_request(id: u64, r: &Request, out: &mut BytesMut) {
             out.put_u8(flags);
             out.put_u32(cmd.expected_len);
             put_var(out, &cmd.cdb);
-            put_var(out, &cmd.data_out);
+            out.put_u32(u32::try_from(cmd.data_out.len()).unwrap_or(u32::MAX));
+            for piece in cmd.data_out.parts() {
+                out.put_slice(piece);
+            }
             finish(out, start);
         }
         Request::TaskMgmt {
@@ -364,7 +367,7 @@ pub(crate) fn take_request(buf: &mut BytesMut) -> Result<Option<(u64, Request)>,
                 lun,
                 cmd: ScsiCommand {
                     cdb,
-                    data_out,
+                    data_out: data_out.into(),
                     expected_len,
                     read: flags & FLAG_READ != 0,
                     write: flags & FLAG_WRITE != 0,
@@ -1115,7 +1118,7 @@ mod tests {
                     lun: (i << 48) | 7,
                     cmd: ScsiCommand {
                         cdb: pattern(cdb_len, i as u8),
-                        data_out: pattern(data_len, 3),
+                        data_out: pattern(data_len, 3).into(),
                         expected_len: data_len as u32 + 512,
                         read,
                         write,
@@ -1307,7 +1310,7 @@ mod tests {
             lun: 0,
             cmd: ScsiCommand {
                 cdb: pattern(16, 0),
-                data_out: pattern(65536, 5),
+                data_out: pattern(65536, 5).into(),
                 expected_len: 65536,
                 read: false,
                 write: true,
@@ -1320,7 +1323,8 @@ mod tests {
         let Some((_, Request::Execute { cmd, .. })) = take_request(&mut f).unwrap() else {
             panic!("not an Execute");
         };
-        assert!(range.contains(&(cmd.data_out.as_ptr() as usize)));
+        assert_eq!(cmd.data_out.parts().len(), 1);
+        assert!(range.contains(&(cmd.data_out.parts()[0].as_ptr() as usize)));
         assert!(range.contains(&(cmd.cdb.as_ptr() as usize)));
 
         let resp = Response::Executed(ScsiResult {
@@ -1463,7 +1467,7 @@ mod tests {
             lun: 0,
             cmd: ScsiCommand {
                 cdb: pattern(6, 0),
-                data_out: Bytes::new(),
+                data_out: Default::default(),
                 expected_len: 0,
                 read: false,
                 write: false,
@@ -1645,7 +1649,7 @@ mod tests {
                         Response::Executed(ScsiResult {
                             status: status::GOOD,
                             sense: Some(sense.freeze()),
-                            data_in: cmd.data_out,
+                            data_in: cmd.data_out.to_bytes(),
                             transfer_len: cmd.tag,
                         })
                     }
@@ -1692,7 +1696,7 @@ mod tests {
             lun: u64::from(i % 5),
             cmd: ScsiCommand {
                 cdb: pattern(if i.is_multiple_of(2) { 16 } else { 32 }, i as u8),
-                data_out: pattern((i as usize * 37) % 9000, i as u8),
+                data_out: pattern((i as usize * 37) % 9000, i as u8).into(),
                 expected_len: 0,
                 read: true,
                 write: true,
@@ -1711,7 +1715,7 @@ mod tests {
         };
         assert_eq!(r.status, status::GOOD);
         assert_eq!(r.transfer_len, i, "answer matched to its call");
-        assert_eq!(r.data_in, cmd.data_out);
+        assert_eq!(r.data_in, cmd.data_out.to_bytes());
         let mut sense = BytesMut::from(&cmd.cdb[..]);
         sense.extend_from_slice(nexus.initiator_port.as_bytes());
         sense.put_u64(lun);
@@ -1848,7 +1852,7 @@ mod tests {
                 let data_in = if cmd.tag == 99 {
                     Bytes::from(vec![7u8; MAX_FRAME]) // too big to send back
                 } else {
-                    cmd.data_out
+                    cmd.data_out.to_bytes()
                 };
                 Response::Executed(ScsiResult {
                     status: status::GOOD,
@@ -1865,7 +1869,7 @@ mod tests {
             lun: 0,
             cmd: ScsiCommand {
                 cdb: pattern(16, 0),
-                data_out: pattern(len, 1),
+                data_out: pattern(len, 1).into(),
                 expected_len: len as u32,
                 read: false,
                 write: true,

@@ -390,12 +390,21 @@ pub(super) async fn serve(
                 match r {
                     Ok(ready) if ready.is_readable() => {
                         let mut eof = false;
+                        let mut read_some = false;
                         loop {
                             // Grow in large steps: growing moves the partial PDU at the
                             // end, so a step per 64 KiB read copied most of each burst.
+                            // Grow only before the first read of a wake-up: growing a
+                            // buffer nothing was cut from yet copies all of it, so a full
+                            // buffer is handed to the connection first (the socket stays
+                            // readable and the next turn reads on).
                             if rbuf.capacity() - rbuf.len() < 64 * 1024 {
+                                if read_some {
+                                    break;
+                                }
                                 rbuf.reserve(RECV_STEP);
                             }
+                            read_some = true;
                             let room = rbuf.capacity() - rbuf.len();
                             match stream.try_read_buf(&mut rbuf) {
                                 Ok(0) => { eof = true; break; }
