@@ -79,10 +79,7 @@ pub fn url_encode(s: &str) -> String {
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind")
+    tessera_cluster::process::free_port([127, 0, 0, 1]).expect("a free port")
 }
 
 /// Run a command, capture its output, with a time limit.
@@ -182,7 +179,14 @@ impl Demo {
         let json_path = d.dir.path().join("demo.json");
         loop {
             if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("tessera demo exited early: {st}");
+                let log =
+                    std::fs::read_to_string(d.dir.path().join("demo.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "tessera demo exited early: {st}; the end of its log:\n{}",
+                    tail.join("\n")
+                );
             }
             if json_path.exists() && TcpStream::connect(portal).is_ok() {
                 break;

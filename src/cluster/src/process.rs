@@ -15,8 +15,52 @@ pub fn etcd_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("etcd"))
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests and the demo).
+/// A TCP port on `ip` that was free a moment ago (bound and released; for tests and the demo).
+///
+/// It is picked at random from below the kernel's ephemeral range (or above it, if nothing is
+/// left below), not by binding port 0: port 0 hands out an ephemeral port, and between its
+/// release and the server's bind any outgoing connection on the machine may take that very port
+/// as its source port, so the server's bind would fail. Outside that range only another picker
+/// can collide, and picks are spread at random and never repeated within this process.
 pub fn free_port(ip: [u8; 4]) -> std::io::Result<u16> {
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|w| w.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Prefer the ports below the ephemeral range, down to 10000 (well-known services sit below).
+    let window = if low >= 12_000 {
+        Some((10_000, low))
+    } else if high + 2_000 <= 65_535 {
+        Some((high + 1, 65_536))
+    } else {
+        None
+    };
+    if let Some((from, to)) = window {
+        let seed = std::collections::hash_map::RandomState::new();
+        let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        let handed = handed.get_or_insert_with(HashSet::new);
+        for attempt in 0u32..512 {
+            let mut h = seed.build_hasher();
+            h.write_u32(attempt);
+            h.write_u32(std::process::id());
+            let port = (from + (h.finish() % u64::from(to - from)) as u32) as u16;
+            if handed.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind(SocketAddr::from((ip, port))).is_ok() {
+                handed.insert(port);
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind(SocketAddr::from((ip, 0)))?
         .local_addr()?
         .port())

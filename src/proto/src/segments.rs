@@ -12,10 +12,16 @@ use std::ops::{Bound, RangeBounds};
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// A byte sequence held as a list of [`Bytes`] pieces.
+///
+/// One piece (a write whose data came as immediate data or one Data-Out PDU: nearly every
+/// small write) is held inline, without allocating; the lists are built from the second.
 #[derive(Clone, Default)]
 pub struct Segments {
+    /// The only piece while there is at most one (`parts` is then empty).
+    one: Option<Bytes>,
+    /// Every piece, once there are two or more.
     parts: Vec<Bytes>,
-    /// `ends[i]`: the offset just past piece `i`.
+    /// `ends[i]`: the offset just past `parts[i]`.
     ends: Vec<usize>,
 }
 
@@ -30,6 +36,18 @@ impl Segments {
         if piece.is_empty() {
             return;
         }
+        if self.parts.is_empty() {
+            match self.one.take() {
+                None => {
+                    self.one = Some(piece);
+                    return;
+                }
+                Some(first) => {
+                    self.ends.push(first.len());
+                    self.parts.push(first);
+                }
+            }
+        }
         let end = self.len() + piece.len();
         self.parts.push(piece);
         self.ends.push(end);
@@ -37,29 +55,40 @@ impl Segments {
 
     /// Total length in bytes.
     pub fn len(&self) -> usize {
-        self.ends.last().copied().unwrap_or(0)
+        match &self.one {
+            Some(one) => one.len(),
+            None => self.ends.last().copied().unwrap_or(0),
+        }
     }
 
     /// True when there are no bytes.
     pub fn is_empty(&self) -> bool {
-        self.parts.is_empty()
+        self.one.is_none() && self.parts.is_empty()
     }
 
     /// The pieces, in order, none of them empty.
     pub fn parts(&self) -> &[Bytes] {
-        &self.parts
+        match &self.one {
+            Some(one) => std::slice::from_ref(one),
+            None => &self.parts,
+        }
+    }
+
+    /// Append every byte, in order, to `out`.
+    pub fn put_into(&self, out: &mut impl BufMut) {
+        for p in self.parts() {
+            out.put_slice(p);
+        }
     }
 
     /// The bytes as one buffer: the piece itself when there is one, else a copy.
     pub fn to_bytes(&self) -> Bytes {
-        match self.parts.as_slice() {
+        match self.parts() {
             [] => Bytes::new(),
             [one] => one.clone(),
-            many => {
+            _ => {
                 let mut b = BytesMut::with_capacity(self.len());
-                for p in many {
-                    b.put_slice(p);
-                }
+                self.put_into(&mut b);
                 b.freeze()
             }
         }
@@ -86,6 +115,10 @@ impl Segments {
             "range {start}..{end} out of bounds for {len} bytes"
         );
         let mut out = Segments::new();
+        if let Some(one) = &self.one {
+            out.push(one.slice(start..end));
+            return out;
+        }
         // The first piece that ends after `start`.
         let mut i = self.ends.partition_point(|&e| e <= start);
         let mut at = start;
@@ -127,8 +160,8 @@ impl PartialEq for Segments {
         if self.len() != other.len() {
             return false;
         }
-        let mut a = self.parts.iter().flat_map(|p| p.iter());
-        let mut b = other.parts.iter().flat_map(|p| p.iter());
+        let mut a = self.parts().iter().flat_map(|p| p.iter());
+        let mut b = other.parts().iter().flat_map(|p| p.iter());
         loop {
             match (a.next(), b.next()) {
                 (None, None) => return true,
@@ -147,7 +180,7 @@ impl std::fmt::Debug for Segments {
             f,
             "Segments({} bytes in {} pieces)",
             self.len(),
-            self.parts.len()
+            self.parts().len()
         )
     }
 }
@@ -215,6 +248,31 @@ mod tests {
         other[25] ^= 1;
         assert_ne!(a, Segments::from(other));
         assert_ne!(a, Segments::from(all[..59].to_vec()));
+    }
+
+    #[test]
+    fn pieces_added_one_by_one_keep_their_order_and_bytes() {
+        let mut s = Segments::new();
+        let mut all = Vec::new();
+        for (n, len) in [4096usize, 1, 700, 3].into_iter().enumerate() {
+            let p: Vec<u8> = (0..len).map(|i| (i + n * 50) as u8).collect();
+            all.extend_from_slice(&p);
+            s.push(Bytes::from(p));
+            s.push(Bytes::new());
+            assert_eq!(s.len(), all.len());
+            assert_eq!(s.parts().len(), n + 1);
+            let mut out = BytesMut::new();
+            s.put_into(&mut out);
+            assert_eq!(&out[..], &all[..], "after {} pieces", n + 1);
+            assert_eq!(&s.to_bytes()[..], &all[..]);
+            assert_eq!(&s.slice(1..).to_bytes()[..], &all[1..]);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn a_slice_past_the_end_of_one_piece_panics() {
+        let _ = Segments::from(vec![1u8; 10]).slice(5..11);
     }
 
     #[test]

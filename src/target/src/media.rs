@@ -131,9 +131,7 @@ impl LogicalUnit {
             .await
             .map_err(backend)?;
         let mut buf = BytesMut::with_capacity(full + bs);
-        for piece in data.parts() {
-            buf.extend_from_slice(piece);
-        }
+        data.put_into(&mut buf);
         // A device returning fewer bytes than asked is broken: fail rather than panic.
         let rest = old.get(n - full..).ok_or(Sense::INTERNAL_TARGET_FAILURE)?;
         buf.extend_from_slice(rest);

@@ -262,9 +262,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         etcd = Some(e);
         std::fs::create_dir_all(dir.join("nodes"))?;
         for i in 0..count {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
+            let port = tessera_cluster::process::free_port([127, 0, 0, 1])?;
             nodes.push(DemoNode {
                 id: format!("node-{i}"),
                 address: SocketAddr::from(([127, 0, 0, 1], port)),

@@ -188,9 +188,7 @@ pub(crate) fn encode_request(id: u64, r: &Request, out: &mut BytesMut) {
             out.put_u32(cmd.expected_len);
             put_var(out, &cmd.cdb);
             out.put_u32(u32::try_from(cmd.data_out.len()).unwrap_or(u32::MAX));
-            for piece in cmd.data_out.parts() {
-                out.put_slice(piece);
-            }
+            cmd.data_out.put_into(out);
             finish(out, start);
         }
         Request::TaskMgmt {

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -278,11 +279,17 @@ pub(super) async fn serve(
                             o.isid,
                             te.name.to_ascii_lowercase(),
                         );
-                        let (registration, replaced) = gw.sessions.register(key, nexus.id);
+                        let socket = stream.as_fd().try_clone_to_owned().ok();
+                        let (registration, replaced) = gw.sessions.register(key, nexus.id, socket);
                         if let Some(old) = replaced {
                             info!(%peer, initiator = %o.initiator_name, "reinstating session");
                             let _ =
                                 tokio::time::timeout(Duration::from_secs(10), wait_gone(old)).await;
+                        }
+                        // Sessions of this initiator it has already hung up on end first.
+                        for old in gw.sessions.hung_up(&o.initiator_name, &te.name, nexus.id) {
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(5), wait_gone(old)).await;
                         }
                         info!(
                             %peer,
