@@ -488,6 +488,9 @@ pub struct NodeStats {
     pub checksum_errors: u64,
     /// Requests refused for a stale epoch.
     pub stale_epoch_rejects: u64,
+    /// The errno of the write or sync that failed the store (0: healthy). A failed store is
+    /// fail-stop until it is reopened: it refuses every write.
+    pub failed_errno: u64,
 }
 
 /// What a scrub found.
@@ -1136,6 +1139,7 @@ impl Response {
                     s.reads,
                     s.checksum_errors,
                     s.stale_epoch_rejects,
+                    s.failed_errno,
                 ] {
                     out.put_u64(v);
                 }
@@ -1229,6 +1233,7 @@ impl Response {
                 reads: r.u64("stats")?,
                 checksum_errors: r.u64("stats")?,
                 stale_epoch_rejects: r.u64("stats")?,
+                failed_errno: r.u64("stats")?,
             }),
             Op::EPOCH => Response::Epoch(r.u64("epoch")?),
             Op::SCRUB => Response::Scrub(ScrubReport {
@@ -1521,6 +1526,7 @@ mod tests {
                     reads: 4,
                     checksum_errors: 5,
                     stale_epoch_rejects: 6,
+                    failed_errno: 5,
                 }),
             ),
             (Op::EPOCH, Response::Epoch(17)),

@@ -36,20 +36,35 @@ pub(crate) mod testutil {
         tokio::task::LocalSet::new().block_on(&rt, f)
     }
 
-    /// Set up this test thread's engine in `mode`. `None` (after printing why) when io_uring
-    /// was asked for and cannot be set up here: the caller skips.
+    /// Set up this test thread's engine in `mode`. When io_uring was asked for and cannot be
+    /// set up here the test fails, unless `TESSERA_ALLOW_NO_URING=1` is set: then `None`
+    /// (after printing why) and the caller skips. The log says which engine ran.
     pub(crate) fn engine(mode: EngineMode) -> Option<Uring> {
         match Uring::init_current(&EngineConfig {
             mode,
             ..EngineConfig::default()
         }) {
-            Ok(u) => Some(u),
-            Err(EngineError::Setup(e)) => {
-                eprintln!("SKIP: io_uring unavailable on this machine: {e}");
+            Ok(u) => {
+                eprintln!(
+                    "engine: {}",
+                    if u.is_uring() { "io_uring" } else { "synchronous system calls" }
+                );
+                Some(u)
+            }
+            Err(EngineError::Setup(e)) if allow_no_uring() => {
+                eprintln!("SKIP: io_uring unavailable on this machine ({e}); TESSERA_ALLOW_NO_URING=1 is set");
                 None
             }
+            Err(EngineError::Setup(e)) => panic!(
+                "io_uring cannot be set up here: {e} (set TESSERA_ALLOW_NO_URING=1 to skip the io_uring tests)"
+            ),
             Err(e) => panic!("engine setup: {e}"),
         }
+    }
+
+    /// Whether `TESSERA_ALLOW_NO_URING=1` lets io_uring tests skip on a machine without it.
+    pub(crate) fn allow_no_uring() -> bool {
+        std::env::var("TESSERA_ALLOW_NO_URING").is_ok_and(|v| v == "1")
     }
 
     /// A temporary directory on the default tmpdir (ext4 here) or on tmpfs (/dev/shm).

@@ -383,6 +383,16 @@ impl FragmentStore {
             reads: c.reads.get(),
             checksum_errors: c.checksum_errors.get(),
             stale_epoch_rejects: c.stale_epoch_rejects.get(),
+            failed_errno: self.inner.failed.get() as u64,
+        }
+    }
+
+    /// The errno of the write or sync that made the store fail-stop (`None`: healthy). Once
+    /// set, it stays until the store is reopened, and every write is refused.
+    pub fn failed(&self) -> Option<i32> {
+        match self.inner.failed.get() {
+            0 => None,
+            e => Some(e),
         }
     }
 
@@ -426,7 +436,10 @@ impl FragmentStore {
                 vec![Record::Epoch { volume, epoch }],
             )
             .await
-            .map_err(|e| Refusal::new(io_status(&e), format!("persisting the epoch: {e}")))?;
+            .map_err(|e| {
+                self.fail_meta(&e);
+                Refusal::new(io_status(&e), format!("persisting the epoch: {e}"))
+            })?;
         Ok(self.epoch(volume))
     }
 
@@ -438,6 +451,7 @@ impl FragmentStore {
         seq: u64,
         data: Bytes,
     ) -> Result<(), Refusal> {
+        self.check_writable()?;
         let newer = || {
             self.inner.meta.with_state(|s| {
                 s.blobs
@@ -458,7 +472,10 @@ impl FragmentStore {
                 }],
             )
             .await
-            .map_err(|e| Refusal::new(io_status(&e), format!("persisting the record: {e}")))
+            .map_err(|e| {
+                self.fail_meta(&e);
+                Refusal::new(io_status(&e), format!("persisting the record: {e}"))
+            })
     }
 
     /// A per-volume record: `(seq, data)`, `(0, empty)` when absent.
@@ -530,7 +547,10 @@ impl FragmentStore {
             .meta
             .append(vec![Record::Extent(rec)])
             .await
-            .map_err(|e| io_status(&e))?;
+            .map_err(|e| {
+                self.fail_meta(&e);
+                io_status(&e)
+            })?;
         let mem = Rc::new(ExtentMem {
             rec,
             // A fresh extent holds nothing of this store: no need to read its headers.
@@ -695,6 +715,14 @@ impl FragmentStore {
                 Status::IO_ERROR,
                 format!("the store failed a write (errno {e}) and accepts no more"),
             )),
+        }
+    }
+
+    /// A metadata log append failed: the device failed a durable write, unless the log
+    /// merely had no room (which refuses only that append).
+    fn fail_meta(&self, e: &io::Error) {
+        if e.raw_os_error() != Some(libc::ENOSPC) {
+            self.fail(e);
         }
     }
 
@@ -1513,12 +1541,16 @@ fn xor_into(dst: &mut [u8], src: &[u8]) {
     }
 }
 
-/// Group commit: one `fdatasync` covers every write that completed before it started.
+/// Group commit: one `fdatasync` shared by every write that finished before it started. A sync that fails
+/// fails every write waiting on it, and every later one: the kernel reports a writeback error
+/// once, so a second `fdatasync` would succeed without the lost data being on the disk.
 #[derive(Default)]
 struct Flusher {
     requested: Cell<u64>,
     done: Cell<u64>,
     running: Cell<bool>,
+    /// The errno of the sync that failed, for good.
+    failed: Cell<Option<i32>>,
     finished: Notify,
 }
 
@@ -1530,16 +1562,19 @@ impl Flusher {
             if self.done.get() >= mine {
                 return Ok(());
             }
+            if let Some(errno) = self.failed.get() {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
             if !self.running.get() {
                 self.running.set(true);
                 let target = self.requested.get();
                 let r = engine.fdatasync(fd).await;
                 self.running.set(false);
-                if r.is_ok() {
-                    self.done.set(target);
+                match &r {
+                    Ok(()) => self.done.set(target),
+                    Err(e) => self.failed.set(Some(e.raw_os_error().unwrap_or(libc::EIO))),
                 }
                 self.finished.notify_waiters();
-                r?;
                 continue;
             }
             let n = self.finished.notified();

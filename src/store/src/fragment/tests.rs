@@ -733,3 +733,99 @@ fn swaps_write_a_range_on_the_newest_copy_and_return_what_it_replaced() {
         assert_eq!((out[0].0, &out[0].1[..]), (Status::OK, &a[12288..]));
     });
 }
+
+/// Durable means durable: the engine's fault hook fails a write or a sync of the store's file,
+/// the way a dying disk does (Linux reports a writeback error to one `fdatasync`, then the
+/// next succeeds).
+#[cfg(feature = "fault-injection")]
+mod faults {
+    use super::*;
+    use crate::uring::fault::{self, FaultOp};
+
+    fn refused_io(r: &Result<Vec<Status>, Refusal>) -> bool {
+        match r {
+            Err(refusal) => refusal.status == Status::IO_ERROR,
+            Ok(st) => st.iter().all(|s| *s == Status::IO_ERROR),
+        }
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_write_that_waited_on_it_and_every_later_one() {
+        let dir = tmpdir(false);
+        let path = dir.path().join("store");
+        let v = vol(4096);
+        let good = pattern(7, 4096);
+        run(async {
+            let s = FragmentStore::open(&path, &opts()).unwrap();
+            s.write(&v, vec![item(1, 0, 10, &good)]).await.unwrap();
+            // The next fdatasync of the store's file fails once; the one after would succeed.
+            fault::arm(&path, FaultOp::Sync, libc::EIO, 1).unwrap();
+            let writes = (0..8u64).map(|i| {
+                let s = s.clone();
+                let data = pattern(100 + i, 4096);
+                async move { s.write(&v, vec![item(2 + i, 1, 20, &data)]).await }
+            });
+            let results = futures_util::future::join_all(writes).await;
+            for (i, r) in results.iter().enumerate() {
+                assert!(
+                    refused_io(r),
+                    "write {i} was acknowledged after the sync it waited on failed: {r:?}"
+                );
+            }
+            assert_eq!(s.failed(), Some(libc::EIO));
+            assert_eq!(s.stats().failed_errno, libc::EIO as u64);
+            // Later writes are refused although a sync would now succeed.
+            let later = s.write(&v, vec![item(50, 0, 30, &good)]).await;
+            assert!(refused_io(&later), "{later:?}");
+            let err = later.unwrap_err();
+            assert!(err.reason.contains("accepts no more"), "{}", err.reason);
+            assert!(
+                s.put_blob(v.volume, 1, 9, Bytes::from_static(b"intent"))
+                    .await
+                    .is_err(),
+                "a per-volume record is a write too"
+            );
+            // What was durable before still reads.
+            let r = read1(&s, &v, 1, 0, Want::Latest).await;
+            assert_eq!((r.status, &r.data[..]), (Status::OK, &good[..]));
+        });
+        fault::clear(&path);
+        // The failure stays until the store is reopened.
+        run(async {
+            let s = FragmentStore::open(&path, &opts()).unwrap();
+            assert_eq!(s.failed(), None);
+            assert_eq!(
+                s.write(&v, vec![item(60, 0, 40, &good)]).await.unwrap(),
+                vec![Status::OK]
+            );
+        });
+    }
+
+    #[test]
+    fn a_failed_write_makes_the_store_fail_stop_in_both_sync_modes() {
+        for sync in [SyncMode::Batched, SyncMode::Dsync] {
+            let dir = tmpdir(false);
+            let path = dir.path().join("store");
+            let v = vol(4096);
+            let data = pattern(3, 4096);
+            run(async {
+                let o = StoreOptions { sync, ..opts() };
+                let s = FragmentStore::open(&path, &o).unwrap();
+                s.write(&v, vec![item(1, 0, 10, &data)]).await.unwrap();
+                fault::arm(&path, FaultOp::Write, libc::EIO, 1).unwrap();
+                let r = s.write(&v, vec![item(2, 0, 20, &data)]).await;
+                assert!(refused_io(&r), "{sync:?}: {r:?}");
+                assert_eq!(s.failed(), Some(libc::EIO), "{sync:?}");
+                let r = s.write(&v, vec![item(3, 0, 30, &data)]).await;
+                assert!(refused_io(&r), "{sync:?}: {r:?}");
+                let r = read1(&s, &v, 2, 0, Want::Latest).await;
+                assert_eq!(
+                    r.status,
+                    Status::NOT_FOUND,
+                    "{sync:?}: the failed copy is not there"
+                );
+            });
+            fault::clear(&path);
+        }
+    }
+}
