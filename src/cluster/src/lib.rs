@@ -112,6 +112,21 @@ pub struct NodeRecord {
     /// Operator state.
     #[serde(default)]
     pub state: NodeState,
+    /// Set by the node when its store failed a write or sync (why): the store is fail-stop
+    /// until the node restarts, and the controller moves its positions at once, as for a lost
+    /// node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
+}
+
+impl NodeRecord {
+    /// The state to show: the operator's, or `failed` when the node reports its store failed.
+    pub fn shown_state(&self) -> String {
+        if self.failed.is_some() {
+            return "failed".into();
+        }
+        format!("{:?}", self.state).to_lowercase()
+    }
 }
 
 /// A running gateway.

@@ -3,8 +3,9 @@
 //! The controller calls [`plan`] for every volume at every round. It is pure: the stored map,
 //! the registered nodes, which absent nodes are past their grace period, and whether the
 //! owner reports the last change filled. A new map is made when:
-//! - a node of the map has been absent longer than the grace period (its positions move to
-//!   other nodes: a **rebuild** from the remaining fragments), or
+//! - a node of the map has been absent longer than the grace period, or reports that its store
+//!   failed a write or sync (its positions move to other nodes: a **rebuild** from the
+//!   remaining fragments), or
 //! - an operator set a node of the map to `draining` or `out` (**drain**), or
 //! - a registered node in state `up` is not yet used and placement gives it a share
 //!   (**rebalance**), or the map is otherwise not what placement would make now.
@@ -157,7 +158,19 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<(PgMapRecord, Vec<Move>), Hold> {
     let m = usize::from(inp.volume.m);
     let registered: HashMap<&str, &NodeRecord> =
         inp.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
-    let lost_in_map = map.nodes.iter().any(|n| inp.lost.contains(&n.id));
+    // A node whose store failed is lost now: its copies cannot be trusted to be durable.
+    let lost: HashSet<String> = inp
+        .lost
+        .iter()
+        .cloned()
+        .chain(
+            inp.nodes
+                .iter()
+                .filter(|n| n.failed.is_some())
+                .map(|n| n.id.clone()),
+        )
+        .collect();
+    let lost_in_map = map.nodes.iter().any(|n| lost.contains(&n.id));
     let carried: HashSet<(u32, usize)> = if inp.filled {
         HashSet::new()
     } else {
@@ -172,13 +185,13 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<(PgMapRecord, Vec<Move>), Hold> {
     let mut cands: Vec<placement::Node> = Vec::new();
     let mut cand_rec: Vec<MapNode> = Vec::new();
     for n in inp.nodes {
-        if n.state == NodeState::Up && !inp.lost.contains(&n.id) {
+        if n.state == NodeState::Up && !lost.contains(&n.id) {
             cands.push(placement::Node::new(&n.id, &n.zone, &n.rack, &n.host));
             cand_rec.push(MapNode::of(n));
         }
     }
     for n in &map.nodes {
-        if !registered.contains_key(n.id.as_str()) && !inp.lost.contains(&n.id) {
+        if !registered.contains_key(n.id.as_str()) && !lost.contains(&n.id) {
             cands.push(placement::Node::new(&n.id, &n.zone, &n.rack, &n.host));
             cand_rec.push(n.clone());
         }
@@ -202,7 +215,7 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<(PgMapRecord, Vec<Move>), Hold> {
         // 1. Lost nodes' positions move, whatever else.
         for pos in 0..width {
             let cur = prev[pg][pos].as_str();
-            if inp.lost.contains(cur) && want[pos] != cur {
+            if lost.contains(cur) && want[pos] != cur {
                 next[pg][pos] = want[pos].to_string();
                 moving.insert((pg32, pos));
                 moves.push(Move {
@@ -353,6 +366,7 @@ mod tests {
             zone: String::new(),
             capacity: 0,
             state,
+            failed: None,
         }
     }
 
@@ -434,6 +448,37 @@ mod tests {
             assert!(changed <= 1);
         }
         assert!(next.nodes.iter().all(|n| n.id != "n5"));
+    }
+
+    #[test]
+    fn a_node_whose_store_failed_is_rebuilt_elsewhere_at_once_while_still_registered() {
+        let v = vol(4, 2, 64);
+        let mut nodes: Vec<NodeRecord> = (0..8).map(|i| node(i, NodeState::Up)).collect();
+        let map = first_map(&v, &nodes);
+        nodes[3].failed = Some("fdatasync: Input/output error".into());
+        let none = HashSet::new();
+        // Mid-fill too: a failed node does not wait for the fill to finish.
+        let mut filling = map.clone();
+        filling.moving = vec![(0, 0)];
+        for (m, filled) in [(&map, true), (&filling, false)] {
+            let (next, moves) = plan(&PlanInput {
+                volume: &v,
+                map: m,
+                nodes: &nodes,
+                lost: &none,
+                filled,
+            })
+            .unwrap();
+            let held = ids(m).iter().flatten().filter(|x| *x == "n3").count();
+            assert!(held > 0);
+            assert_eq!(moves.len(), held, "only the failed node's positions move");
+            assert!(moves
+                .iter()
+                .all(|mv| mv.reason == MoveReason::Lost && mv.from == "n3"));
+            assert!(ids(&next).iter().flatten().all(|x| x != "n3"));
+            assert!(next.nodes.iter().all(|n| n.id != "n3"), "never a candidate");
+        }
+        assert_eq!(nodes[3].shown_state(), "failed");
     }
 
     #[test]

@@ -41,6 +41,7 @@ fn node(i: usize) -> NodeRecord {
         zone: String::new(),
         capacity: 1 << 30,
         state: NodeState::Up,
+        failed: None,
     }
 }
 

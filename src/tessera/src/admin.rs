@@ -178,7 +178,7 @@ pub fn node_list(e: &EtcdArgs) -> anyhow::Result<()> {
                 n.rack,
                 n.zone,
                 n.capacity,
-                format!("{:?}", n.state).to_lowercase()
+                n.shown_state()
             );
         }
         Ok(())
@@ -405,7 +405,7 @@ pub fn status(e: &EtcdArgs) -> anyhow::Result<()> {
                 n.id,
                 n.address,
                 n.host,
-                format!("{:?}", n.state).to_lowercase()
+                n.shown_state()
             );
         }
         for (id, since) in &away {

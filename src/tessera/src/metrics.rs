@@ -94,6 +94,8 @@ pub struct Metrics {
     pub node_events: IntCounterVec,
     /// Storage node: bytes of the store, allocated and capacity.
     pub node_store_bytes: IntGaugeVec,
+    /// Storage node: 1 once the store failed a write or sync (fail-stop until restarted).
+    pub node_store_failed: IntGauge,
 }
 
 /// Latency buckets (seconds): 50 µs to 10 s.
@@ -332,6 +334,10 @@ impl Metrics {
                 "tessera_node_store_bytes",
                 "Bytes of the node's store (kind: capacity, allocated).",
                 &["kind"],
+            ),
+            node_store_failed: int_gauge(
+                "tessera_node_store_failed",
+                "1 once the node's store failed a write or sync: it refuses writes until restarted and its fragments are rebuilt elsewhere.",
             ),
             registry: r,
         }

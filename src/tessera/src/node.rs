@@ -69,6 +69,7 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
                 m.node_store_bytes
                     .with_label_values(&["allocated"])
                     .set(st.allocated as i64);
+                m.node_store_failed.set(i64::from(st.failed_errno != 0));
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
@@ -82,6 +83,27 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     heartbeats.start_watchdog();
     crate::notify::ready(&format!("serving {} on {}", cfg.data.display(), cfg.listen));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // A store that failed a write or sync says so once, and in etcd (the controller then
+    // rebuilds its fragments elsewhere).
+    let (failed_tx, failed_rx) = tokio::sync::watch::channel(None::<String>);
+    {
+        let store = store.clone();
+        let id = cfg.id.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                if let Some(errno) = store.failed() {
+                    let why = format!(
+                        "the store failed a write or sync: {}",
+                        std::io::Error::from_raw_os_error(errno)
+                    );
+                    tracing::error!(node = %id, "{why}; refusing every write until restarted, its fragments are to be rebuilt elsewhere");
+                    let _ = failed_tx.send(Some(why));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
     if let Some(cl) = cfg.cluster.clone() {
         let rec = tessera_cluster::NodeRecord {
             id: cfg.id.clone(),
@@ -91,11 +113,13 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
             zone: cfg.zone.clone(),
             capacity: store.capacity(),
             state: tessera_cluster::NodeState::Up,
+            failed: None,
         };
         let mut stop = stop_rx.clone();
+        let failed = failed_rx.clone();
         tokio::task::spawn_local(async move {
             tokio::select! {
-                _ = register(cl, rec) => {}
+                _ = register(cl, rec, failed) => {}
                 _ = stop.changed() => {}
             }
         });
@@ -167,10 +191,15 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
 }
 
 /// Stay registered in etcd under a lease, re-registering whenever the lease is lost (etcd
-/// away, or the lease expired).
-async fn register(cl: crate::config::ClusterConfig, rec: tessera_cluster::NodeRecord) {
+/// away, or the lease expired). A store failure (`failed`) is added to the record at once.
+async fn register(
+    cl: crate::config::ClusterConfig,
+    mut rec: tessera_cluster::NodeRecord,
+    mut failed: tokio::sync::watch::Receiver<Option<String>>,
+) {
     let mut logged_down = false;
     loop {
+        rec.failed = failed.borrow_and_update().clone();
         let attempt = async {
             let c = tessera_cluster::Cluster::connect(&cl.etcd, &cl.prefix).await?;
             let lease = c.grant(cl.lease_ttl).await?;
@@ -181,7 +210,24 @@ async fn register(cl: crate::config::ClusterConfig, rec: tessera_cluster::NodeRe
             Ok((c, lease)) => {
                 info!(node = %rec.id, etcd = ?cl.etcd, lease = format!("{lease:x}"), "registered in the cluster");
                 logged_down = false;
-                let why = c.keep_alive(lease, cl.lease_ttl).await;
+                let alive = c.keep_alive(lease, cl.lease_ttl);
+                tokio::pin!(alive);
+                let why = loop {
+                    tokio::select! {
+                        why = &mut alive => break why,
+                        r = failed.changed() => {
+                            if r.is_err() {
+                                // The watcher is gone (it reported already): keep the lease.
+                                break (&mut alive).await;
+                            }
+                            rec.failed = failed.borrow_and_update().clone();
+                            match c.register_node(&rec, lease).await {
+                                Ok(()) => warn!(node = %rec.id, "reported the store's failure in the cluster"),
+                                Err(e) => warn!(node = %rec.id, "reporting the store's failure: {e}"),
+                            }
+                        }
+                    }
+                };
                 warn!(node = %rec.id, "cluster registration lost: {why}");
             }
             Err(e) => {
@@ -283,6 +329,12 @@ pub fn stats(addr: SocketAddr) -> anyhow::Result<()> {
         "{addr}: capacity {} allocated {} writes {} reads {} checksum_errors {} stale_epoch_rejects {}",
         s.capacity, s.allocated, s.writes, s.reads, s.checksum_errors, s.stale_epoch_rejects
     );
+    if s.failed_errno != 0 {
+        println!(
+            "{addr}: FAILED: the store failed a write or sync ({}); it refuses writes until the node restarts",
+            std::io::Error::from_raw_os_error(s.failed_errno as i32)
+        );
+    }
     Ok(())
 }
 
