@@ -1,8 +1,10 @@
 //! A small blocking iSCSI initiator over a real socket, built from `tessera-proto`'s own
-//! encoders: enough to log in, run SCSI commands (with immediate data) and read their
-//! answers, for tests that need control libiscsi does not give (same ISID twice, a session
-//! kept open across abuse, PERSISTENT RESERVE OUT with chosen parameters).
+//! encoders: enough to log in, run SCSI commands (with immediate data) one at a time or many
+//! at once, send task management functions and read their answers, for tests that need
+//! control libiscsi does not give (same ISID twice, a session kept open across abuse,
+//! PERSISTENT RESERVE OUT with chosen parameters, ABORT TASK of a chosen write).
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tessera_proto::iscsi::framer::{Framer, TxQueue};
 use tessera_proto::iscsi::pdu::{
-    stage, Bhs, LoginRequest, LoginResponse, Pdu, Response, ScsiCommand,
+    stage, Bhs, LoginRequest, LoginResponse, NopOut, Pdu, Response, ScsiCommand, TaskMgmtRequest,
 };
 use tessera_proto::iscsi::text;
 
@@ -22,6 +24,17 @@ pub struct Session {
     cmd_sn: u32,
     exp_stat_sn: u32,
     itt: u32,
+    /// Data-In received so far, per command.
+    data_in: HashMap<u32, Vec<u8>>,
+}
+
+/// An answer from the target to a pipelined request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A SCSI command finished.
+    Command(u32, Outcome),
+    /// A task management function was answered: (its ITT, the response code).
+    TaskMgmt(u32, u8),
 }
 
 /// The outcome of a SCSI command.
@@ -53,6 +66,7 @@ impl Session {
             cmd_sn: 1,
             exp_stat_sn: 0,
             itt: 1,
+            data_in: HashMap::new(),
         };
         let keys = text::encode(&[
             ("InitiatorName", initiator),
@@ -137,10 +151,30 @@ impl Session {
         data_out: &[u8],
         read_len: u32,
     ) -> std::io::Result<Outcome> {
+        let (itt, _) = self.send_command(lun, cdb, data_out, read_len)?;
+        loop {
+            if let Answer::Command(i, o) = self.next_answer()? {
+                if i == itt {
+                    return Ok(o);
+                }
+            }
+        }
+    }
+
+    /// Send a SCSI command without waiting for it (Data-Out as immediate data, at most the
+    /// first burst): its (ITT, CmdSN).
+    pub fn send_command(
+        &mut self,
+        lun: u8,
+        cdb: &[u8],
+        data_out: &[u8],
+        read_len: u32,
+    ) -> std::io::Result<(u32, u32)> {
         let mut c = [0u8; 16];
         c[..cdb.len().min(16)].copy_from_slice(&cdb[..cdb.len().min(16)]);
         let itt = self.itt;
         self.itt += 1;
+        let cmd_sn = self.cmd_sn;
         let cmd = ScsiCommand {
             final_bit: true,
             read: read_len > 0,
@@ -153,45 +187,106 @@ impl Session {
             } else {
                 data_out.len() as u32
             },
-            cmd_sn: self.cmd_sn,
+            cmd_sn,
             exp_stat_sn: self.exp_stat_sn,
             cdb: c,
             ..Default::default()
         };
         self.cmd_sn = self.cmd_sn.wrapping_add(1);
         self.send(cmd.encode(), Bytes::copy_from_slice(data_out))?;
-        let mut data = Vec::new();
+        Ok((itt, cmd_sn))
+    }
+
+    /// Send a task management function (immediate) for `lun`; `rtt` and `ref_cmd_sn` name
+    /// the task ABORT TASK aborts. Its ITT.
+    pub fn send_tmf(
+        &mut self,
+        function: u8,
+        lun: u8,
+        rtt: u32,
+        ref_cmd_sn: u32,
+    ) -> std::io::Result<u32> {
+        let itt = self.itt;
+        self.itt += 1;
+        let req = TaskMgmtRequest {
+            immediate: true,
+            function,
+            lun: [0, lun, 0, 0, 0, 0, 0, 0],
+            itt,
+            rtt,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            ref_cmd_sn,
+            exp_data_sn: 0,
+        };
+        self.send(req.encode(), Bytes::new())?;
+        Ok(itt)
+    }
+
+    /// The next answer to a command or task management function (NOP-In pings are answered
+    /// on the way; anything else is skipped).
+    pub fn next_answer(&mut self) -> std::io::Result<Answer> {
         loop {
             let p = self.recv()?;
             match Response::decode(&p.bhs) {
-                Ok(Response::DataIn(d)) if d.itt == itt => {
-                    data.extend_from_slice(&p.data);
+                Ok(Response::DataIn(d)) => {
+                    self.data_in
+                        .entry(d.itt)
+                        .or_default()
+                        .extend_from_slice(&p.data);
                     if let Some(status) = d.status {
                         self.exp_stat_sn = d.stat_sn.wrapping_add(1);
-                        return Ok(Outcome {
-                            status,
-                            data,
-                            sense: Vec::new(),
-                        });
+                        let data = self.data_in.remove(&d.itt).unwrap_or_default();
+                        return Ok(Answer::Command(
+                            d.itt,
+                            Outcome {
+                                status,
+                                data,
+                                sense: Vec::new(),
+                            },
+                        ));
                     }
                 }
-                Ok(Response::ScsiResponse(r)) if r.itt == itt => {
+                Ok(Response::ScsiResponse(r)) => {
                     self.exp_stat_sn = r.stat_sn.wrapping_add(1);
                     let sense = if p.data.len() > 2 {
                         p.data[2..].to_vec()
                     } else {
                         Vec::new()
                     };
-                    return Ok(Outcome {
-                        status: r.status,
-                        data,
-                        sense,
-                    });
+                    let data = self.data_in.remove(&r.itt).unwrap_or_default();
+                    return Ok(Answer::Command(
+                        r.itt,
+                        Outcome {
+                            status: r.status,
+                            data,
+                            sense,
+                        },
+                    ));
                 }
-                // NOP-In pings and anything else unrelated are skipped.
+                Ok(Response::TaskMgmt(t)) => {
+                    self.exp_stat_sn = t.stat_sn.wrapping_add(1);
+                    return Ok(Answer::TaskMgmt(t.itt, t.response));
+                }
+                Ok(Response::NopIn(n)) if n.ttt != u32::MAX => {
+                    let out = NopOut {
+                        immediate: true,
+                        lun: n.lun,
+                        itt: u32::MAX,
+                        ttt: n.ttt,
+                        cmd_sn: self.cmd_sn,
+                        exp_stat_sn: self.exp_stat_sn,
+                    };
+                    self.send(out.encode(), Bytes::new())?;
+                }
                 _ => {}
             }
         }
+    }
+
+    /// Close the connection at once, without logging out (a cable pulled).
+    pub fn drop_connection(self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
     /// TEST UNIT READY until GOOD (unit attentions consumed); the last outcome.

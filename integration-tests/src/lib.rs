@@ -77,6 +77,45 @@ pub fn url_encode(s: &str) -> String {
         .collect()
 }
 
+/// The seed of a randomised test: `TESSERA_SEED` when set (to replay a failure), else one
+/// from the clock. Printed either way, with how to replay it.
+pub fn seed(test: &str) -> u64 {
+    let s = std::env::var("TESSERA_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_nanos() as u64
+        });
+    println!("{test}: seed {s} (replay: TESSERA_SEED={s})");
+    s
+}
+
+/// A small deterministic generator (xorshift64*) for randomised tests.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded (0 is replaced by a fixed non-zero value).
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine).
 pub fn free_port() -> u16 {
     tessera_cluster::process::free_port([127, 0, 0, 1]).expect("a free port")

@@ -301,14 +301,17 @@ impl Target {
                 None => TmfResponse::NoSuchLun,
             },
             TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
+                // Every logical unit at once: the remote ones answer in parallel.
+                let mut remote = Vec::new();
                 for e in snap.values() {
                     match e {
                         Entry::Local(lu) => lu.reset(Sense::POWER_ON_RESET),
                         Entry::Remote(r) => {
-                            let _ = r.task_mgmt(nexus, TmfFunction::LogicalUnitReset).await;
+                            remote.push(r.task_mgmt(nexus, TmfFunction::LogicalUnitReset))
                         }
                     }
                 }
+                futures_util::future::join_all(remote).await;
                 TmfResponse::Complete
             }
         }

@@ -580,8 +580,10 @@ mod crash {
                 tokio::task::spawn_local(async move { write(&v, off, &new).await })
             };
             let mut acked = false;
-            for _ in 0..400 {
+            let mut crashed = false;
+            for _ in 0..2000 {
                 if fault::crashed() {
+                    crashed = true;
                     break;
                 }
                 if w.is_finished() {
@@ -590,6 +592,10 @@ mod crash {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            assert!(
+                acked || crashed,
+                "{point}#{nth}: the write neither crashed nor finished within 10 s"
+            );
             assert_eq!(
                 acked,
                 point == "never",
@@ -650,6 +656,116 @@ mod crash {
         for nth in 1..=6 {
             case("4+2", "write:send", nth, 16384, 16384);
             case("4+2", "write:acked-node", nth, 16384, 16384);
+        }
+    }
+
+    /// A command aborted (ABORT TASK, a LUN reset, a lost connection: its future is dropped)
+    /// while its write waits at `point`, then a second write to the same stripe: the first
+    /// keeps the stripe until it has run to its end, the second follows it, and every byte
+    /// reads back old-or-new (the second write's range new), before and after a restart.
+    fn abort_case(chunk: u64, point: &str, nth: usize, off: u64, len: usize) {
+        let s = setup("4+2", chunk, 6, 1 << 20);
+        let old = pattern(100, 1 << 20);
+        let first = pattern(300 + nth as u64, len);
+        // The second write covers the first's start and goes on past it.
+        let (off2, len2) = (off, len + 4096);
+        let second = pattern(400 + nth as u64, len2);
+        let what = format!("{point}#{nth} chunk {chunk} at {off}+{len}");
+        run(async {
+            let v = open(&s).await;
+            write(&v, 0, &old).await.unwrap();
+            fault::arm_pause(point, nth);
+            let w1 = {
+                let v = v.clone();
+                let first = first.clone();
+                tokio::task::spawn_local(async move { write(&v, off, &first).await })
+            };
+            for _ in 0..2000 {
+                if fault::paused() || w1.is_finished() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(
+                fault::paused(),
+                "{what}: the write did not reach its pause point"
+            );
+            // The command is aborted: the future waiting for it is dropped.
+            w1.abort();
+            let _ = w1.await;
+            assert_eq!(v.running(), 1, "{what}: the aborted write runs on");
+            let w2 = {
+                let v = v.clone();
+                let second = second.clone();
+                tokio::task::spawn_local(async move { write(&v, off2, &second).await })
+            };
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            assert!(
+                !w2.is_finished(),
+                "{what}: the second write went ahead while the aborted one was in flight"
+            );
+            fault::release();
+            let r2 = tokio::time::timeout(Duration::from_secs(10), w2)
+                .await
+                .expect("the second write finishes")
+                .unwrap();
+            assert!(r2.is_ok(), "{what}: second write failed: {r2:?}");
+            for _ in 0..2000 {
+                if v.running() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(v.running(), 0, "{what}: the aborted write never ended");
+            fault::disarm();
+            let check = |all: &[u8], when: &str| {
+                let (a, b) = (off as usize, off as usize + len);
+                let (c, d) = (off2 as usize, off2 as usize + len2);
+                assert_eq!(
+                    &all[c..d],
+                    &second[..],
+                    "{what} {when}: acknowledged write lost"
+                );
+                assert_eq!(&all[..a.min(c)], &old[..a.min(c)], "{what} {when}");
+                assert_eq!(&all[d.max(b)..], &old[d.max(b)..], "{what} {when}");
+            };
+            check(&read(&v, 0, 1 << 20).await, "live");
+            let sc = v.scrub().await;
+            assert_eq!(
+                (sc.inconsistent, sc.parity_mismatches),
+                (0, 0),
+                "{what}: {sc:?}"
+            );
+            v.close();
+            let v = open(&s).await;
+            settle(&v).await;
+            check(&read(&v, 0, 1 << 20).await, "after a restart");
+            let sc = v.scrub().await;
+            assert_eq!(
+                (sc.inconsistent, sc.parity_mismatches),
+                (0, 0),
+                "{what}: {sc:?}"
+            );
+            v.close();
+        });
+    }
+
+    #[test]
+    fn an_aborted_write_runs_to_its_end_before_the_next_write_of_its_stripe() {
+        for chunk in [4096u64, 16384] {
+            // Partial writes: one chunk, two chunks, unaligned; and a full stripe.
+            for (off, len) in [(8192u64, 4096usize), (4096, 8192), (16384 + 512, 512)] {
+                for nth in 1..=3 {
+                    abort_case(chunk, "write:send", nth, off, len);
+                    abort_case(chunk, "write:acked-node", nth, off, len);
+                }
+                abort_case(chunk, "write:after-read", 1, off, len);
+                abort_case(chunk, "write:before-ack", 1, off, len);
+            }
+        }
+        for nth in 1..=6 {
+            abort_case(4096, "write:send", nth, 16384, 16384);
+            abort_case(4096, "write:acked-node", nth, 16384, 16384);
         }
     }
 

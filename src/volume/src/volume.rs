@@ -163,6 +163,8 @@ struct Shared {
     fill_rate: AtomicU64,
     /// The fill in progress or last finished.
     fill: Mutex<Fill>,
+    /// Operations started and not finished (see [`EcVolume::running`]).
+    running: Arc<AtomicU64>,
 }
 
 /// Where a volume's fragments live.
@@ -483,6 +485,7 @@ impl EcVolume {
                     epoch_told: false,
                     active: false,
                 }),
+                running: Arc::new(AtomicU64::new(0)),
                 spec,
             }),
         })
@@ -3068,6 +3071,10 @@ fn libc_einval() -> i32 {
     22
 }
 
+fn libc_eio() -> i32 {
+    5
+}
+
 /// Counts a write as in flight in its regions (the intent log keeps them dirty meanwhile).
 struct Inflight<'a> {
     vol: &'a EcVolume,
@@ -3104,6 +3111,43 @@ impl Drop for Inflight<'_> {
     }
 }
 
+impl EcVolume {
+    /// Run an operation as its own task, so that it runs to its end whatever becomes of the
+    /// caller: a command aborted by ABORT TASK or a LUN reset, or whose connection is lost,
+    /// drops the returned future, but a started write keeps its stripe locks and its regions
+    /// in the intent log until no fragment request of it is left in flight (COMMIT.md, "A
+    /// started write runs to its end"). The caller that waits sees its result.
+    fn to_the_end<T: 'static>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, BlockError>> + 'static,
+    ) -> LocalBoxFuture<'static, Result<T, BlockError>> {
+        struct Running(Arc<AtomicU64>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.sh.running.fetch_add(1, Ordering::AcqRel);
+        let counted = Running(self.sh.running.clone());
+        let task = tokio::task::spawn_local(async move {
+            let _counted = counted;
+            op.await
+        });
+        Box::pin(async move {
+            task.await.unwrap_or_else(|e| {
+                error!("volume operation failed: {e}");
+                Err(BlockError::Io(libc_eio()))
+            })
+        })
+    }
+
+    /// Operations started through [`BlockDevice`] and not yet finished (whether or not their
+    /// callers still wait for them).
+    pub fn running(&self) -> u64 {
+        self.sh.running.load(Ordering::Acquire)
+    }
+}
+
 impl BlockDevice for EcVolume {
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
@@ -3115,7 +3159,9 @@ impl BlockDevice for EcVolume {
     }
 
     fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, Result<Bytes, BlockError>> {
-        Box::pin(self.do_read(offset, len))
+        // A read may resolve a stripe (which writes): it runs to its end too.
+        let v = self.clone();
+        self.to_the_end(async move { v.do_read(offset, len).await })
     }
 
     fn write(
@@ -3125,7 +3171,8 @@ impl BlockDevice for EcVolume {
         _fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
         // Every acknowledged write is durable on its quorum: FUA asks for nothing more.
-        Box::pin(self.do_write(offset, data.into()))
+        let v = self.clone();
+        self.to_the_end(async move { v.do_write(offset, data.into()).await })
     }
 
     fn write_segments(
@@ -3134,7 +3181,8 @@ impl BlockDevice for EcVolume {
         data: Segments,
         _fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        Box::pin(self.do_write(offset, data))
+        let v = self.clone();
+        self.to_the_end(async move { v.do_write(offset, data).await })
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
@@ -3142,7 +3190,8 @@ impl BlockDevice for EcVolume {
     }
 
     fn unmap(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        Box::pin(self.do_unmap(offset, len))
+        let v = self.clone();
+        self.to_the_end(async move { v.do_unmap(offset, len).await })
     }
 
     fn extents(

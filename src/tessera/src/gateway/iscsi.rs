@@ -6,7 +6,7 @@
 //! driver takes every completion that is ready, then writes all queued PDUs with one
 //! vectored write, so a burst of commands costs a few syscalls, not a few per command.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_util::future::{AbortHandle, Abortable};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use rand::Rng;
@@ -42,7 +41,15 @@ const MAX_WRITE_TRANSFER: u32 = 32 << 20;
 /// Write data a connection may hold before R2Ts wait.
 const WRITE_BUDGET: usize = 256 << 20;
 
-type CmdFuture = Pin<Box<dyn Future<Output = (u32, Option<Completion>)>>>;
+type CmdFuture = Pin<Box<dyn Future<Output = (u32, Completion)>>>;
+type TmfFuture = Pin<Box<dyn Future<Output = (u32, u8, u8)>>>;
+
+/// How long a task management function waits for the commands it aborts before it says so in
+/// the log (it goes on waiting: its answer means they can have no further effect).
+const TMF_SLOW: Duration = Duration::from_secs(30);
+/// How long a closing connection waits for its commands to end (each is bounded by the data
+/// path's own limits; this only caps a bug).
+const CLOSE_DRAIN: Duration = Duration::from_secs(60);
 
 struct Session {
     target: Arc<Target>,
@@ -237,7 +244,13 @@ pub(super) async fn serve(
     let mut session: Option<Session> = None;
     let mut rbuf = BytesMut::with_capacity(256 * 1024);
     let mut inflight: FuturesUnordered<CmdFuture> = FuturesUnordered::new();
-    let mut aborts: HashMap<u32, AbortHandle> = HashMap::new();
+    // Commands executing (by ITT), and those of them a task management function aborted:
+    // they run to their end (a started write is never cut short), their answers are dropped,
+    // and the function is answered once none of them can have any further effect (SAM-5).
+    let running: Rc<std::cell::RefCell<HashSet<u32>>> = Rc::default();
+    let mut aborted: HashSet<u32> = HashSet::new();
+    let ended = Rc::new(tokio::sync::Notify::new());
+    let mut tmfs: FuturesUnordered<TmfFuture> = FuturesUnordered::new();
     let mut closing = false;
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
     let sleep = tokio::time::sleep_until(far);
@@ -309,23 +322,47 @@ pub(super) async fn serve(
                     }
                     Event::Command(c) => {
                         let Some(s) = &session else { continue };
-                        let (handle, reg) = AbortHandle::new_pair();
-                        aborts.insert(c.itt, handle);
-                        inflight.push(command_future(s, c, reg));
+                        running.borrow_mut().insert(c.itt);
+                        inflight.push(command_future(s, c));
                     }
                     Event::TaskMgmt(t) => {
-                        for itt in &t.aborted {
-                            if let Some(h) = aborts.remove(itt) {
-                                h.abort();
-                            }
-                        }
-                        let code = match (&session, tmf_function(&t)) {
-                            (Some(s), Some(f)) => {
-                                s.target.task_mgmt(&s.nexus, t.lun, f).await.code()
-                            }
-                            _ => 5,
+                        let waits: Vec<u32> = t
+                            .aborted
+                            .iter()
+                            .copied()
+                            .filter(|i| running.borrow().contains(i))
+                            .collect();
+                        aborted.extend(waits.iter().copied());
+                        let apply = match (&session, tmf_function(&t)) {
+                            (Some(s), Some(f)) => Some((s.target.clone(), s.nexus.clone(), f)),
+                            _ => None,
                         };
-                        conn.complete_tmf(t.itt, t.function, code);
+                        let (running, ended, peer) = (running.clone(), ended.clone(), peer.clone());
+                        tmfs.push(Box::pin(async move {
+                            let began = tokio::time::Instant::now();
+                            let mut warned = false;
+                            loop {
+                                let n = ended.notified();
+                                tokio::pin!(n);
+                                n.as_mut().enable();
+                                if waits.iter().all(|i| !running.borrow().contains(i)) {
+                                    break;
+                                }
+                                if warned {
+                                    n.await;
+                                } else if tokio::time::timeout_at(began + TMF_SLOW, n).await.is_err() {
+                                    warn!(%peer, function = t.function, tasks = ?waits, "task management still waiting for aborted commands to end");
+                                    warned = true;
+                                }
+                            }
+                            let code = match apply {
+                                Some((target, nexus, f)) => {
+                                    target.task_mgmt(&nexus, t.lun, f).await.code()
+                                }
+                                None => 5,
+                            };
+                            (t.itt, t.function, code)
+                        }));
                     }
                     Event::Close(why) => {
                         match &why {
@@ -350,10 +387,11 @@ pub(super) async fn serve(
             }
             while let Some(Some((itt, c))) = inflight.next().now_or_never() {
                 progress = true;
-                aborts.remove(&itt);
-                if let Some(c) = c {
-                    conn.complete(itt, c);
-                }
+                ended_one(&running, &mut aborted, &ended, &mut conn, itt, c);
+            }
+            while let Some(Some((itt, function, code))) = tmfs.next().now_or_never() {
+                progress = true;
+                conn.complete_tmf(itt, function, code);
             }
             if !progress {
                 break;
@@ -448,10 +486,10 @@ pub(super) async fn serve(
                 }
             }
             Some((itt, c)) = inflight.next(), if !inflight.is_empty() => {
-                aborts.remove(&itt);
-                if let Some(c) = c {
-                    conn.complete(itt, c);
-                }
+                ended_one(&running, &mut aborted, &ended, &mut conn, itt, c);
+            }
+            Some((itt, function, code)) = tmfs.next(), if !tmfs.is_empty() => {
+                conn.complete_tmf(itt, function, code);
             }
             _ = &mut sleep, if armed.is_some() => {
                 conn.handle_timeout(Instant::now());
@@ -464,10 +502,16 @@ pub(super) async fn serve(
             _ = shutdown.changed() => {}
         }
     }
-    for (_, h) in aborts.drain() {
-        h.abort();
+    // Commands still executing run to their end before the session is gone: a reinstated
+    // session (which waits for this one) never overlaps them.
+    drop(tmfs);
+    if !inflight.is_empty() {
+        debug!(%peer, commands = inflight.len(), "waiting for the connection's commands to end");
+        let drain = async { while inflight.next().await.is_some() {} };
+        if tokio::time::timeout(CLOSE_DRAIN, drain).await.is_err() {
+            warn!(%peer, "commands of a closed connection still running after {CLOSE_DRAIN:?}");
+        }
     }
-    drop(inflight);
     if let Some(s) = session.take() {
         s.target.nexus_gone(&s.nexus);
         gw.sessions.unregister(&s.registration);
@@ -475,11 +519,25 @@ pub(super) async fn serve(
     }
 }
 
-fn command_future(
-    s: &Session,
-    c: Command,
-    reg: futures_util::future::AbortRegistration,
-) -> CmdFuture {
+/// A command ended: answer it unless a task management function aborted it, and wake the
+/// functions waiting for it.
+fn ended_one(
+    running: &std::cell::RefCell<HashSet<u32>>,
+    aborted: &mut HashSet<u32>,
+    ended: &tokio::sync::Notify,
+    conn: &mut Connection,
+    itt: u32,
+    c: Completion,
+) {
+    running.borrow_mut().remove(&itt);
+    if aborted.remove(&itt) {
+        ended.notify_waiters();
+    } else {
+        conn.complete(itt, c);
+    }
+}
+
+fn command_future(s: &Session, c: Command) -> CmdFuture {
     let target = s.target.clone();
     let nexus = s.nexus.clone();
     let itt = c.itt;
@@ -507,31 +565,28 @@ fn command_future(
         attr: task_attr(c.attr),
         tag: c.itt,
     };
-    Box::pin(
-        Abortable::new(
-            async move {
-                let r = target.execute(&nexus, lun, &cmd).await;
-                lm.in_flight.dec();
-                lm.commands[kind].inc();
-                lm.duration[kind].observe(started.elapsed().as_secs_f64());
-                if written > 0 {
-                    lm.bytes[1].inc_by(written);
-                }
-                if !r.data_in.is_empty() {
-                    lm.bytes[0].inc_by(r.data_in.len() as u64);
-                }
-                if r.status == 0x02 {
-                    lm.check_condition(r.sense.as_deref().unwrap_or(&[]));
-                }
-                Completion {
-                    status: r.status,
-                    sense: r.sense,
-                    data: r.data_in,
-                    transfer_len: r.transfer_len,
-                }
+    Box::pin(async move {
+        let r = target.execute(&nexus, lun, &cmd).await;
+        lm.in_flight.dec();
+        lm.commands[kind].inc();
+        lm.duration[kind].observe(started.elapsed().as_secs_f64());
+        if written > 0 {
+            lm.bytes[1].inc_by(written);
+        }
+        if !r.data_in.is_empty() {
+            lm.bytes[0].inc_by(r.data_in.len() as u64);
+        }
+        if r.status == 0x02 {
+            lm.check_condition(r.sense.as_deref().unwrap_or(&[]));
+        }
+        (
+            itt,
+            Completion {
+                status: r.status,
+                sense: r.sense,
+                data: r.data_in,
+                transfer_len: r.transfer_len,
             },
-            reg,
         )
-        .map(move |r| (itt, r.ok())),
-    )
+    })
 }
