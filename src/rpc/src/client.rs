@@ -3,7 +3,11 @@
 //! Calls made while the connection is busy are queued in one send buffer and go out together
 //! in the next write, so a burst of fragment requests from many commands costs one syscall per
 //! wake-up, not one per request. Responses are matched to calls by request id. A broken
-//! connection fails every call in flight; the next call reconnects. Every call has a deadline.
+//! connection fails every call in flight; the next call reconnects. Every call has a deadline:
+//! a call that misses it closes the connection (a node that does not answer one request is not
+//! answering the others either), which fails the calls still in flight and frees every request
+//! still queued. The queue is bounded: past [`MAX_PENDING`] calls or [`MAX_QUEUED_BYTES`] of
+//! unsent requests, a call fails at once instead of queueing.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -72,9 +76,18 @@ impl CallError {
 
 type Reply = oneshot::Sender<Result<Response, CallError>>;
 
+/// The most calls one client has waiting for answers.
+pub const MAX_PENDING: usize = 8192;
+/// The most bytes of requests one client holds unsent.
+pub const MAX_QUEUED_BYTES: usize = 256 << 20;
+
 struct Conn {
     /// Encoded requests waiting to be written, as segments (fragment data is not copied).
     out: Vec<Bytes>,
+    /// Bytes in `out`.
+    out_bytes: usize,
+    /// Tells the connection of the current generation to close (see [`fail_all`]).
+    stop: Rc<Notify>,
     /// Calls waiting for an answer: id → (op, epoch sent, reply).
     pending: HashMap<u64, (msg::Op, u64, Reply)>,
     /// The connection's generation; bumped when it breaks.
@@ -91,10 +104,23 @@ struct Inner {
     wake: Notify,
 }
 
-/// A client for one node. Cheap to clone; `!Send` (one per thread).
+/// A client for one node. Cheap to clone; `!Send` (one per thread). When the last clone is
+/// dropped, its connection closes.
 #[derive(Clone)]
 pub struct Client {
     inner: Rc<Inner>,
+    _closer: Rc<Closer>,
+}
+
+/// Closes the connection when the last [`Client`] clone goes (the connection's own task holds
+/// only `Inner`).
+struct Closer(Rc<Inner>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        let generation = self.0.conn.borrow().generation;
+        fail_all(&self.0, generation, "the client was dropped");
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -106,19 +132,23 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// A client for the node at `addr`; it connects on first use.
     pub fn new(addr: SocketAddr, timeout: Duration) -> Self {
-        Self {
-            inner: Rc::new(Inner {
-                addr,
-                timeout,
-                next_id: RefCell::new(1),
-                conn: RefCell::new(Conn {
-                    out: Vec::new(),
-                    pending: HashMap::new(),
-                    generation: 0,
-                    running: false,
-                }),
-                wake: Notify::new(),
+        let inner = Rc::new(Inner {
+            addr,
+            timeout,
+            next_id: RefCell::new(1),
+            conn: RefCell::new(Conn {
+                out: Vec::new(),
+                out_bytes: 0,
+                stop: Rc::new(Notify::new()),
+                pending: HashMap::new(),
+                generation: 0,
+                running: false,
             }),
+            wake: Notify::new(),
+        });
+        Self {
+            _closer: Rc::new(Closer(inner.clone())),
+            inner,
         }
     }
 
@@ -127,8 +157,20 @@ impl Client {
         self.inner.addr
     }
 
-    /// Send `req` and wait for the answer. Must be called inside a `LocalSet`.
+    /// Send `req` and wait for the answer, at most the client's timeout. Must be called
+    /// inside a `LocalSet`.
     pub async fn call(&self, req: &Request) -> Result<Response, CallError> {
+        self.call_within(req, self.inner.timeout).await
+    }
+
+    /// Send `req` and wait for the answer, at most `timeout` (capped at the client's). A call
+    /// that times out closes the connection. Dropping the returned future forgets the call
+    /// (a late answer is discarded).
+    pub async fn call_within(
+        &self,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Response, CallError> {
         let id = {
             let mut n = self.inner.next_id.borrow_mut();
             *n += 1;
@@ -136,9 +178,21 @@ impl Client {
         };
         let epoch = req.fencing().map_or(0, |(_, e)| e);
         let (tx, rx) = oneshot::channel();
-        {
+        let generation = {
             let mut c = self.inner.conn.borrow_mut();
+            if c.pending.len() >= MAX_PENDING || c.out_bytes >= MAX_QUEUED_BYTES {
+                return Err(CallError::Unreachable {
+                    addr: self.inner.addr,
+                    reason: format!(
+                        "too much queued for the node ({} calls, {} bytes unsent)",
+                        c.pending.len(),
+                        c.out_bytes
+                    ),
+                });
+            }
+            let before = c.out.len();
             req.encode_vectored(id, &mut c.out);
+            c.out_bytes += c.out[before..].iter().map(Bytes::len).sum::<usize>();
             c.pending.insert(id, (req.op(), epoch, tx));
             if !c.running {
                 c.running = true;
@@ -146,19 +200,49 @@ impl Client {
                 let inner = self.inner.clone();
                 tokio::task::spawn_local(drive(inner, generation));
             }
-        }
-        self.inner.wake.notify_one();
-        match tokio::time::timeout(self.inner.timeout, rx).await {
+            c.generation
+        };
+        let mut forget = Forget {
+            inner: &self.inner,
+            id,
+            armed: true,
+        };
+        self.inner.wake.notify_waiters();
+        let r = match tokio::time::timeout(timeout.min(self.inner.timeout), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(CallError::Unreachable {
                 addr: self.inner.addr,
                 reason: "connection closed".into(),
             }),
             Err(_) => {
-                // Forget the call; a late answer is dropped.
-                let mut c = self.inner.conn.borrow_mut();
-                c.pending.remove(&id);
+                // The node does not answer: close the connection (failing the other calls on
+                // it, freeing what is queued); the next call connects again.
+                fail_all(&self.inner, generation, "a request timed out");
                 Err(CallError::Timeout(self.inner.addr))
+            }
+        };
+        forget.armed = false;
+        r
+    }
+
+    /// Calls waiting for an answer (for tests and metrics).
+    pub fn pending(&self) -> usize {
+        self.inner.conn.borrow().pending.len()
+    }
+}
+
+/// Forgets a call whose future is dropped before its answer came.
+struct Forget<'a> {
+    inner: &'a Inner,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Ok(mut c) = self.inner.conn.try_borrow_mut() {
+                c.pending.remove(&self.id);
             }
         }
     }
@@ -172,6 +256,10 @@ fn fail_all(inner: &Inner, generation: u64, reason: &str) {
     c.generation += 1;
     c.running = false;
     c.out.clear();
+    c.out_bytes = 0;
+    // The connection of that generation closes (its socket with it), whatever it waits for.
+    c.stop.notify_one();
+    c.stop = Rc::new(Notify::new());
     for (_, (_, _, tx)) in c.pending.drain() {
         let _ = tx.send(Err(CallError::Unreachable {
             addr: inner.addr,
@@ -181,6 +269,13 @@ fn fail_all(inner: &Inner, generation: u64, reason: &str) {
 }
 
 async fn drive(inner: Rc<Inner>, generation: u64) {
+    let stop = {
+        let c = inner.conn.borrow();
+        if c.generation != generation {
+            return;
+        }
+        c.stop.clone()
+    };
     let stream = match tokio::time::timeout(inner.timeout, TcpStream::connect(inner.addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return fail_all(&inner, generation, &e.to_string()),
@@ -213,15 +308,20 @@ async fn drive(inner: Rc<Inner>, generation: u64) {
         let inner = inner.clone();
         async move {
             loop {
+                // Registered before looking at the queue: a call queued after the look wakes it.
+                let woken = inner.wake.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
                 let chunk = {
                     let mut c = inner.conn.borrow_mut();
                     if c.generation != generation {
                         return Err::<(), String>("superseded".into());
                     }
+                    c.out_bytes = 0;
                     std::mem::take(&mut c.out)
                 };
                 if chunk.is_empty() {
-                    inner.wake.notified().await;
+                    woken.await;
                     continue;
                 }
                 if let Err(e) = crate::write_segments(&mut wr, chunk).await {
@@ -233,6 +333,7 @@ async fn drive(inner: Rc<Inner>, generation: u64) {
     let why = tokio::select! {
         r = reader => r.err().unwrap_or_default(),
         r = writer => r.err().unwrap_or_default(),
+        () = stop.notified() => "closed by the client".to_string(),
     };
     debug!(addr = %inner.addr, "node connection ended: {why}");
     fail_all(&inner, generation, &why);

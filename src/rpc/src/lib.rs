@@ -225,4 +225,93 @@ mod tests {
             assert_eq!(r, Err(CallError::Timeout(addr)));
         });
     }
+
+    /// A node that accepts and reads but never answers (a hung process): a call that misses
+    /// its deadline closes the connection, failing the calls in flight with it and freeing
+    /// what was queued; a call whose future is dropped is forgotten; the next call connects
+    /// again; and the queue has a bound.
+    #[test]
+    fn a_hung_node_costs_one_deadline_and_leaves_nothing_behind() {
+        run(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let accepted = Rc::new(std::cell::Cell::new(0u32));
+            let closed = Rc::new(std::cell::Cell::new(0u32));
+            {
+                let (accepted, closed) = (accepted.clone(), closed.clone());
+                tokio::task::spawn_local(async move {
+                    loop {
+                        let (mut s, _) = l.accept().await.unwrap();
+                        accepted.set(accepted.get() + 1);
+                        let closed = closed.clone();
+                        tokio::task::spawn_local(async move {
+                            use tokio::io::AsyncReadExt;
+                            let mut b = vec![0u8; 1 << 16];
+                            while s.read(&mut b).await.is_ok_and(|n| n > 0) {}
+                            closed.set(closed.get() + 1);
+                        });
+                    }
+                });
+            }
+            let c = Client::new(addr, Duration::from_secs(30));
+            let stats = || Request::Stats;
+            // Several calls in flight, one with a short deadline.
+            let slow: Vec<_> = (0..4)
+                .map(|_| {
+                    let c = c.clone();
+                    tokio::task::spawn_local(async move { c.call(&stats()).await })
+                })
+                .collect();
+            tokio::task::yield_now().await;
+            let t = std::time::Instant::now();
+            let r = c.call_within(&stats(), Duration::from_millis(200)).await;
+            assert_eq!(r, Err(CallError::Timeout(addr)));
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+            for h in slow {
+                let r = h.await.unwrap();
+                assert!(matches!(r, Err(CallError::Unreachable { .. })), "{r:?}");
+            }
+            assert_eq!(c.pending(), 0);
+            // The hung connection is closed.
+            for _ in 0..100 {
+                if closed.get() == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(closed.get(), 1, "the timed-out connection was closed");
+            // A dropped call is forgotten.
+            {
+                let req = stats();
+                let f = c.call(&req);
+                let _ = tokio::time::timeout(Duration::from_millis(50), f).await;
+            }
+            assert_eq!(c.pending(), 0, "a dropped call left an entry");
+            assert_eq!(accepted.get(), 2, "the next call connected again");
+            // The bound: past MAX_PENDING waiting calls, a call fails at once.
+            let many: Vec<_> = (0..client::MAX_PENDING)
+                .map(|_| {
+                    let c = c.clone();
+                    tokio::task::spawn_local(async move {
+                        c.call_within(&stats(), Duration::from_secs(5)).await
+                    })
+                })
+                .collect();
+            for _ in 0..10_000 {
+                if c.pending() == client::MAX_PENDING {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(c.pending(), client::MAX_PENDING);
+            let r = c.call(&stats()).await;
+            assert!(
+                matches!(&r, Err(CallError::Unreachable { reason, .. }) if reason.contains("too much queued")),
+                "{r:?}"
+            );
+            for h in many {
+                h.abort();
+            }
+        });
+    }
 }

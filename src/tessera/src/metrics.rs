@@ -69,6 +69,8 @@ pub struct Metrics {
     pub volume_rebuilding_pgs: IntGaugeVec,
     /// Nodes of the volume that may lack writes.
     pub volume_stale_nodes: IntGaugeVec,
+    /// Nodes of a volume that nothing waits for (down) or that reads go around (slow).
+    pub volume_unresponsive_nodes: IntGaugeVec,
     /// Stripes with a damaged or missing fragment waiting to be rewritten.
     pub volume_repair_stripes: IntGaugeVec,
     /// Gateway: fragment protocol calls to storage nodes, by node, operation and outcome.
@@ -272,6 +274,12 @@ impl Metrics {
                 "tessera_volume_stale_nodes",
                 "Storage nodes of the volume that may lack writes.",
                 &["volume"],
+            ),
+            volume_unresponsive_nodes: gauge_vec(
+                &r,
+                "tessera_volume_unresponsive_nodes",
+                "Nodes of the volume that do not answer (condition: down: skipped until a probe answers; slow: reads go around them).",
+                &["volume", "condition"],
             ),
             volume_repair_stripes: gauge_vec(
                 &r,

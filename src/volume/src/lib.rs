@@ -17,8 +17,8 @@ pub mod testing;
 mod volume;
 
 pub use volume::{
-    EcVolume, FillProgress, Health, OpenError, ScrubStats, VolumeSpec, VolumeStats, BLOB_INTENT,
-    CLEAR_AFTER,
+    EcVolume, FillProgress, Health, NodeCondition, OpenError, ScrubStats, VolumeSpec, VolumeStats,
+    BLOB_INTENT, CLEAR_AFTER,
 };
 
 #[cfg(test)]

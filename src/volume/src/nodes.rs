@@ -15,6 +15,21 @@ use tessera_rpc::{CallError, Client, Op, Request, Response};
 pub trait NodeIo: 'static {
     /// Send a request and wait for its answer.
     fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Response, CallError>>;
+
+    /// Send a request and wait for its answer at most `timeout` ([`CallError::Timeout`]
+    /// after it). A connection-based handle closes the connection on a timeout.
+    fn call_within(
+        &self,
+        req: Request,
+        timeout: Duration,
+    ) -> LocalBoxFuture<'static, Result<Response, CallError>> {
+        let f = self.call(req);
+        Box::pin(async move {
+            tokio::time::timeout(timeout, f)
+                .await
+                .unwrap_or(Err(CallError::Timeout(SocketAddr::from(([0, 0, 0, 0], 0)))))
+        })
+    }
 }
 
 /// Makes a thread's [`NodeIo`] for node `i` of the volume's node list.
@@ -82,17 +97,35 @@ impl NodeIo for ClientIo {
         let c = self.0.clone();
         Box::pin(async move { c.call(&req).await })
     }
+
+    fn call_within(
+        &self,
+        req: Request,
+        timeout: Duration,
+    ) -> LocalBoxFuture<'static, Result<Response, CallError>> {
+        let c = self.0.clone();
+        Box::pin(async move { c.call_within(&req, timeout).await })
+    }
 }
 
 struct ObservedIo(Client, Arc<dyn CallObserver>);
 
 impl NodeIo for ObservedIo {
     fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Response, CallError>> {
+        let timeout = Duration::MAX;
+        self.call_within(req, timeout)
+    }
+
+    fn call_within(
+        &self,
+        req: Request,
+        timeout: Duration,
+    ) -> LocalBoxFuture<'static, Result<Response, CallError>> {
         let (c, o) = (self.0.clone(), self.1.clone());
         Box::pin(async move {
             let op = req.op();
             let started = Instant::now();
-            let r = c.call(&req).await;
+            let r = c.call_within(&req, timeout).await;
             o.observe(c.addr(), op, started.elapsed(), r.as_ref().map(|_| ()));
             r
         })
@@ -115,10 +148,21 @@ impl Connector for RpcConnector {
 
 thread_local! {
     static HANDLES: RefCell<HashMap<(u64, usize), Rc<dyn NodeIo>>> = RefCell::new(HashMap::new());
+    /// The last [`CLOSED`] generation this thread has swept.
+    static SWEPT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
+
+/// Volume instances closed recently, with the generation each was closed at: every thread
+/// drops its handles of them at its next [`handle`] or [`sweep`]. The most recent
+/// [`CLOSED_KEPT`] are kept (a thread sweeps at least every second in the gateway).
+static CLOSED: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+static CLOSED_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+const CLOSED_KEPT: usize = 1 << 16;
 
 /// The calling thread's handle to `node` for volume instance `instance`.
 pub(crate) fn handle(instance: u64, connector: &dyn Connector, node: usize) -> Rc<dyn NodeIo> {
+    sweep();
     HANDLES.with(|h| {
         h.borrow_mut()
             .entry((instance, node))
@@ -127,7 +171,43 @@ pub(crate) fn handle(instance: u64, connector: &dyn Connector, node: usize) -> R
     })
 }
 
-/// Forget the calling thread's handles of `instance` (a closed volume).
+/// Forget every thread's handles of `instance` (a closed volume): this thread's now, the
+/// others' at their next [`handle`] or [`sweep`]. A handle's connection closes when it is
+/// dropped.
 pub(crate) fn forget(instance: u64) {
     HANDLES.with(|h| h.borrow_mut().retain(|(i, _), _| *i != instance));
+    let mut c = CLOSED.lock().expect("closed volumes poisoned");
+    let g = CLOSED_GEN.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+    c.push_back((g, instance));
+    while c.len() > CLOSED_KEPT {
+        c.pop_front();
+    }
+}
+
+/// Drop the calling thread's handles of volumes closed since its last sweep (cheap when
+/// nothing was closed). Threads that serve volumes call it now and then, so that handles of
+/// closed volumes never linger on a thread that no longer uses them.
+pub fn sweep() {
+    let now = CLOSED_GEN.load(std::sync::atomic::Ordering::Acquire);
+    let last = SWEPT.with(std::cell::Cell::get);
+    if now == last {
+        return;
+    }
+    SWEPT.with(|s| s.set(now));
+    let gone: Vec<u64> = {
+        let c = CLOSED.lock().expect("closed volumes poisoned");
+        c.iter()
+            .filter(|(g, _)| *g > last)
+            .map(|(_, i)| *i)
+            .collect()
+    };
+    if gone.is_empty() {
+        return;
+    }
+    HANDLES.with(|h| h.borrow_mut().retain(|(i, _), _| !gone.contains(i)));
+}
+
+/// Handles the calling thread holds (for tests).
+pub fn handles_on_this_thread() -> usize {
+    HANDLES.with(|h| h.borrow().len())
 }

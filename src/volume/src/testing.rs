@@ -26,6 +26,10 @@ pub struct NodeFaults {
     pub restarts: AtomicU64,
     /// Calls that reached the node.
     pub calls: AtomicU64,
+    /// Every call waits and is never answered (a hung process: connections open, no answers).
+    pub hung: AtomicBool,
+    /// Calls that reached the node while it was hung.
+    pub hung_calls: AtomicU64,
 }
 
 /// A set of in-process nodes.
@@ -51,6 +55,11 @@ impl LocalNodes {
     /// Take node `i` down or bring it back.
     pub fn set_down(&self, i: usize, down: bool) {
         self.faults[i].down.store(down, Ordering::SeqCst);
+    }
+
+    /// Hang node `i` (calls are never answered) or let it go on.
+    pub fn set_hung(&self, i: usize, hung: bool) {
+        self.faults[i].hung.store(hung, Ordering::SeqCst);
     }
 
     /// Restart node `i`: its next call reopens the store from disk.
@@ -118,6 +127,11 @@ impl NodeIo for LocalIo {
                     addr: addr(i),
                     reason: "node is down (test)".into(),
                 });
+            }
+            if f.hung.load(Ordering::SeqCst) {
+                f.hung_calls.fetch_add(1, Ordering::Relaxed);
+                // Received and never answered (nor executed): the caller's deadline decides.
+                std::future::pending::<()>().await;
             }
             f.calls.fetch_add(1, Ordering::Relaxed);
             let h = open(&nodes.paths[i], i, f.restarts.load(Ordering::SeqCst));

@@ -146,8 +146,8 @@ struct Shared {
     state: Mutex<State>,
     intent_seq: AtomicU64,
     intent_lock: tokio::sync::Mutex<()>,
-    /// Per node: until when (ms since `t0`) calls fail fast.
-    down_until: Vec<AtomicU64>,
+    /// Per node: how it has been answering (see [`NodeHealth`]).
+    health: Vec<NodeHealth>,
     t0: Instant,
     stats: VolumeStats,
     closed: AtomicBool,
@@ -165,6 +165,41 @@ struct Shared {
     fill: Mutex<Fill>,
     /// Operations started and not finished (see [`EcVolume::running`]).
     running: Arc<AtomicU64>,
+    /// Repeated warnings, rate-limited.
+    warned: Limiter,
+}
+
+/// Lets a repeated warning through at most once per [`Limiter::EVERY`], with the count of
+/// those held back since (`repeated`).
+#[derive(Default)]
+struct Limiter {
+    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
+}
+
+impl Limiter {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(held back since the last one)` when the warning `key` may be logged now.
+    fn allow(&self, key: &'static str) -> Option<u64> {
+        let mut m = self.last.lock().expect("limiter poisoned");
+        let now = Instant::now();
+        match m.get_mut(key) {
+            Some((at, held)) if now.duration_since(*at) < Self::EVERY => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                let n = *held;
+                *at = now;
+                *held = 0;
+                Some(n)
+            }
+            None => {
+                m.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 /// Where a volume's fragments live.
@@ -218,6 +253,18 @@ pub struct Health {
     pub repair_stripes: usize,
 }
 
+/// How a volume sees one of its nodes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeCondition {
+    /// Answering.
+    Up,
+    /// A read of it missed its hedge delay and it has not answered since: reads go around it.
+    Slow,
+    /// Unreachable, or a call went unanswered too long: nothing waits for it until it answers
+    /// a probe.
+    Down,
+}
+
 /// How far a fill (a rebuild onto replacement nodes, or a rebalance) has come.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FillProgress {
@@ -255,8 +302,61 @@ impl std::fmt::Debug for EcVolume {
 
 static INSTANCES: AtomicU64 = AtomicU64::new(1);
 
-/// How long a node that failed a call is skipped.
-const DOWN_FOR: Duration = Duration::from_millis(1000);
+/// How a volume sees one node. A node is *down* once a call to it found it unreachable or
+/// went unanswered past [`EcVolume::hang_after`]: from then on nothing waits for it (calls to it
+/// fail at once, reads go around it, writes leave it behind) until it answers a probe, which
+/// the volume sends every [`PROBE_EVERY`] while it is down. A node is *slow* while a read of it
+/// missed its hedge delay and no answer has come from it since: reads and read-modify-writes
+/// go around it, writes still go to it.
+#[derive(Default)]
+struct NodeHealth {
+    /// Whether the node is down.
+    down: AtomicBool,
+    /// When (ms since `t0`) the next probe of a down node may start.
+    probe_at: AtomicU64,
+    /// Smoothed time to answer, in microseconds (0: no answer yet).
+    lat_us: AtomicU64,
+    /// The same, of small reads only (at most [`SMALL_READ`] bytes): what hedging compares.
+    read_lat_us: AtomicU64,
+    /// Whether the node is slow.
+    slow: AtomicBool,
+}
+
+/// The shortest time a call may go unanswered before its node is marked down.
+const HANG_MIN: Duration = Duration::from_millis(1000);
+/// A call unanswered for this many times its node's smoothed answer time marks it down (when
+/// that is longer than [`HANG_MIN`]).
+const HANG_FACTOR: u64 = 16;
+/// A read not answered within this many times its node's smoothed answer time is served
+/// around the node (within [`HEDGE_MIN`] ..= [`HEDGE_MAX`]).
+const HEDGE_FACTOR: u64 = 4;
+/// See [`HEDGE_FACTOR`].
+const HEDGE_MIN: Duration = Duration::from_millis(2);
+/// See [`HEDGE_FACTOR`].
+const HEDGE_MAX: Duration = Duration::from_millis(100);
+/// Reads of at most this many bytes from one node are hedged (larger ones take longer for
+/// their size, and reconstructing them costs more than waiting).
+const SMALL_READ: u64 = 64 << 10;
+/// How often a down node is probed.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How long a probe waits for its answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long to wait for the answers of a batch of reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// For every answer.
+    All,
+    /// Until the hedge delay, and past it until at least `answered` items are answered and at
+    /// most `unanswered` are not (items of down nodes, which are not asked, count as
+    /// unanswered); the rest count as unavailable (their nodes are marked slow).
+    Hedged {
+        /// Answers needed to stop waiting.
+        answered: usize,
+        /// Items that may be left unanswered.
+        unanswered: usize,
+    },
+}
 /// The default for [`VolumeSpec::clear_after`].
 pub const CLEAR_AFTER: Duration = Duration::from_secs(2);
 
@@ -356,6 +456,8 @@ impl EcVolume {
             ));
         }
         let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
+        // (Every call of the open waits at most HANG_MIN: a node that does not answer is
+        // unreachable for it.)
         // 1. A fencing epoch above every node's.
         let ask = (0..n).map(|i| {
             let io = nodes::handle(instance, &*connector, i);
@@ -363,7 +465,7 @@ impl EcVolume {
                 volume: spec.id,
                 epoch: 0,
             };
-            async move { io.call(req).await }
+            async move { io.call_within(req, HANG_MIN).await }
         });
         let answers = join_all(ask).await;
         let mut reachable = 0;
@@ -393,13 +495,25 @@ impl EcVolume {
                 })
             }
         };
+        // (Nodes that did not answer are not asked again: they are unreachable for this open.)
+        let answered: Vec<bool> = answers.iter().map(Result::is_ok).collect();
         let raise = (0..n).map(|i| {
             let io = nodes::handle(instance, &*connector, i);
             let req = Request::Epoch {
                 volume: spec.id,
                 epoch,
             };
-            async move { io.call(req).await }
+            let ask = answered[i];
+            async move {
+                if ask {
+                    io.call_within(req, HANG_MIN).await
+                } else {
+                    Err(CallError::Timeout(std::net::SocketAddr::from((
+                        [0, 0, 0, 0],
+                        0,
+                    ))))
+                }
+            }
         });
         let raised: Vec<bool> = join_all(raise)
             .await
@@ -413,7 +527,17 @@ impl EcVolume {
                 volume: spec.id,
                 name: BLOB_INTENT,
             };
-            async move { io.call(req).await }
+            let ask = raised[i];
+            async move {
+                if ask {
+                    io.call_within(req, HANG_MIN).await
+                } else {
+                    Err(CallError::Timeout(std::net::SocketAddr::from((
+                        [0, 0, 0, 0],
+                        0,
+                    ))))
+                }
+            }
         });
         let mut seq = 0;
         let mut dirty = BTreeSet::new();
@@ -463,7 +587,7 @@ impl EcVolume {
                 state: Mutex::new(st),
                 intent_seq: AtomicU64::new(seq + 1),
                 intent_lock: tokio::sync::Mutex::new(()),
-                down_until: (0..MAX_NODES).map(|_| AtomicU64::new(0)).collect(),
+                health: (0..MAX_NODES).map(|_| NodeHealth::default()).collect(),
                 t0: Instant::now(),
                 stats: VolumeStats::default(),
                 closed: AtomicBool::new(false),
@@ -486,6 +610,7 @@ impl EcVolume {
                     active: false,
                 }),
                 running: Arc::new(AtomicU64::new(0)),
+                warned: Limiter::default(),
                 spec,
             }),
         })
@@ -582,8 +707,8 @@ impl EcVolume {
         l.map[placement::pg_of(stripe, self.sh.spec.pgs) as usize][index]
     }
 
-    /// The nodes the map in force uses, ascending.
-    fn used_nodes(&self) -> Vec<usize> {
+    /// The nodes (connector indices) the map in force uses, ascending.
+    pub fn used_nodes(&self) -> Vec<usize> {
         let l = self.sh.layout.read().expect("volume layout poisoned");
         let mut v: Vec<usize> = l.map.iter().flatten().copied().collect();
         v.sort_unstable();
@@ -633,8 +758,105 @@ impl EcVolume {
         self.sh.t0.elapsed().as_millis() as u64
     }
 
+    /// Whether `node` is down. A down node whose probe is due gets one (in the background).
     fn is_down(&self, node: usize) -> bool {
-        self.sh.down_until[node].load(Ordering::Relaxed) > self.now_ms()
+        let h = &self.sh.health[node];
+        if !h.down.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = self.now_ms();
+        let at = h.probe_at.load(Ordering::Relaxed);
+        if now >= at
+            && h.probe_at
+                .compare_exchange(
+                    at,
+                    now + PROBE_EVERY.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            let this = self.clone();
+            tokio::task::spawn_local(async move {
+                this.probe(node).await;
+            });
+        }
+        true
+    }
+
+    /// How this volume sees `node` (an index of its connector) now.
+    pub fn node_condition(&self, node: usize) -> NodeCondition {
+        let h = &self.sh.health[node];
+        if h.down.load(Ordering::Relaxed) {
+            NodeCondition::Down
+        } else if h.slow.load(Ordering::Relaxed) {
+            NodeCondition::Slow
+        } else {
+            NodeCondition::Up
+        }
+    }
+
+    /// Whether reads (and the reads of read-modify-writes) should go around `node`: it is
+    /// down, or slow.
+    fn avoid(&self, node: usize) -> bool {
+        self.is_down(node) || self.sh.health[node].slow.load(Ordering::Relaxed)
+    }
+
+    /// How long a call to `node` may go unanswered before the node is marked down.
+    fn hang_after(&self, node: usize) -> Duration {
+        let lat = self.sh.health[node].lat_us.load(Ordering::Relaxed);
+        HANG_MIN.max(Duration::from_micros(lat.saturating_mul(HANG_FACTOR)))
+    }
+
+    /// How long reads of `nodes` are waited for before they are served around them (a node
+    /// that has not answered yet, such as one loading its extents after a restart, is waited
+    /// for as long as any call).
+    fn hedge_delay(&self, nodes: impl Iterator<Item = usize>) -> Duration {
+        nodes
+            .map(
+                |n| match self.sh.health[n].read_lat_us.load(Ordering::Relaxed) {
+                    0 => self.hang_after(n),
+                    lat => Duration::from_micros(lat.saturating_mul(HEDGE_FACTOR))
+                        .clamp(HEDGE_MIN, HEDGE_MAX),
+                },
+            )
+            .max()
+            .unwrap_or(HEDGE_MIN)
+    }
+
+    fn mark_down(&self, node: usize, why: &CallError) {
+        let h = &self.sh.health[node];
+        h.probe_at.store(
+            self.now_ms() + PROBE_EVERY.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        if !h.down.swap(true, Ordering::AcqRel) {
+            warn!(volume = %self.sh.spec.name, node = %self.name_of(node), "node down: {why}; nothing waits for it until it answers a probe");
+        }
+    }
+
+    /// `node` answered (a call or a probe, a small read if `small_read`): it is up, and not
+    /// slow.
+    fn answered(&self, node: usize, took: Duration, small_read: bool) {
+        let h = &self.sh.health[node];
+        let sample = took.as_micros().min(u128::from(u32::MAX)) as u64;
+        let smooth = |a: &AtomicU64| {
+            let old = a.load(Ordering::Relaxed);
+            let new = if old == 0 {
+                sample
+            } else {
+                old - old / 8 + sample / 8
+            };
+            a.store(new.max(1), Ordering::Relaxed);
+        };
+        smooth(&h.lat_us);
+        if small_read {
+            smooth(&h.read_lat_us);
+        }
+        h.slow.store(false, Ordering::Relaxed);
+        if h.down.swap(false, Ordering::AcqRel) {
+            info!(volume = %self.sh.spec.name, node = %self.name_of(node), "node answers again");
+        }
     }
 
     fn is_stale(&self, node: usize, stripe: u64) -> bool {
@@ -715,8 +937,8 @@ impl EcVolume {
     }
 
     /// One call to a node, as its own task (so a caller that goes away does not cut the
-    /// request short). A node that fails is marked down for a moment (reads then go around
-    /// it without waiting); one that answers is marked up.
+    /// request short). A down node is not called at all (the call fails at once); a node that
+    /// does not answer within [`EcVolume::hang_after`], or cannot be reached, is marked down.
     async fn call(&self, node: usize, req: Request) -> Result<Response, CallError> {
         // Whatever changes fragments makes the cached state of their stripes unknown.
         let touched: Vec<u64> = match &req {
@@ -735,8 +957,26 @@ impl EcVolume {
                 }
             }
         }
+        if self.is_down(node) {
+            return Err(CallError::Unreachable {
+                addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                reason: "the node is down (nothing waits for it until it answers a probe)".into(),
+            });
+        }
+        self.call_node(node, req, self.hang_after(node)).await
+    }
+
+    /// [`EcVolume::call`] without the down check, waiting at most `timeout`.
+    async fn call_node(
+        &self,
+        node: usize,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<Response, CallError> {
         let io = nodes::handle(self.sh.instance, &*self.sh.connector, node);
-        let r = match tokio::task::spawn_local(io.call(req)).await {
+        let small_read = self.read_bytes(&req).is_some_and(|b| b <= SMALL_READ);
+        let started = Instant::now();
+        let r = match tokio::task::spawn_local(io.call_within(req, timeout)).await {
             Ok(r) => r,
             Err(e) => Err(CallError::Unreachable {
                 addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -744,41 +984,74 @@ impl EcVolume {
             }),
         };
         match &r {
-            Ok(_) => self.sh.down_until[node].store(0, Ordering::Relaxed),
-            Err(e) if e.is_unavailable() => {
-                let until = self.now_ms() + DOWN_FOR.as_millis() as u64;
-                let prev = self.sh.down_until[node].swap(until, Ordering::Relaxed);
-                if prev <= self.now_ms() {
-                    warn!(volume = %self.sh.spec.name, node = %self.name_of(node), "node unavailable: {e}");
-                }
+            Err(e) if e.is_unavailable() => self.mark_down(node, e),
+            _ => self.answered(node, started.elapsed(), small_read),
+        }
+        if let Err(CallError::StaleEpoch { current, .. }) = &r {
+            let mut st = self.sh.state.lock().expect("volume state poisoned");
+            if st.fenced.is_none() {
+                let why = format!(
+                    "node {} has epoch {current}, newer than this gateway's {}: another gateway owns volume {} now",
+                    self.name_of(node), self.sh.epoch, self.sh.spec.name
+                );
+                error!(volume = %self.sh.spec.name, "fenced: {why}");
+                st.fenced = Some(why);
             }
-            Err(CallError::StaleEpoch { current, .. }) => {
-                let mut st = self.sh.state.lock().expect("volume state poisoned");
-                if st.fenced.is_none() {
-                    let why = format!(
-                        "node {} has epoch {current}, newer than this gateway's {}: another gateway owns volume {} now",
-                        self.name_of(node), self.sh.epoch, self.sh.spec.name
-                    );
-                    error!(volume = %self.sh.spec.name, "fenced: {why}");
-                    st.fenced = Some(why);
-                }
-            }
-            _ => {}
         }
         r
     }
 
-    /// Whether the node is reachable now (a probe that ignores the down mark).
+    /// The bytes a read request asks for (`None`: not a read).
+    fn read_bytes(&self, req: &Request) -> Option<u64> {
+        match req {
+            Request::Read { items, .. } => Some(
+                items
+                    .iter()
+                    .map(|it| match it.len {
+                        0 => u64::from(self.sh.spec.profile.chunk_size),
+                        n => u64::from(n),
+                    })
+                    .sum(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Probe every node marked down now (rather than at its next due probe); returns how
+    /// many are still down.
+    pub async fn probe_down_nodes(&self) -> usize {
+        let down: Vec<usize> = (0..self.sh.connector.nodes().min(MAX_NODES))
+            .filter(|&n| self.sh.health[n].down.load(Ordering::Relaxed))
+            .collect();
+        join_all(down.iter().map(|&n| self.probe(n)))
+            .await
+            .into_iter()
+            .filter(|up| !up)
+            .count()
+    }
+
+    /// Whether the node answers now (a probe, made whether or not it is marked down; an
+    /// answer marks it up).
     async fn probe(&self, node: usize) -> bool {
-        self.sh.down_until[node].store(0, Ordering::Relaxed);
         matches!(
-            self.call(node, Request::Stats).await,
+            self.call_node(node, Request::Stats, PROBE_TIMEOUT).await,
             Ok(Response::Stats(_))
         )
     }
 
-    /// Read fragments: `(stripe, index, want, offset, len)`, one request per node.
+    /// Read fragments: `(stripe, index, want, offset, len)`, one request per node, waiting for
+    /// every answer.
     async fn read_frags(&self, items: &[(u64, usize, Want, u32, u32)]) -> Vec<Got> {
+        self.read_frags_wait(items, Wait::All).await
+    }
+
+    /// Read fragments, one request per node (none to a down node), waiting as `wait` says.
+    /// Requests not waited for run on (their answers still count for their nodes' health).
+    async fn read_frags_wait(
+        &self,
+        items: &[(u64, usize, Want, u32, u32)],
+        wait: Wait,
+    ) -> Vec<Got> {
         let mut per_node: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, it) in items.iter().enumerate() {
             per_node
@@ -787,7 +1060,22 @@ impl EcVolume {
                 .push(i);
         }
         let vol = self.ctx();
-        let calls = per_node.into_iter().map(|(node, idx)| {
+        let mut out = vec![Got::Unavailable; items.len()];
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        let mut waiting: HashSet<usize> = HashSet::new();
+        let mut large = false;
+        for (node, idx) in per_node {
+            if self.is_down(node) {
+                continue;
+            }
+            let bytes: u64 = idx
+                .iter()
+                .map(|&i| match items[i].4 {
+                    0 => u64::from(self.sh.spec.profile.chunk_size),
+                    n => u64::from(n),
+                })
+                .sum();
+            large |= bytes > SMALL_READ;
             let req = Request::Read {
                 vol,
                 items: idx
@@ -806,11 +1094,47 @@ impl EcVolume {
                     })
                     .collect(),
             };
-            async move { (idx, self.call(node, req).await) }
-        });
-        let mut out = vec![Got::Unavailable; items.len()];
-        for (idx, r) in join_all(calls).await {
-            let Ok(Response::Read(results)) = r else {
+            let this = self.clone();
+            let call = tokio::task::spawn_local(async move { this.call(node, req).await });
+            waiting.insert(node);
+            pending.push(async move { (node, idx, call.await) });
+        }
+        let wait = if large { Wait::All } else { wait };
+        let deadline = match wait {
+            Wait::All => None,
+            Wait::Hedged { .. } => {
+                Some(tokio::time::Instant::now() + self.hedge_delay(waiting.iter().copied()))
+            }
+        };
+        let mut answered = 0usize;
+        loop {
+            if pending.is_empty() {
+                break;
+            }
+            let past = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            if let Wait::Hedged {
+                answered: need,
+                unanswered,
+            } = wait
+            {
+                if past && answered >= need && items.len() - answered <= unanswered {
+                    // Served around the nodes that missed the hedge delay.
+                    for &n in &waiting {
+                        self.sh.health[n].slow.store(true, Ordering::Relaxed);
+                    }
+                    break;
+                }
+            }
+            let next = match deadline {
+                Some(d) if !past => tokio::select! {
+                    r = futures_util::StreamExt::next(&mut pending) => r,
+                    () = tokio::time::sleep_until(d) => continue,
+                },
+                _ => futures_util::StreamExt::next(&mut pending).await,
+            };
+            let Some((node, idx, r)) = next else { break };
+            waiting.remove(&node);
+            let Ok(Ok(Response::Read(results))) = r else {
                 continue;
             };
             for (i, res) in idx.into_iter().zip(results) {
@@ -831,6 +1155,9 @@ impl EcVolume {
                     }
                     _ => Got::Unavailable,
                 };
+                if matches!(out[i], Got::Data(..) | Got::Zero(_)) {
+                    answered += 1;
+                }
             }
         }
         out
@@ -888,6 +1215,8 @@ impl EcVolume {
             fault::point("write:send").await;
             let this = self.clone();
             let req = make(vol, its);
+            // (A down node's call fails at once, without being sent: its fragments count as
+            // not written, and it is marked behind in their regions.)
             let h = tokio::task::spawn_local(async move { this.call(node, req).await });
             calls.push((node, idx, h));
         }
@@ -898,16 +1227,45 @@ impl EcVolume {
     /// per item whether the node made it durable. The fault points model a gateway that
     /// stops after issuing some of them.
     async fn write_frags(&self, items: Vec<(u64, usize, WriteItem)>) -> Vec<bool> {
+        self.write_frags_acking(items, None).await
+    }
+
+    /// [`EcVolume::write_frags`] for the last step of a write: once every stripe of `items`
+    /// has its write quorum durable (the fragments confirmed so far plus `already[stripe]`,
+    /// those of the new state that were durable before), the write is acknowledged to its
+    /// caller ([`ack_stripes`]), while this goes on waiting for the other fragments (each
+    /// bounded by [`EcVolume::hang_after`]) with the stripes still locked.
+    async fn write_frags_acking(
+        &self,
+        items: Vec<(u64, usize, WriteItem)>,
+        already: Option<&HashMap<u64, usize>>,
+    ) -> Vec<bool> {
         let n = items.len();
+        let stripe_of: Vec<u64> = items.iter().map(|(s, _, _)| *s).collect();
         let calls = self
             .issue_per_node(items, |vol, items| Request::Write { vol, items })
             .await;
         let mut ok = vec![false; n];
-        for (node, idx, h) in calls {
-            match h.await {
+        let quorum = self.sh.spec.write_quorum;
+        let mut durable: HashMap<u64, usize> = HashMap::new();
+        if let Some(a) = already {
+            for s in &stripe_of {
+                durable.insert(*s, a.get(s).copied().unwrap_or(0));
+            }
+        }
+        let mut acked = already.is_none();
+        let mut pending: futures_util::stream::FuturesUnordered<_> = calls
+            .into_iter()
+            .map(|(node, idx, h)| async move { (node, idx, h.await) })
+            .collect();
+        while let Some((node, idx, r)) = futures_util::StreamExt::next(&mut pending).await {
+            match r {
                 Ok(Ok(Response::Write(st))) => {
                     for (i, s) in idx.into_iter().zip(st) {
                         ok[i] = s == Status::OK;
+                        if ok[i] {
+                            *durable.entry(stripe_of[i]).or_insert(0) += 1;
+                        }
                     }
                 }
                 other => {
@@ -915,6 +1273,10 @@ impl EcVolume {
                 }
             }
             fault::point("write:acked-node").await;
+            if !acked && durable.values().all(|&d| d >= quorum) {
+                acked = true;
+                ack_stripes(durable.keys().copied());
+            }
         }
         ok
     }
@@ -952,6 +1314,15 @@ impl EcVolume {
 
     fn next_version(&self) -> u64 {
         self.sh.next_version.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether every fragment of `keys` was written (`ok`) or is on a node marked down (which
+    /// is behind in the region and gets nothing until it answers again: the stripe's state on
+    /// the other nodes is still the one just written).
+    fn landed_or_down(&self, keys: &[(u64, usize)], ok: &[bool]) -> bool {
+        keys.iter()
+            .zip(ok)
+            .all(|((s, i), good)| *good || self.is_down(self.node_of(*s, *i)))
     }
 
     /// Remember `stripe`'s state after a write every fragment took.
@@ -1063,7 +1434,9 @@ impl EcVolume {
         let need = (usize::from(self.sh.spec.profile.m) + 1).min(n);
         if ok < need {
             self.fenced()?;
-            warn!(volume = %self.sh.spec.name, ok, need, "write-intent log not stored on enough nodes");
+            if let Some(more) = self.sh.warned.allow("intent") {
+                warn!(volume = %self.sh.spec.name, ok, need, repeated = more, "write-intent log not stored on enough nodes");
+            }
             return Err(BlockError::Busy("too few nodes to record the write intent"));
         }
         let mut st = self.sh.state.lock().expect("volume state poisoned");
@@ -1407,7 +1780,21 @@ impl EcVolume {
         let reads: Vec<(u64, usize, Want, u32, u32)> = (0..width)
             .map(|i| (stripe, i, Want::Latest, 0, 0))
             .collect();
-        let got = self.read_frags(&reads).await;
+        // A node that is slow to answer is read around, when the answers that came cannot miss
+        // the stripe's newest acknowledged state: every write leaves its state's manifest on at
+        // least `quorum - (k - 1)` positions (parity and the data it changed; at most `k - 1`
+        // unchanged data chunks count toward its quorum), so fewer unanswered positions than
+        // that cannot hide it.
+        let spare = self.sh.spec.write_quorum.saturating_sub(k);
+        let got = self
+            .read_frags_wait(
+                &reads,
+                Wait::Hedged {
+                    answered: k,
+                    unanswered: spare,
+                },
+            )
+            .await;
         let busy_or_medium = |got: &[Got]| {
             if let Err(fenced) = self.fenced() {
                 // A node refused this gateway's epoch: say so, not "unreachable".
@@ -1534,7 +1921,7 @@ impl EcVolume {
         for (si, sp) in spans.iter().enumerate() {
             for p in self.sh.geo.pieces(sp) {
                 let node = self.node_of(sp.stripe, p.index);
-                if self.is_down(node) || self.is_stale(node, sp.stripe) {
+                if self.avoid(node) || self.is_stale(node, sp.stripe) {
                     degraded.insert(si);
                     continue;
                 }
@@ -1548,7 +1935,16 @@ impl EcVolume {
                 owners.push((si, sp.buf_offset as usize + p.buf_offset, p.len));
             }
         }
-        let mut got = self.read_frags(&items).await;
+        // A piece not answered in time is served by reconstruction (below), which decides.
+        let mut got = self
+            .read_frags_wait(
+                &items,
+                Wait::Hedged {
+                    answered: 0,
+                    unanswered: usize::MAX,
+                },
+            )
+            .await;
         // One piece (a small read within a chunk): its fragment's bytes are the answer, no copy.
         if degraded.is_empty() && owners.len() == 1 && owners[0] == (0, 0, len) {
             if let Got::Data(d, _) = &mut got[0] {
@@ -1572,8 +1968,12 @@ impl EcVolume {
         }
         for si in degraded {
             let sp = &spans[si];
-            let (chunks, _) = self.read_whole(sp.stripe).await?;
             let at = sp.buf_offset as usize;
+            if let Some(bytes) = self.read_span_around(sp).await {
+                out[at..at + bytes.len()].copy_from_slice(&bytes);
+                continue;
+            }
+            let (chunks, _) = self.read_whole(sp.stripe).await?;
             let mut pos = 0usize;
             for p in self.sh.geo.pieces(sp) {
                 out[at + pos..at + pos + p.len]
@@ -1582,6 +1982,89 @@ impl EcVolume {
             }
         }
         Ok(out.freeze())
+    }
+
+    /// A small read of one stripe around a node that cannot serve it (down, slow, behind,
+    /// or late): the same byte range of the other positions, and the missing data rebuilt
+    /// from any `k` of them that belong to the newest state among the answers (reading whole
+    /// chunks would cost a multiple of it). `None` when that cannot be decided or is not small:
+    /// the caller reads the stripe whole.
+    async fn read_span_around(&self, sp: &StripeSpan) -> Option<Vec<u8>> {
+        let (k, width) = (self.k(), self.width());
+        let pieces: Vec<_> = self.sh.geo.pieces(sp).collect();
+        let lo = pieces.iter().map(|p| p.start).min()?;
+        let hi = pieces.iter().map(|p| p.start + p.len).max()?;
+        let len = hi - lo;
+        if len as u64 > SMALL_READ {
+            return None;
+        }
+        let stripe = sp.stripe;
+        let ask: Vec<usize> = (0..width)
+            .filter(|&i| {
+                let n = self.node_of(stripe, i);
+                !self.avoid(n) && !self.is_stale(n, stripe) && !self.filling_at(stripe, i)
+            })
+            .collect();
+        let spare = self.sh.spec.write_quorum.saturating_sub(k);
+        // Positions not asked count as unanswered (see read_whole).
+        let unasked = width - ask.len();
+        if ask.len() < k || unasked > spare {
+            return None;
+        }
+        let reads: Vec<(u64, usize, Want, u32, u32)> = ask
+            .iter()
+            .map(|&i| (stripe, i, Want::Latest, lo as u32, len as u32))
+            .collect();
+        let got = self
+            .read_frags_wait(
+                &reads,
+                Wait::Hedged {
+                    answered: k,
+                    unanswered: spare - unasked,
+                },
+            )
+            .await;
+        let answered = got
+            .iter()
+            .filter(|g| matches!(g, Got::Data(..) | Got::Zero(_)))
+            .count();
+        if got.iter().any(|g| matches!(g, Got::Missing)) || width - answered > spare {
+            return None;
+        }
+        // The newest state among the answers; every answer must belong to it.
+        let m = got
+            .iter()
+            .filter_map(Got::manifest)
+            .max_by_key(|m| m.version)?
+            .clone();
+        let mut shards: Vec<Vec<u8>> = vec![vec![0u8; len]; width];
+        let mut present = vec![false; width];
+        for ((_, i, _, _, _), g) in reads.iter().zip(&got) {
+            let e = self.expected(&m, *i);
+            match g {
+                Got::Data(d, mf) if mf.version == e && d.len() == len => {
+                    shards[*i].copy_from_slice(d);
+                    present[*i] = true;
+                }
+                Got::Zero(mf) if mf.version == e => present[*i] = true,
+                Got::Unavailable => {}
+                // Another state, damaged: let the whole-stripe read sort it out (and repair).
+                _ => return None,
+            }
+        }
+        if present.iter().filter(|p| **p).count() < k {
+            return None;
+        }
+        if present[..k].iter().any(|p| !p) {
+            let mut refs: Vec<&mut [u8]> = shards.iter_mut().map(|x| &mut x[..]).collect();
+            self.sh.codec.reconstruct(&mut refs, &present, true).ok()?;
+            self.sh.stats.degraded_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut out = Vec::with_capacity(sp.len as usize);
+        for p in &pieces {
+            out.extend_from_slice(&shards[p.index][p.start - lo..p.start - lo + p.len]);
+        }
+        Some(out)
     }
 
     // ---- writes --------------------------------------------------------------------------
@@ -1726,12 +2209,13 @@ impl EcVolume {
             .filter(|(_, i, _)| *i == 0)
             .map(|(s, _, it)| (*s, it.manifest.clone()))
             .collect();
-        let ok = self.write_frags(items).await;
+        let ok = self.write_frags_acking(items, Some(&HashMap::new())).await;
         let r = self.settle(&keys, &ok, &HashMap::new());
         if r.is_ok() {
             let w = self.width();
             for (n, (s, m)) in states.into_iter().enumerate() {
-                if ok[n * w..(n + 1) * w].iter().all(|b| *b) {
+                let r = n * w..(n + 1) * w;
+                if self.landed_or_down(&keys[r.clone()], &ok[r]) {
                     self.remember(s, m);
                 }
             }
@@ -1767,7 +2251,9 @@ impl EcVolume {
                 st.suspect.insert(s);
                 drop(st);
                 self.fenced()?;
-                warn!(volume = %self.sh.spec.name, stripe = s, durable, quorum, "write did not reach its quorum");
+                if let Some(more) = self.sh.warned.allow("quorum") {
+                    warn!(volume = %self.sh.spec.name, stripe = s, durable, quorum, repeated = more, "write did not reach its quorum");
+                }
                 result = Err(BlockError::Busy("write quorum not reached"));
             } else if good < sent {
                 self.sh
@@ -1823,13 +2309,17 @@ impl EcVolume {
         };
         let usable = |i: usize| {
             let n = self.node_of(stripe, i);
-            !self.is_down(n) && !self.is_stale(n, stripe)
+            !self.avoid(n) && !self.is_stale(n, stripe)
         };
         let healthy = need.iter().all(|&i| usable(i));
         // Unmodified data chunks count toward the quorum only on nodes known current; if
         // those and the fragments this write can reach fall short, rewrite the whole stripe.
+        // (A slow node still holds its chunk: it counts; a down one may not.)
         let untouched_now = (0..k)
-            .filter(|i| !written.contains(i) && usable(*i))
+            .filter(|&i| {
+                let n = self.node_of(stripe, i);
+                !written.contains(&i) && !self.is_down(n) && !self.is_stale(n, stripe)
+            })
             .count();
         let reachable_targets = written
             .iter()
@@ -1839,7 +2329,11 @@ impl EcVolume {
             .count();
         let rewrite_all =
             force_all || untouched_now + reachable_targets < self.sh.spec.write_quorum;
-        if delta && healthy && !rewrite_all {
+        // The remembered-state paths read nothing but the written chunks' old bytes (from
+        // their own nodes): parity nodes that are down or behind are simply left behind (their
+        // deltas fail, they are marked behind), as long as the quorum can still be met.
+        let written_usable = written.iter().all(|&i| usable(i));
+        if delta && written_usable && !rewrite_all {
             if let Some(known) = self.remembered(stripe) {
                 let whole_blocks = pieces
                     .iter()
@@ -1859,6 +2353,8 @@ impl EcVolume {
                     return r;
                 }
             }
+        }
+        if delta && healthy && !rewrite_all {
             if let Some(r) = self
                 .write_delta(sp, data, &pieces, &written, untouched_now)
                 .await
@@ -2045,9 +2541,9 @@ impl EcVolume {
                 .count()
         };
         let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
-        let ok = self.write_frags(items).await;
-        fault::point("write:before-ack").await;
         let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
+        let ok = self.write_frags_acking(items, Some(&already)).await;
+        fault::point("write:before-ack").await;
         self.settle(&keys, &ok, &already)
     }
 
@@ -2128,11 +2624,11 @@ impl EcVolume {
             ));
         }
         let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
-        let ok = self.write_frags(items).await;
-        fault::point("write:before-ack").await;
         let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
+        let ok = self.write_frags_acking(items, Some(&already)).await;
+        fault::point("write:before-ack").await;
         let r = self.settle(&keys, &ok, &already);
-        if r.is_ok() && ok.iter().all(|b| *b) {
+        if r.is_ok() && self.landed_or_down(&keys, &ok) {
             self.remember(stripe, manifest);
         }
         Some(r)
@@ -2216,11 +2712,11 @@ impl EcVolume {
             ));
         }
         let keys: Vec<(u64, usize)> = items.iter().map(|(s, i, _)| (*s, *i)).collect();
-        let ok = self.write_frags(items).await;
-        fault::point("write:before-ack").await;
         let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
+        let ok = self.write_frags_acking(items, Some(&already)).await;
+        fault::point("write:before-ack").await;
         let r = self.settle(&keys, &ok, &already);
-        if r.is_ok() && ok.iter().all(|b| *b) {
+        if r.is_ok() && self.landed_or_down(&keys, &ok) {
             self.remember(stripe, manifest);
         }
         Some(r)
@@ -2342,11 +2838,14 @@ impl EcVolume {
                 },
             ));
         }
-        ok.extend(self.write_frags(items).await);
+        // The swapped data chunks are durable already, beside the untouched ones.
+        let before: HashMap<u64, usize> =
+            [(stripe, untouched + written.len())].into_iter().collect();
+        ok.extend(self.write_frags_acking(items, Some(&before)).await);
         fault::point("write:before-ack").await;
         let already: HashMap<u64, usize> = [(stripe, untouched)].into_iter().collect();
         let r = self.settle(&keys, &ok, &already);
-        if r.is_ok() && ok.iter().all(|b| *b) {
+        if r.is_ok() && self.landed_or_down(&keys, &ok) {
             self.remember(stripe, manifest);
         }
         Some(r)
@@ -2576,7 +3075,9 @@ impl EcVolume {
                 .collect()
         };
         for (node, r) in stale {
-            if !self.probe(node).await {
+            // A node marked down is probed in the background (see `is_down`); one that is
+            // not answers this round's checks itself.
+            if self.is_down(node) {
                 continue;
             }
             if self.resync_region(r, Some(node)).await.is_ok() {
@@ -3111,7 +3612,60 @@ impl Drop for Inflight<'_> {
     }
 }
 
+/// The acknowledgement of one write in progress: which of its stripes have their quorum.
+struct AckState {
+    stripes: usize,
+    done: std::cell::RefCell<HashSet<u64>>,
+    tx: std::cell::RefCell<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+tokio::task_local! {
+    static ACK: std::rc::Rc<AckState>;
+}
+
+/// The last step of a write reached the write quorum for `stripes`: once every stripe of the
+/// write has, its caller is answered (the write goes on to its end meanwhile). Outside a write
+/// (a repair, a recovery) nothing happens.
+fn ack_stripes(stripes: impl Iterator<Item = u64>) {
+    let _ = ACK.try_with(|a| {
+        let mut done = a.done.borrow_mut();
+        done.extend(stripes);
+        if done.len() >= a.stripes {
+            if let Some(tx) = a.tx.borrow_mut().take() {
+                let _ = tx.send(());
+            }
+        }
+    });
+}
+
 impl EcVolume {
+    /// [`EcVolume::to_the_end`] for a write of `stripes` stripes: its caller is answered as
+    /// soon as every stripe has its write quorum durable (see [`ack_stripes`]), or with its
+    /// error when it ends without.
+    fn write_to_the_end(
+        &self,
+        stripes: usize,
+        op: impl std::future::Future<Output = Result<(), BlockError>> + 'static,
+    ) -> LocalBoxFuture<'static, Result<(), BlockError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let state = std::rc::Rc::new(AckState {
+            stripes: stripes.max(1),
+            done: Default::default(),
+            tx: std::cell::RefCell::new(Some(tx)),
+        });
+        let mut whole = self.to_the_end(ACK.scope(state, op));
+        Box::pin(async move {
+            tokio::select! {
+                r = &mut whole => r,
+                a = rx => match a {
+                    Ok(()) => Ok(()),
+                    // Ended without every stripe at its quorum: its own answer says why.
+                    Err(_) => whole.await,
+                },
+            }
+        })
+    }
+
     /// Run an operation as its own task, so that it runs to its end whatever becomes of the
     /// caller: a command aborted by ABORT TASK or a LUN reset, or whose connection is lost,
     /// drops the returned future, but a started write keeps its stripe locks and its regions
@@ -3139,6 +3693,19 @@ impl EcVolume {
                 Err(BlockError::Io(libc_eio()))
             })
         })
+    }
+
+    /// How many stripes a write of `len` bytes at `offset` touches (0 when it is empty or
+    /// out of range: such a write ends at once).
+    fn stripes_of(&self, offset: u64, len: usize) -> usize {
+        if len == 0
+            || offset
+                .checked_add(len as u64)
+                .is_none_or(|e| e > self.size())
+        {
+            return 0;
+        }
+        self.sh.geo.spans(offset, len as u64).count()
     }
 
     /// Operations started through [`BlockDevice`] and not yet finished (whether or not their
@@ -3172,7 +3739,11 @@ impl BlockDevice for EcVolume {
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
         // Every acknowledged write is durable on its quorum: FUA asks for nothing more.
         let v = self.clone();
-        self.to_the_end(async move { v.do_write(offset, data.into()).await })
+        let stripes = self.stripes_of(offset, data.len());
+        self.write_to_the_end(
+            stripes,
+            async move { v.do_write(offset, data.into()).await },
+        )
     }
 
     fn write_segments(
@@ -3182,7 +3753,8 @@ impl BlockDevice for EcVolume {
         _fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
         let v = self.clone();
-        self.to_the_end(async move { v.do_write(offset, data).await })
+        let stripes = self.stripes_of(offset, data.len());
+        self.write_to_the_end(stripes, async move { v.do_write(offset, data).await })
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
@@ -3206,5 +3778,24 @@ impl BlockDevice for EcVolume {
                 mapped: true,
             }])
         })
+    }
+}
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::Limiter;
+
+    #[test]
+    fn a_repeated_warning_is_let_through_once_per_period_with_the_count_held_back() {
+        let l = Limiter::default();
+        assert_eq!(l.allow("a"), Some(0));
+        for _ in 0..5 {
+            assert_eq!(l.allow("a"), None);
+        }
+        assert_eq!(l.allow("b"), Some(0), "keys are apart");
+        // The period passes.
+        l.last.lock().unwrap().get_mut("a").unwrap().0 -= Limiter::EVERY;
+        assert_eq!(l.allow("a"), Some(5));
+        assert_eq!(l.allow("a"), None);
     }
 }

@@ -584,7 +584,9 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
     };
     let mut senders = Vec::new();
     for i in 0..workers {
-        let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+        // Bounded: a worker that falls behind slows the acceptor (the kernel's listen backlog
+        // holds new connections meanwhile).
+        let (tx, rx) = mpsc::channel::<std::net::TcpStream>(ACCEPT_QUEUE);
         senders.push(tx);
         let gw = gw.clone();
         let sd = shutdown_rx.clone();
@@ -664,6 +666,20 @@ fn refresh_metrics(gw: &Gateway) {
         ] {
             g.with_label_values(&[name]).set(n as i64);
         }
+        let (mut down, mut slow) = (0, 0);
+        for n in v.used_nodes() {
+            match v.node_condition(n) {
+                tessera_volume::NodeCondition::Down => down += 1,
+                tessera_volume::NodeCondition::Slow => slow += 1,
+                tessera_volume::NodeCondition::Up => {}
+            }
+        }
+        m.volume_unresponsive_nodes
+            .with_label_values(&[name, "down"])
+            .set(down);
+        m.volume_unresponsive_nodes
+            .with_label_values(&[name, "slow"])
+            .set(slow);
         let p = v.fill_progress();
         m.rebuild_active
             .with_label_values(&[name])
@@ -720,7 +736,7 @@ fn maintenance(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
 
 fn acceptor(
     listeners: Vec<std::net::TcpListener>,
-    workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
+    workers: Vec<mpsc::Sender<std::net::TcpStream>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -741,14 +757,14 @@ fn acceptor(
                 Err(e) => error!("listener: {e}"),
             }
         }
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(ACCEPT_QUEUE);
         for l in ls {
             let tx = tx.clone();
             tokio::spawn(async move {
                 loop {
                     match l.accept().await {
                         Ok((s, _)) => {
-                            if tx.send(s).is_err() {
+                            if tx.send(s).await.is_err() {
                                 return;
                             }
                         }
@@ -766,7 +782,7 @@ fn acceptor(
                 s = rx.recv() => {
                     let Some(s) = s else { return };
                     let Ok(s) = s.into_std() else { continue };
-                    if workers[next % workers.len()].send(s).is_err() {
+                    if workers[next % workers.len()].send(s).await.is_err() {
                         return;
                     }
                     next += 1;
@@ -777,9 +793,12 @@ fn acceptor(
     });
 }
 
+/// Accepted connections waiting for the acceptor, and for each worker.
+const ACCEPT_QUEUE: usize = 256;
+
 fn worker(
     gw: Arc<Gateway>,
-    mut rx: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut rx: mpsc::Receiver<std::net::TcpStream>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -798,6 +817,13 @@ fn worker(
             .name()
             .map_or("worker".to_string(), |n| format!("worker {n}"));
         gw.heartbeats.register(&name).spawn_local();
+        // Node connections of volumes closed elsewhere (a takeover, a reload) close here too.
+        tokio::task::spawn_local(async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tessera_volume::nodes::sweep();
+            }
+        });
         let mut conns = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
