@@ -84,7 +84,11 @@ pub(super) fn run(
             return;
         }
     };
-    let server = match forward::serve(forward, handler(gw.clone(), &cl), shutdown.clone()) {
+    let server = match forward::serve(
+        forward,
+        forward::once(handler(gw.clone(), &cl)),
+        shutdown.clone(),
+    ) {
         Ok(t) => Some(t),
         Err(e) => {
             error!("cannot serve forwarded commands: {e}");
@@ -124,6 +128,16 @@ fn transitioning() -> ScsiResult {
     }
 }
 
+/// CHECK CONDITION with `sense`.
+fn check(sense: Sense) -> ScsiResult {
+    ScsiResult {
+        status: status::CHECK_CONDITION,
+        sense: Some(sense.encode(false).into()),
+        data_in: Default::default(),
+        transfer_len: 0,
+    }
+}
+
 /// Forwarded nexuses: (origin port group, origin nexus id) → the nexus here.
 type NexusMap = HashMap<(u16, u64), Arc<Nexus>>;
 
@@ -156,7 +170,9 @@ fn handler(gw: Arc<Gateway>, cl: &ClusterConfig) -> forward::Handler {
                     .clone()
             };
             match req {
-                Request::Execute { nexus, lun, cmd } => match target.lun(lun) {
+                Request::Execute {
+                    nexus, lun, cmd, ..
+                } => match target.lun(lun) {
                     Some(lu) => Response::Executed(lu.execute(&local(&nexus), &cmd).await),
                     None => Response::Executed(transitioning()),
                 },
@@ -212,17 +228,27 @@ impl RemoteLun for Forwarded {
             let Some(c) = &self.to else {
                 return transitioning();
             };
-            let req = Request::Execute {
-                nexus: nexus.clone(),
-                lun: self.lun,
-                cmd: cmd.clone(),
-            };
-            match c.call(req).await {
-                Ok(Response::Executed(r)) => r,
-                Ok(_) => transitioning(),
-                Err(e) => {
-                    debug!(owner = %c.addr(), "forwarding failed: {e}");
+            match forward::execute_once(c, nexus, self.lun, cmd).await {
+                Ok(r) => r,
+                // Provably not run: the initiator retries it (with the new owner, if any).
+                Err(forward::Unanswered::NotRun(e)) => {
+                    debug!(owner = %c.addr(), "forwarding failed before the owner got it: {e}");
                     transitioning()
+                }
+                // The owner would refuse it for its size too.
+                Err(forward::Unanswered::TooLarge) => check(Sense::INVALID_FIELD_IN_CDB),
+                // It may have run. A command a repeat cannot disturb is the initiator's to
+                // retry; one whose repeat could answer wrongly (COMPARE AND WRITE, PERSISTENT
+                // RESERVE OUT, ...) must not run twice: a hardware error, which Linux does not
+                // retry.
+                Err(forward::Unanswered::Unknown(e)) => {
+                    if forward::unrepeatable(&cmd.cdb) {
+                        warn!(owner = %c.addr(), "a forwarded command that must not run twice got no answer: {e}; failing it");
+                        check(Sense::INTERNAL_TARGET_FAILURE)
+                    } else {
+                        debug!(owner = %c.addr(), "forwarded command unanswered: {e}");
+                        transitioning()
+                    }
                 }
             }
         })

@@ -26,7 +26,7 @@
 //! | offset | size | field                                                        |
 //! |-------:|-----:|--------------------------------------------------------------|
 //! | 0      | 4    | length `L` of everything after this field, 10 ≤ `L` ≤ [`MAX_FRAME`] |
-//! | 4      | 1    | protocol version, 1                                          |
+//! | 4      | 1    | protocol version, 2                                          |
 //! | 5      | 1    | kind (below)                                                 |
 //! | 6      | 8    | request id, chosen by the client, echoed by the server      |
 //! | 14     | L-10 | body of the kind                                             |
@@ -36,7 +36,7 @@
 //!
 //! | kind | direction  | body                                                         |
 //! |-----:|------------|--------------------------------------------------------------|
-//! | 0x01 | request    | Execute: nexus, lun u64, tag u32, attr u8, flags u8, expected length u32, cdb var, data-out var |
+//! | 0x01 | request    | Execute: nexus, lun u64, operation id u64, tag u32, attr u8, flags u8, expected length u32, cdb var, data-out var |
 //! | 0x02 | request    | Task management: nexus, lun u64, function u8, referenced tag u32 |
 //! | 0x03 | request    | Nexus gone: nexus                                            |
 //! | 0x81 | response   | Executed: status u8, transfer length u32, sense present u8 (0 or 1), sense var (only if present), data-in var |
@@ -67,7 +67,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -90,6 +91,10 @@ pub(crate) enum Request {
         nexus: Nexus,
         /// The logical unit, as the receiving gateway addresses it.
         lun: u64,
+        /// The receiving gateway's id of this command, the same when it sends it again
+        /// (0: none). The owner runs a command with side effects once per id and answers a
+        /// repeat with the first execution's result ([`once`]).
+        op: u64,
         /// The command with all of its Data-Out.
         cmd: ScsiCommand,
     },
@@ -121,7 +126,7 @@ pub(crate) enum Response {
 }
 
 /// Protocol version carried in every frame.
-pub(crate) const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 2;
 
 /// The largest frame length (the 4-byte length field's value): a 16 MiB transfer plus headers.
 pub(crate) const MAX_FRAME: usize = 17 << 20;
@@ -170,11 +175,17 @@ pub(crate) enum FrameError {
 /// the same and refused by the peer; senders check the size (see `Client`).
 pub(crate) fn encode_request(id: u64, r: &Request, out: &mut BytesMut) {
     match r {
-        Request::Execute { nexus, lun, cmd } => {
-            out.reserve(64 + nexus_len(nexus) + cmd.cdb.len() + cmd.data_out.len());
+        Request::Execute {
+            nexus,
+            lun,
+            op,
+            cmd,
+        } => {
+            out.reserve(72 + nexus_len(nexus) + cmd.cdb.len() + cmd.data_out.len());
             let start = begin(out, kind::EXECUTE, id);
             put_nexus(out, nexus);
             out.put_u64(*lun);
+            out.put_u64(*op);
             out.put_u32(cmd.tag);
             out.put_u8(attr_code(cmd.attr));
             let mut flags = 0;
@@ -351,6 +362,7 @@ pub(crate) fn take_request(buf: &mut BytesMut) -> Result<Option<(u64, Request)>,
         kind::EXECUTE => {
             let nexus = r.nexus()?;
             let lun = r.u64("lun")?;
+            let op = r.u64("operation id")?;
             let tag = r.u32("task tag")?;
             let attr = attr_from(r.u8("task attribute")?)?;
             let flags = r.u8("flags")?;
@@ -363,6 +375,7 @@ pub(crate) fn take_request(buf: &mut BytesMut) -> Result<Option<(u64, Request)>,
             Request::Execute {
                 nexus,
                 lun,
+                op,
                 cmd: ScsiCommand {
                     cdb,
                     data_out: data_out.into(),
@@ -571,6 +584,8 @@ const CLIENT_QUEUE: usize = 1024;
 struct Call {
     req: Request,
     reply: oneshot::Sender<io::Result<Response>>,
+    /// Set once the request is queued on a connection (from then on the owner may run it).
+    sent: Arc<AtomicBool>,
 }
 
 impl Call {
@@ -635,10 +650,22 @@ impl Client {
     /// fails may or may not have been executed by the owner. The calling runtime needs its time
     /// driver enabled (`enable_all`), for the timeout.
     pub(crate) async fn call(&self, req: Request) -> io::Result<Response> {
+        self.call_tracked(req).await.0
+    }
+
+    /// [`Client::call`], and whether the request went out on a connection (`false`: the
+    /// owner provably never saw it; `true` with an error: it may or may not have run).
+    pub(crate) async fn call_tracked(&self, req: Request) -> (io::Result<Response>, bool) {
+        let sent = Arc::new(AtomicBool::new(false));
+        let r = self.exchange(req, sent.clone()).await;
+        (r, sent.load(Ordering::Acquire))
+    }
+
+    async fn exchange(&self, req: Request, sent: Arc<AtomicBool>) -> io::Result<Response> {
         let (reply, answer) = oneshot::channel();
         let addr = self.addr;
         let exchange = async {
-            if self.calls.send(Call { req, reply }).await.is_err() {
+            if self.calls.send(Call { req, reply, sent }).await.is_err() {
                 return Err(io::Error::other(format!(
                     "forwarding client for {addr} is not running"
                 )));
@@ -783,6 +810,7 @@ async fn run_connection(
             )));
             return;
         }
+        call.sent.store(true, Ordering::Release);
         pending.insert(id, (call.reply, Instant::now()));
     };
     enqueue(first, &mut wbuf, &mut pending);
@@ -863,6 +891,248 @@ async fn run_connection(
         let _ = reply.send(Err(copy_error(&e)));
     }
     Flow::Broken
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exactly once
+
+/// Whether a command changes nothing a repeat could disturb (it may simply run again): the
+/// reads and inquiries. Every other command is run once per operation id.
+fn repeatable(cdb: &[u8]) -> bool {
+    matches!(
+        cdb.first(),
+        Some(
+            0x00 // TEST UNIT READY
+            | 0x03 // REQUEST SENSE
+            | 0x08 | 0x28 | 0xa8 | 0x88 // READ
+            | 0x12 // INQUIRY
+            | 0x1a | 0x5a // MODE SENSE
+            | 0x25 // READ CAPACITY (10)
+            | 0x2f | 0xaf | 0x8f // VERIFY
+            | 0x4d // LOG SENSE
+            | 0x5e // PERSISTENT RESERVE IN
+            | 0x9e // SERVICE ACTION IN (READ CAPACITY (16), GET LBA STATUS)
+            | 0xa0 // REPORT LUNS
+            | 0xa3 // MAINTENANCE IN (REPORT TARGET PORT GROUPS, ...)
+        )
+    )
+}
+
+/// Whether running a command twice can answer differently from running it once even with
+/// nothing in between (a second COMPARE AND WRITE miscompares against its own write, a second
+/// registration conflicts with the first, ...): such a command whose fate is unknown must not
+/// be left to the initiator to retry.
+pub(crate) fn unrepeatable(cdb: &[u8]) -> bool {
+    matches!(cdb.first(), Some(0x89 | 0x5f | 0x16 | 0x56 | 0x17 | 0x57))
+}
+
+/// How long an owner remembers the outcome of an operation it ran.
+const REMEMBER_FOR: Duration = Duration::from_secs(120);
+/// The most operations an owner remembers (the oldest go first).
+const REMEMBER_MAX: usize = 1 << 16;
+
+enum Op {
+    /// Running now; waiters are told when it ends.
+    Running(Arc<tokio::sync::Notify>),
+    /// Its result, and when it ended.
+    Done(ScsiResult, std::time::Instant),
+}
+
+#[derive(Default)]
+struct Memory {
+    ops: HashMap<(u16, u64), Op>,
+    /// Ended operations in the order they ended, for expiry.
+    ended: std::collections::VecDeque<((u16, u64), std::time::Instant)>,
+}
+
+impl Memory {
+    fn expire(&mut self, now: std::time::Instant) {
+        while let Some(&(key, at)) = self.ended.front() {
+            if now.duration_since(at) < REMEMBER_FOR && self.ended.len() <= REMEMBER_MAX {
+                break;
+            }
+            self.ended.pop_front();
+            if matches!(self.ops.get(&key), Some(Op::Done(_, t)) if *t == at) {
+                self.ops.remove(&key);
+            }
+        }
+    }
+}
+
+/// The owner's side of exactly-once forwarding: wraps `handler` so that an Execute with an
+/// operation id whose command has side effects runs once; a repeat of the id (the receiving
+/// gateway sending it again after losing the answer) waits for the first execution if it is
+/// still running and gets its result, for [`REMEMBER_FOR`] after it ended. Operation ids are
+/// the receiving gateway's, so they are kept per port group (the receiving gateway's number).
+pub(crate) fn once(handler: Handler) -> Handler {
+    let memory: Arc<Mutex<Memory>> = Arc::default();
+    Arc::new(move |req: Request| {
+        let handler = handler.clone();
+        let memory = memory.clone();
+        Box::pin(async move {
+            let key = match &req {
+                Request::Execute { nexus, op, cmd, .. } if *op != 0 && !repeatable(&cmd.cdb) => {
+                    (nexus.port_group, *op)
+                }
+                _ => return handler(req).await,
+            };
+            loop {
+                let wait = {
+                    let mut m = memory.lock().unwrap_or_else(|e| e.into_inner());
+                    m.expire(std::time::Instant::now());
+                    match m.ops.get(&key) {
+                        Some(Op::Done(r, _)) => {
+                            debug!(
+                                op = key.1,
+                                "forwarded operation repeated: answered with its first result"
+                            );
+                            return Response::Executed(r.clone());
+                        }
+                        Some(Op::Running(n)) => n.clone(),
+                        None => {
+                            m.ops
+                                .insert(key, Op::Running(Arc::new(tokio::sync::Notify::new())));
+                            break;
+                        }
+                    }
+                };
+                let ended = wait.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                let still = matches!(
+                    memory
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .ops
+                        .get(&key),
+                    Some(Op::Running(_))
+                );
+                if still {
+                    ended.await;
+                }
+            }
+            // Ends the entry even if the handler panics (the task is then answered with a
+            // failure, and a repeat runs the command again: it did not complete here).
+            struct Settle {
+                memory: Arc<Mutex<Memory>>,
+                key: (u16, u64),
+                result: Option<ScsiResult>,
+            }
+            impl Drop for Settle {
+                fn drop(&mut self) {
+                    let mut m = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+                    let prev = match self.result.take() {
+                        Some(r) => {
+                            let now = std::time::Instant::now();
+                            m.ended.push_back((self.key, now));
+                            m.ops.insert(self.key, Op::Done(r, now))
+                        }
+                        None => m.ops.remove(&self.key),
+                    };
+                    if let Some(Op::Running(n)) = prev {
+                        n.notify_waiters();
+                    }
+                }
+            }
+            let mut settle = Settle {
+                memory: memory.clone(),
+                key,
+                result: None,
+            };
+            let resp = handler(req).await;
+            if let Response::Executed(r) = &resp {
+                // What an Execute with side effects answers is small (no Data-In to speak of).
+                settle.result = Some(r.clone());
+            }
+            drop(settle);
+            resp
+        })
+    })
+}
+
+/// Operation ids of this process: a random start, so a restarted gateway never repeats one
+/// an owner still remembers.
+static NEXT_OP: std::sync::LazyLock<AtomicU64> =
+    std::sync::LazyLock::new(|| AtomicU64::new(rand::random::<u64>() | 1));
+
+/// A new operation id (never 0).
+pub(crate) fn next_op() -> u64 {
+    loop {
+        let op = NEXT_OP.fetch_add(1, Ordering::Relaxed);
+        if op != 0 {
+            return op;
+        }
+    }
+}
+
+/// How a forwarded command ended, when the owner did not answer it.
+#[derive(Debug)]
+pub(crate) enum Unanswered {
+    /// It never reached the owner: it did not run.
+    NotRun(io::Error),
+    /// It cannot be forwarded at all (over the frame limit).
+    TooLarge,
+    /// It reached the owner (or may have), and no answer came back, also to repeats.
+    Unknown(io::Error),
+}
+
+/// How long a forwarded command whose answer was lost is sent again (with the same operation
+/// id) before its fate is declared unknown.
+const REPEAT_FOR: Duration = Duration::from_secs(10);
+
+/// Forward a command to its owner exactly once: it carries a fresh operation id, and when the
+/// answer is lost after the request went out (a connection cut, a timeout) it is sent again
+/// with the same id, so the owner answers with the first execution's result instead of
+/// running it twice.
+pub(crate) async fn execute_once(
+    c: &Client,
+    nexus: &Nexus,
+    lun: u64,
+    cmd: &ScsiCommand,
+) -> Result<ScsiResult, Unanswered> {
+    execute_once_within(c, nexus, lun, cmd, REPEAT_FOR).await
+}
+
+/// [`execute_once`], sending again for at most `repeat_for`.
+async fn execute_once_within(
+    c: &Client,
+    nexus: &Nexus,
+    lun: u64,
+    cmd: &ScsiCommand,
+    repeat_for: Duration,
+) -> Result<ScsiResult, Unanswered> {
+    let op = next_op();
+    let started = Instant::now();
+    let mut went_out = false;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let req = Request::Execute {
+            nexus: nexus.clone(),
+            lun,
+            op,
+            cmd: cmd.clone(),
+        };
+        let (r, sent) = c.call_tracked(req).await;
+        went_out |= sent;
+        let e = match r {
+            Ok(Response::Executed(r)) => return Ok(r),
+            Ok(other) => io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("forwarding to {}: unexpected answer {other:?}", c.addr()),
+            ),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => return Err(Unanswered::TooLarge),
+            Err(e) => e,
+        };
+        if !went_out {
+            return Err(Unanswered::NotRun(e));
+        }
+        if started.elapsed() + delay >= repeat_for {
+            return Err(Unanswered::Unknown(e));
+        }
+        debug!(owner = %c.addr(), op, "forwarded command unanswered ({e}); sending it again");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1047,7 +1317,7 @@ async fn serve_connection(
 mod tests {
     use super::*;
 
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     type BoxFuture = Pin<Box<dyn Future<Output = Response>>>;
 
@@ -1114,6 +1384,7 @@ mod tests {
                 v.push(Request::Execute {
                     nexus: nexus(i),
                     lun: (i << 48) | 7,
+                    op: i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
                     cmd: ScsiCommand {
                         cdb: pattern(cdb_len, i as u8),
                         data_out: pattern(data_len, 3).into(),
@@ -1182,15 +1453,22 @@ mod tests {
     fn assert_req_eq(a: &Request, b: &Request) {
         match (a, b) {
             (
-                Request::Execute { nexus, lun, cmd },
+                Request::Execute {
+                    nexus,
+                    lun,
+                    op,
+                    cmd,
+                },
                 Request::Execute {
                     nexus: n2,
                     lun: l2,
+                    op: o2,
                     cmd: c2,
                 },
             ) => {
                 assert_eq!(nexus, n2);
                 assert_eq!(lun, l2);
+                assert_eq!(op, o2);
                 assert_cmd_eq(cmd, c2);
             }
             (
@@ -1306,6 +1584,7 @@ mod tests {
         let req = Request::Execute {
             nexus: nexus(1),
             lun: 0,
+            op: 0,
             cmd: ScsiCommand {
                 cdb: pattern(16, 0),
                 data_out: pattern(65536, 5).into(),
@@ -1404,12 +1683,15 @@ mod tests {
     fn malformed_frames_are_errors() {
         let good = request_frame(1, &Request::NexusGone { nexus: nexus(1) });
 
-        let mut f = good.clone();
-        f[4] = 2;
-        assert!(matches!(
-            take_request(&mut f),
-            Err(FrameError::BadVersion(2))
-        ));
+        // The previous version (no operation ids) and a later one.
+        for v in [1, 3] {
+            let mut f = good.clone();
+            f[4] = v;
+            assert!(matches!(
+                take_request(&mut f),
+                Err(FrameError::BadVersion(x)) if x == v
+            ));
+        }
 
         let mut f = good.clone();
         f[5] = 0x81; // a response kind where a request belongs
@@ -1463,6 +1745,7 @@ mod tests {
         let exec = Request::Execute {
             nexus: nexus(1),
             lun: 0,
+            op: 0,
             cmd: ScsiCommand {
                 cdb: pattern(6, 0),
                 data_out: Default::default(),
@@ -1473,7 +1756,7 @@ mod tests {
                 tag: 0,
             },
         };
-        let at = 14 + nexus_len(&nexus(1)) + 8 + 4; // the task attribute
+        let at = 14 + nexus_len(&nexus(1)) + 8 + 8 + 4; // the task attribute (after lun, op, tag)
         let mut f = request_frame(1, &exec);
         f[at] = 5;
         assert!(matches!(take_request(&mut f), Err(FrameError::BadValue(_))));
@@ -1636,7 +1919,9 @@ mod tests {
             Box::pin(async move {
                 let not_send = std::rc::Rc::new(());
                 let resp = match req {
-                    Request::Execute { nexus, lun, cmd } => {
+                    Request::Execute {
+                        nexus, lun, cmd, ..
+                    } => {
                         let delay = u64::from(cmd.tag % 4);
                         if delay > 0 {
                             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -1692,6 +1977,7 @@ mod tests {
         Request::Execute {
             nexus: nexus(u64::from(i % 3)),
             lun: u64::from(i % 5),
+            op: 0,
             cmd: ScsiCommand {
                 cdb: pattern(if i.is_multiple_of(2) { 16 } else { 32 }, i as u8),
                 data_out: pattern((i as usize * 37) % 9000, i as u8).into(),
@@ -1705,7 +1991,10 @@ mod tests {
     }
 
     fn check_echo(i: u32, resp: Response) {
-        let Request::Execute { nexus, lun, cmd } = exec(i) else {
+        let Request::Execute {
+            nexus, lun, cmd, ..
+        } = exec(i)
+        else {
             unreachable!()
         };
         let Response::Executed(r) = resp else {
@@ -1865,6 +2154,7 @@ mod tests {
         let write = |tag: u32, len: usize| Request::Execute {
             nexus: nexus(1),
             lun: 0,
+            op: 0,
             cmd: ScsiCommand {
                 cdb: pattern(16, 0),
                 data_out: pattern(len, 1).into(),
@@ -2073,5 +2363,176 @@ mod tests {
         drop(other);
         drop(client);
         owner.join().unwrap();
+    }
+
+    /// A handler that counts the Executes it runs (each takes `delay`) and answers with the
+    /// count so far as the transfer length.
+    fn counting(runs: Arc<AtomicUsize>, delay: Duration) -> Handler {
+        Arc::new(move |req: Request| -> BoxFuture {
+            let runs = runs.clone();
+            Box::pin(async move {
+                match req {
+                    Request::Execute { cmd, .. } => {
+                        tokio::time::sleep(delay).await;
+                        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                        Response::Executed(ScsiResult {
+                            status: status::GOOD,
+                            sense: None,
+                            data_in: cmd.data_out.to_bytes(),
+                            transfer_len: n as u32,
+                        })
+                    }
+                    Request::TaskMgmt { .. } => Response::TaskMgmt(TmfResponse::Complete),
+                    Request::NexusGone { .. } => Response::Done,
+                }
+            })
+        })
+    }
+
+    fn op_exec(op: u64, opcode: u8, port_group: u16) -> Request {
+        let mut n = nexus(1);
+        n.port_group = port_group;
+        let mut cdb = vec![0u8; 16];
+        cdb[0] = opcode;
+        Request::Execute {
+            nexus: n,
+            lun: 0,
+            op,
+            cmd: ScsiCommand {
+                cdb: Bytes::from(cdb),
+                data_out: pattern(512, 3).into(),
+                expected_len: 512,
+                read: false,
+                write: true,
+                attr: TaskAttr::Simple,
+                tag: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn an_operation_with_side_effects_runs_once_per_id() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let h = once(counting(runs.clone(), Duration::from_millis(30)));
+        let rt = runtime();
+        LocalSet::new().block_on(&rt, async {
+            let transfer = |r: Response| match r {
+                Response::Executed(r) => r.transfer_len,
+                other => panic!("{other:?}"),
+            };
+            // A COMPARE AND WRITE sent three times, twice while the first still runs: one run,
+            // one answer for all.
+            let (a, b) =
+                futures_util::future::join(h(op_exec(7, 0x89, 1)), h(op_exec(7, 0x89, 1))).await;
+            let c = h(op_exec(7, 0x89, 1)).await;
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+            assert_eq!((transfer(a), transfer(b), transfer(c)), (1, 1, 1));
+            // Another id, or the same id from another gateway (port group), runs.
+            assert_eq!(transfer(h(op_exec(8, 0x89, 1)).await), 2);
+            assert_eq!(transfer(h(op_exec(7, 0x89, 2)).await), 3);
+            // No id, or a read: runs every time.
+            assert_eq!(transfer(h(op_exec(0, 0x2a, 1)).await), 4);
+            assert_eq!(transfer(h(op_exec(0, 0x2a, 1)).await), 5);
+            assert_eq!(transfer(h(op_exec(9, 0x28, 1)).await), 6);
+            assert_eq!(transfer(h(op_exec(9, 0x28, 1)).await), 7);
+            // A PERSISTENT RESERVE OUT and a WRITE are remembered too.
+            assert_eq!(transfer(h(op_exec(10, 0x5f, 1)).await), 8);
+            assert_eq!(transfer(h(op_exec(10, 0x5f, 1)).await), 8);
+            assert_eq!(transfer(h(op_exec(11, 0x2a, 1)).await), 9);
+            assert_eq!(transfer(h(op_exec(11, 0x2a, 1)).await), 9);
+        });
+        assert!(unrepeatable(&[0x89]) && unrepeatable(&[0x5f]) && !unrepeatable(&[0x2a]));
+    }
+
+    /// A TCP proxy to `to` that cuts the first `cuts` connections as soon as the server
+    /// starts answering (the request was delivered and ran; its answer is lost). Later
+    /// connections pass through.
+    fn cutting_proxy(to: SocketAddr, cuts: usize) -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for (n, c) in l.incoming().enumerate() {
+                let Ok(c) = c else { return };
+                let s = std::net::TcpStream::connect(to).unwrap();
+                let (c2, s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = io::copy(&mut &c2, &mut &s2);
+                });
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buf = [0u8; 65536];
+                    loop {
+                        let k = match (&s).read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => k,
+                        };
+                        if n < cuts {
+                            // Lose the answer: cut both sides.
+                            let _ = c.shutdown(std::net::Shutdown::Both);
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                            break;
+                        }
+                        if (&c).write_all(&buf[..k]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_forwarded_command_whose_answer_is_lost_runs_once() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let server = TestServer::start(once(counting(runs.clone(), Duration::ZERO)));
+        let proxy = cutting_proxy(server.addr, 1);
+        let rt = runtime();
+        LocalSet::new().block_on(&rt, async {
+            let client = Client::new(proxy, Duration::from_secs(5));
+            let Request::Execute { nexus, cmd, .. } = op_exec(0, 0x89, 1) else {
+                unreachable!()
+            };
+            let r = execute_once_within(&client, &nexus, 0, &cmd, Duration::from_secs(5))
+                .await
+                .expect("answered after sending again");
+            assert_eq!(r.transfer_len, 1, "the first execution's answer");
+        });
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "ran once");
+        server.stop();
+    }
+
+    #[test]
+    fn a_forwarded_command_never_answered_is_unknown_and_still_ran_once() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let server = TestServer::start(once(counting(runs.clone(), Duration::ZERO)));
+        let proxy = cutting_proxy(server.addr, usize::MAX);
+        let rt = runtime();
+        LocalSet::new().block_on(&rt, async {
+            let client = Client::new(proxy, Duration::from_secs(5));
+            let Request::Execute { nexus, cmd, .. } = op_exec(0, 0x89, 1) else {
+                unreachable!()
+            };
+            let r = execute_once_within(&client, &nexus, 0, &cmd, Duration::from_millis(600)).await;
+            assert!(matches!(r, Err(Unanswered::Unknown(_))), "{r:?}");
+            // Nobody listening: provably not run.
+            let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let dead = gone.local_addr().unwrap();
+            drop(gone);
+            let c2 = Client::new(dead, Duration::from_secs(2));
+            let r = execute_once_within(&c2, &nexus, 0, &cmd, Duration::from_millis(600)).await;
+            assert!(matches!(r, Err(Unanswered::NotRun(_))), "{r:?}");
+            // Over the frame limit: refused before anything is sent.
+            let mut big = cmd.clone();
+            big.data_out = Bytes::from(vec![0u8; MAX_FRAME]).into();
+            let r = execute_once_within(&client, &nexus, 0, &big, Duration::from_millis(600)).await;
+            assert!(matches!(r, Err(Unanswered::TooLarge)), "{r:?}");
+        });
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "sent again and again, ran once"
+        );
+        server.stop();
     }
 }
