@@ -35,6 +35,8 @@ pub enum Answer {
     Command(u32, Outcome),
     /// A task management function was answered: (its ITT, the response code).
     TaskMgmt(u32, u8),
+    /// A NOP-In answered a NOP-Out of ours (its ITT).
+    Nop(u32),
 }
 
 /// The outcome of a SCSI command.
@@ -268,6 +270,9 @@ impl Session {
                     self.exp_stat_sn = t.stat_sn.wrapping_add(1);
                     return Ok(Answer::TaskMgmt(t.itt, t.response));
                 }
+                Ok(Response::NopIn(n)) if n.itt != u32::MAX => {
+                    return Ok(Answer::Nop(n.itt));
+                }
                 Ok(Response::NopIn(n)) if n.ttt != u32::MAX => {
                     let out = NopOut {
                         immediate: true,
@@ -282,6 +287,22 @@ impl Session {
                 _ => {}
             }
         }
+    }
+
+    /// Send a NOP-Out ping (immediate) that the target answers with a NOP-In: its ITT.
+    pub fn send_nop(&mut self) -> std::io::Result<u32> {
+        let itt = self.itt;
+        self.itt += 1;
+        let out = NopOut {
+            immediate: true,
+            lun: [0; 8],
+            itt,
+            ttt: u32::MAX,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        };
+        self.send(out.encode(), Bytes::new())?;
+        Ok(itt)
     }
 
     /// Close the connection at once, without logging out (a cable pulled).

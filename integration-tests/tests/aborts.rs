@@ -193,7 +193,7 @@ fn aborts_resets_and_dropped_connections_during_overlapping_writes_lose_nothing(
                             }
                             break;
                         }
-                        Answer::TaskMgmt(..) => {}
+                        Answer::TaskMgmt(..) | Answer::Nop(_) => {}
                     }
                 }
                 // Everything else of both sessions is answered.
@@ -300,6 +300,65 @@ fn aborts_resets_and_dropped_connections_during_overlapping_writes_lose_nothing(
     assert!(
         counts.aborted > 0,
         "no write was still running when its task management function came"
+    );
+    assert!(demo.stop());
+}
+
+/// Task management runs beside the connection's other work: while an ABORT TASK waits for a
+/// write that cannot finish yet (three of six nodes stopped: no quorum until they are marked
+/// down), the same connection answers a NOP-Out at once, and the abort is answered only after
+/// the write has ended.
+#[test]
+fn a_waiting_task_management_function_blocks_nothing_else() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let demo = Demo::start(&["--backend", "ec", "--ec", "4+2", "--size", "16MiB"]);
+    let mut s =
+        Session::login(demo.portal, INITIATOR, &demo.iqn, [0x80, 0, 0, 0, 0xac, 1]).expect("login");
+    s.ready(0).expect("test unit ready");
+    // A first write, so that the volume knows how fast its nodes answer.
+    let o = s
+        .command(0, &write16(0, 1), &block(1, 0), 0)
+        .expect("write");
+    assert_eq!(o.status, 0);
+    let nodes = demo.nodes();
+    let stopped: Vec<Pid> = nodes[..3]
+        .iter()
+        .map(|n| Pid::from_raw(n.pid as i32))
+        .collect();
+    for p in &stopped {
+        kill(*p, Signal::SIGSTOP).unwrap();
+    }
+    let (itt, sn) = s
+        .send_command(0, &write16(1, 1), &block(2, 1), 0)
+        .expect("send write");
+    std::thread::sleep(Duration::from_millis(100));
+    let tmf = s.send_tmf(tmf::ABORT_TASK, 0, itt, sn).unwrap();
+    let nop = s.send_nop().unwrap();
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        match s.next_answer().expect("answers") {
+            Answer::Nop(i) if i == nop => order.push("nop"),
+            Answer::TaskMgmt(i, code) if i == tmf => {
+                assert!(code <= 1, "ABORT TASK answered {code}");
+                order.push("abort");
+            }
+            Answer::Command(i, o) => panic!("the aborted write {i} was answered: {o:?}"),
+            _ => {}
+        }
+    }
+    for p in &stopped {
+        kill(*p, Signal::SIGCONT).unwrap();
+    }
+    assert_eq!(
+        order,
+        ["nop", "abort"],
+        "the NOP-In came first: the connection was not waiting on the abort"
+    );
+    assert_eq!(
+        executing(&demo),
+        0,
+        "nothing executing after the abort's answer"
     );
     assert!(demo.stop());
 }

@@ -126,7 +126,7 @@ fn fill(s: &mut Session, size: u64, demo: &Demo) {
                 }
                 inflight -= 1;
             }
-            Answer::TaskMgmt(..) => {}
+            Answer::TaskMgmt(..) | Answer::Nop(_) => {}
         }
     }
 }
