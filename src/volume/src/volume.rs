@@ -258,7 +258,8 @@ pub struct Health {
 pub enum NodeCondition {
     /// Answering.
     Up,
-    /// A read of it missed its hedge delay and it has not answered since: reads go around it.
+    /// A read of it missed its hedge delay less than a second ago and it has not answered
+    /// since: reads go around it.
     Slow,
     /// Unreachable, or a call went unanswered too long: nothing waits for it until it answers
     /// a probe.
@@ -305,9 +306,9 @@ static INSTANCES: AtomicU64 = AtomicU64::new(1);
 /// How a volume sees one node. A node is *down* once a call to it found it unreachable or
 /// went unanswered past [`EcVolume::hang_after`]: from then on nothing waits for it (calls to it
 /// fail at once, reads go around it, writes leave it behind) until it answers a probe, which
-/// the volume sends every [`PROBE_EVERY`] while it is down. A node is *slow* while a read of it
-/// missed its hedge delay and no answer has come from it since: reads and read-modify-writes
-/// go around it, writes still go to it.
+/// the volume sends every [`PROBE_EVERY`] while it is down. A node is *slow* for [`SLOW_FOR`]
+/// after a read of it missed its hedge delay, unless an answer comes from it sooner: reads and
+/// read-modify-writes go around it, writes still go to it.
 #[derive(Default)]
 struct NodeHealth {
     /// Whether the node is down.
@@ -318,8 +319,8 @@ struct NodeHealth {
     lat_us: AtomicU64,
     /// The same, of small reads only (at most [`SMALL_READ`] bytes): what hedging compares.
     read_lat_us: AtomicU64,
-    /// Whether the node is slow.
-    slow: AtomicBool,
+    /// Until when (ms since `t0`) the node counts as slow.
+    slow_until: AtomicU64,
 }
 
 /// The shortest time a call may go unanswered before its node is marked down.
@@ -337,6 +338,10 @@ const HEDGE_MAX: Duration = Duration::from_millis(100);
 /// Reads of at most this many bytes from one node are hedged (larger ones take longer for
 /// their size, and reconstructing them costs more than waiting).
 const SMALL_READ: u64 = 64 << 10;
+/// How long reads go around a node that missed a hedge delay (unless it answers sooner): then
+/// they try it again, so a node that was only briefly slow is read again, and damage on it is
+/// found.
+const SLOW_FOR: Duration = Duration::from_millis(1000);
 /// How often a down node is probed.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// How long a probe waits for its answer.
@@ -789,7 +794,7 @@ impl EcVolume {
         let h = &self.sh.health[node];
         if h.down.load(Ordering::Relaxed) {
             NodeCondition::Down
-        } else if h.slow.load(Ordering::Relaxed) {
+        } else if h.slow_until.load(Ordering::Relaxed) > self.now_ms() {
             NodeCondition::Slow
         } else {
             NodeCondition::Up
@@ -799,7 +804,8 @@ impl EcVolume {
     /// Whether reads (and the reads of read-modify-writes) should go around `node`: it is
     /// down, or slow.
     fn avoid(&self, node: usize) -> bool {
-        self.is_down(node) || self.sh.health[node].slow.load(Ordering::Relaxed)
+        self.is_down(node)
+            || self.sh.health[node].slow_until.load(Ordering::Relaxed) > self.now_ms()
     }
 
     /// How long a call to `node` may go unanswered before the node is marked down.
@@ -853,7 +859,7 @@ impl EcVolume {
         if small_read {
             smooth(&h.read_lat_us);
         }
-        h.slow.store(false, Ordering::Relaxed);
+        h.slow_until.store(0, Ordering::Relaxed);
         if h.down.swap(false, Ordering::AcqRel) {
             info!(volume = %self.sh.spec.name, node = %self.name_of(node), "node answers again");
         }
@@ -1120,7 +1126,10 @@ impl EcVolume {
                 if past && answered >= need && items.len() - answered <= unanswered {
                     // Served around the nodes that missed the hedge delay.
                     for &n in &waiting {
-                        self.sh.health[n].slow.store(true, Ordering::Relaxed);
+                        self.sh.health[n].slow_until.store(
+                            self.now_ms() + SLOW_FOR.as_millis() as u64,
+                            Ordering::Relaxed,
+                        );
                     }
                     break;
                 }
@@ -1961,6 +1970,13 @@ impl EcVolume {
             match g {
                 Got::Data(d, _) if d.len() == n => out[at..at + n].copy_from_slice(&d),
                 Got::Zero(_) => {} // already zeroes
+                Got::Corrupt => {
+                    // Damaged on its node: served around it below (which may not read that
+                    // fragment again), and rewritten by the maintenance loop.
+                    let mut st = self.sh.state.lock().expect("volume state poisoned");
+                    st.repair.insert(spans[si].stripe);
+                    degraded.insert(si);
+                }
                 _ => {
                     degraded.insert(si);
                 }
