@@ -305,6 +305,11 @@ impl Session {
         Ok(itt)
     }
 
+    /// How long a receive may wait (10 s after login).
+    pub fn set_timeout(&mut self, limit: Duration) -> std::io::Result<()> {
+        self.stream.set_read_timeout(Some(limit))
+    }
+
     /// Close the connection at once, without logging out (a cable pulled).
     pub fn drop_connection(self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);

@@ -20,6 +20,7 @@
 //! | `P/moves/VOLID/EPOCH` | the [`Move`]s the map change to `EPOCH` made (16 hex digits) | the volume's |
 //! | `P/node-states/ID` | [`NodeState`] an operator set (`draining`, `out`) | until set `up` |
 //! | `P/absent/ID` | when a controller first saw a mapped node without a lease (Unix seconds) | until it returns or no map names it |
+//! | `P/writes/VOLID` | [`WriteHealthRecord`]: nodes of the volume its owner cannot reach, PGs write-suspended (present only while some are) | the owner's lease |
 //! | `P/sessions/ID` | initiators with sessions to the cluster target on gateway `ID` | the gateway's lease |
 //! | `P/settings` | [`Settings`]: rebuild grace period and rate | forever |
 //! | `P/election/controller` | etcd election: the gateway that computes placement | leader's lease |
@@ -220,6 +221,28 @@ impl VolumeRecord {
         })?;
         Ok(p)
     }
+}
+
+/// What a volume's owner sees of its nodes (`P/writes/VOLID`), while some do not answer.
+/// The controller moves the positions of nodes listed here at once in PGs left with fewer
+/// than the write quorum of nodes answering; `tessera status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteHealthRecord {
+    /// The owning gateway.
+    pub gateway: String,
+    /// Nodes of the volume's map that do not answer the owner (sorted ids).
+    pub unreachable: Vec<String>,
+    /// How many PGs cannot take writes (fewer nodes answering than the write quorum).
+    pub suspended_pgs: u32,
+    /// The first of them (at most [`WriteHealthRecord::LISTED`]).
+    pub pgs: Vec<u32>,
+    /// Since when (Unix seconds) the owner has seen PGs write-suspended (0: none are).
+    pub since: u64,
+}
+
+impl WriteHealthRecord {
+    /// The most PGs listed by number.
+    pub const LISTED: usize = 16;
 }
 
 /// What `volume create` asks for.
@@ -1050,6 +1073,37 @@ impl Cluster {
     /// Report fill progress: only while the owner key is held under `lease`.
     pub async fn save_fill(&self, volume: u64, lease: i64, rec: &FillRecord) -> Result<()> {
         self.put_as_owner(volume, lease, "fills", encode(rec)).await
+    }
+
+    /// Every volume's [`WriteHealthRecord`] (volumes whose nodes all answer have none).
+    pub async fn write_health(&self) -> Result<std::collections::HashMap<u64, WriteHealthRecord>> {
+        self.by_volume("writes/").await
+    }
+
+    /// Publish what the owner sees of the volume's nodes (`None`: every node answers),
+    /// under the owner's lease; only while the owner key is held under `lease`.
+    pub async fn save_write_health(
+        &self,
+        volume: u64,
+        lease: i64,
+        rec: Option<&WriteHealthRecord>,
+    ) -> Result<()> {
+        let okey = self.key(&format!("owners/{volume:016x}"));
+        let key = self.key(&format!("writes/{volume:016x}"));
+        let op = match rec {
+            Some(r) => TxnOp::put(key, encode(r), Some(PutOptions::new().with_lease(lease))),
+            None => TxnOp::delete(key, None),
+        };
+        let txn = Txn::new()
+            .when(vec![Compare::lease(okey, CompareOp::Equal, lease)])
+            .and_then(vec![op]);
+        if self.client.clone().txn(txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(ClusterError::Invalid(format!(
+                "volume {volume:016x} is no longer owned here: write health not saved"
+            )))
+        }
     }
 
     async fn put_as_owner(&self, volume: u64, lease: i64, what: &str, v: Vec<u8>) -> Result<()> {

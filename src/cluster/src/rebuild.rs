@@ -6,6 +6,10 @@
 //! - a node of the map has been absent longer than the grace period, or reports that its store
 //!   failed a write or sync (its positions move to other nodes: a **rebuild** from the
 //!   remaining fragments), or
+//! - a PG has fewer positions on nodes that answer than its write quorum (nodes absent, or
+//!   reported unreachable by the volume's owner) while other live nodes could take them: the
+//!   positions of the nodes that do not answer move at once, not after the grace period, so
+//!   that writes resume (**quorum**; the rest of the PG stays where it is), or
 //! - an operator set a node of the map to `draining` or `out` (**drain**), or
 //! - a registered node in state `up` is not yet used and placement gives it a share
 //!   (**rebalance**), or the map is otherwise not what placement would make now.
@@ -39,6 +43,9 @@ pub enum MoveReason {
     Drain,
     /// Placement moved it (a node joined, or the map was uneven).
     Rebalance,
+    /// Its node did not answer while its PG had fewer nodes answering than the write quorum:
+    /// moved at once so that writes resume.
+    Quorum,
 }
 
 impl std::fmt::Display for MoveReason {
@@ -47,6 +54,7 @@ impl std::fmt::Display for MoveReason {
             Self::Lost => "lost",
             Self::Drain => "drain",
             Self::Rebalance => "rebalance",
+            Self::Quorum => "quorum",
         })
     }
 }
@@ -135,6 +143,8 @@ pub struct PlanInput<'a> {
     pub nodes: &'a [NodeRecord],
     /// Nodes of the map absent longer than the grace period.
     pub lost: &'a HashSet<String>,
+    /// Nodes of the map the volume's owner reports it cannot reach (registered or not).
+    pub unreachable: &'a HashSet<String>,
     /// Whether the owner reports the stored map wholly filled.
     pub filled: bool,
 }
@@ -176,7 +186,19 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<(PgMapRecord, Vec<Move>), Hold> {
     } else {
         map.moving.iter().copied().collect()
     };
-    if !carried.is_empty() && !lost_in_map {
+    // PGs that cannot take writes: fewer positions on nodes that answer than the quorum.
+    let quorum = inp.volume.write_quorum.min(width);
+    let silent = |id: &str| {
+        !registered.contains_key(id) || lost.contains(id) || inp.unreachable.contains(id)
+    };
+    let below: Vec<usize> = map
+        .map
+        .iter()
+        .enumerate()
+        .filter(|(_, row)| row.iter().filter(|&&i| !silent(&map.nodes[i].id)).count() < quorum)
+        .map(|(pg, _)| pg)
+        .collect();
+    if !carried.is_empty() && !lost_in_map && below.is_empty() {
         return Err(Hold::Filling);
     }
     // Candidates: registered nodes that are up, and nodes of the map that are absent but
@@ -203,6 +225,14 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<(PgMapRecord, Vec<Move>), Hold> {
         .collect();
     let ideal = placement::compute(inp.volume.id, inp.volume.pgs, &cands, width, Some(&prev))
         .map_err(|e| Hold::Impossible(e.to_string()))?;
+    // Where the positions of PGs below their write quorum go: placement over the nodes that
+    // answer only (none: those PGs wait for their nodes).
+    let live: Vec<placement::Node> = cands.iter().filter(|n| !silent(&n.id)).cloned().collect();
+    let ideal_live = if below.is_empty() {
+        None
+    } else {
+        placement::compute(inp.volume.id, inp.volume.pgs, &live, width, Some(&prev)).ok()
+    };
     // Node ids per position: what is now, what placement wants, what this change does.
     let absent = |id: &str| !registered.contains_key(id);
     let mut next: Vec<Vec<String>> = prev.clone();
@@ -227,10 +257,33 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<(PgMapRecord, Vec<Move>), Hold> {
                 });
             }
         }
+        // 1b. A PG below its write quorum: the positions of nodes that do not answer move
+        //     to nodes that do, now.
+        if let (Some(il), true) = (&ideal_live, below.contains(&pg)) {
+            for pos in 0..width {
+                let cur = next[pg][pos].clone();
+                if !silent(&cur) {
+                    continue;
+                }
+                let to = live[il[pg][pos]].id.as_str();
+                if to == cur || (0..width).any(|p| next[pg][p] == to) {
+                    continue;
+                }
+                next[pg][pos] = to.to_string();
+                moving.insert((pg32, pos));
+                moves.push(Move {
+                    pg: pg32,
+                    index: pos,
+                    from: cur,
+                    to: to.to_string(),
+                    reason: MoveReason::Quorum,
+                });
+            }
+        }
         // 2. At most one other move, and only with nothing of the PG unavailable; none at
-        //    all while a lost node's positions are being replaced (redundancy first:
-        //    rebalancing waits for the rebuild to be whole).
-        if lost_in_map {
+        //    all while a lost node's positions are being replaced or PGs are below their
+        //    write quorum (redundancy first: rebalancing waits for the rebuild to be whole).
+        if lost_in_map || !below.is_empty() {
             continue;
         }
         let unavailable = (0..width)
@@ -402,6 +455,7 @@ mod tests {
             map: &map,
             nodes: &nodes,
             lost: &lost,
+            unreachable: &HashSet::new(),
             filled: true,
         };
         assert_eq!(plan(&inp).unwrap_err(), Hold::Settled);
@@ -412,6 +466,97 @@ mod tests {
             ..inp
         };
         assert_eq!(plan(&inp).unwrap_err(), Hold::Settled);
+    }
+
+    /// Two nodes of a 4+2 volume over eight go silent (absent within the grace period, or
+    /// reported unreachable by the owner): every PG left with fewer than five answering
+    /// nodes has those positions moved at once to the spares; PGs that kept their quorum
+    /// are left alone; with no spare to take them nothing moves.
+    #[test]
+    fn pgs_below_their_write_quorum_move_silent_positions_at_once() {
+        let v = vol(4, 2, 64);
+        let nodes: Vec<NodeRecord> = (0..8).map(|i| node(i, NodeState::Up)).collect();
+        let map = first_map(&v, &nodes);
+        let before = ids(&map);
+        // n2 has no lease (within its grace period); n5 is registered but the owner cannot
+        // reach it.
+        let registered: Vec<NodeRecord> = nodes.iter().filter(|n| n.id != "n2").cloned().collect();
+        let unreachable: HashSet<String> = ["n5".to_string()].into();
+        let (next, moves) = plan(&PlanInput {
+            volume: &v,
+            map: &map,
+            nodes: &registered,
+            lost: &HashSet::new(),
+            unreachable: &unreachable,
+            filled: true,
+        })
+        .unwrap();
+        let after = ids(&next);
+        let silent = |id: &str| id == "n2" || id == "n5";
+        let mut moved_pgs = 0;
+        for (pg, (a, b)) in before.iter().zip(&after).enumerate() {
+            let both = a.iter().filter(|x| silent(x)).count() == 2;
+            if both {
+                moved_pgs += 1;
+                assert!(b.iter().all(|x| !silent(x)), "pg {pg}: {a:?} -> {b:?}");
+                let kept = a.iter().zip(b).filter(|(x, y)| x == y).count();
+                assert_eq!(
+                    kept, 4,
+                    "pg {pg}: only the silent positions move: {a:?} -> {b:?}"
+                );
+                let mut uniq = b.clone();
+                uniq.sort();
+                uniq.dedup();
+                assert_eq!(uniq.len(), 6, "pg {pg}: {b:?}");
+            } else {
+                assert_eq!(a, b, "pg {pg} kept its quorum and must stay");
+            }
+        }
+        assert!(moved_pgs > 0, "no PG held both n2 and n5: {before:?}");
+        assert_eq!(moves.len(), moved_pgs * 2);
+        assert!(
+            moves.iter().all(|m| m.reason == MoveReason::Quorum),
+            "{moves:?}"
+        );
+        let mut moving: Vec<(u32, usize)> = moves.iter().map(|m| (m.pg, m.index)).collect();
+        moving.sort_unstable();
+        assert_eq!(next.moving, moving);
+        // Planned again while that fill runs (not filled): nothing more moves.
+        assert_eq!(
+            plan(&PlanInput {
+                volume: &v,
+                map: &next,
+                nodes: &registered,
+                lost: &HashSet::new(),
+                unreachable: &unreachable,
+                filled: false,
+            })
+            .unwrap_err(),
+            Hold::Filling
+        );
+        // Six nodes only, two silent: no node can take the positions; nothing moves.
+        let six: Vec<NodeRecord> = (0..6).map(|i| node(i, NodeState::Up)).collect();
+        let map6 = first_map(&v, &six);
+        let reg6: Vec<NodeRecord> = six.iter().filter(|n| n.id != "n2").cloned().collect();
+        let r = plan(&PlanInput {
+            volume: &v,
+            map: &map6,
+            nodes: &reg6,
+            lost: &HashSet::new(),
+            unreachable: &unreachable,
+            filled: true,
+        });
+        assert!(r.is_err(), "{r:?}");
+        // One silent node only: every PG keeps its quorum; nothing moves before the grace.
+        let r = plan(&PlanInput {
+            volume: &v,
+            map: &map,
+            nodes: &registered,
+            lost: &HashSet::new(),
+            unreachable: &HashSet::new(),
+            filled: true,
+        });
+        assert_eq!(r.unwrap_err(), Hold::Settled);
     }
 
     #[test]
@@ -426,6 +571,7 @@ mod tests {
             map: &map,
             nodes: &live,
             lost: &lost,
+            unreachable: &HashSet::new(),
             filled: true,
         })
         .unwrap();
@@ -466,6 +612,7 @@ mod tests {
                 map: m,
                 nodes: &nodes,
                 lost: &none,
+                unreachable: &HashSet::new(),
                 filled,
             })
             .unwrap();
@@ -495,6 +642,7 @@ mod tests {
             map: &map,
             nodes: &drained,
             lost: &none,
+            unreachable: &HashSet::new(),
             filled: false,
         };
         assert_eq!(plan(&inp).unwrap_err(), Hold::Filling);
@@ -504,6 +652,7 @@ mod tests {
         let (next, _) = plan(&PlanInput {
             nodes: &live,
             lost: &lost,
+            unreachable: &HashSet::new(),
             ..inp
         })
         .unwrap();
@@ -525,6 +674,7 @@ mod tests {
                 map: &map,
                 nodes: &nodes,
                 lost: &none,
+                unreachable: &HashSet::new(),
                 filled: true,
             }) {
                 Ok((next, moves)) => {
@@ -556,6 +706,7 @@ mod tests {
             map: &map,
             nodes: &nodes,
             lost: &none,
+            unreachable: &HashSet::new(),
             filled: true,
         })
         .unwrap();
@@ -584,6 +735,7 @@ mod tests {
                 map: &map,
                 nodes: &nodes,
                 lost: &none,
+                unreachable: &HashSet::new(),
                 filled: true,
             }) {
                 Ok((next, _)) => {
@@ -623,6 +775,7 @@ mod tests {
             map: &map,
             nodes: &nodes,
             lost: &none,
+            unreachable: &HashSet::new(),
             filled: true,
         });
         assert!(
@@ -639,6 +792,7 @@ mod tests {
             map: &map,
             nodes: &live,
             lost: &lost,
+            unreachable: &HashSet::new(),
             filled: true,
         });
         assert!(matches!(r, Err(Hold::Impossible(_))), "{r:?}");

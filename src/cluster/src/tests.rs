@@ -410,6 +410,7 @@ fn map_changes_are_guarded_recorded_and_fills_reported_by_the_owner_only() {
             map: &m1,
             nodes: &nodes,
             lost: &none,
+            unreachable: &none,
             filled: true,
         })
         .unwrap();

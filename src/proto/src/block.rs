@@ -43,6 +43,11 @@ pub enum BlockError {
     /// A write could not be made durable.
     #[error("write error (errno {0})")]
     Write(i32),
+    /// Writes are suspended: too few of the nodes that must hold a write can be reached, and
+    /// they stayed so for longer than the backend waits. Not retried by initiators (an
+    /// operator must bring nodes back or add some); reads may still work.
+    #[error("writes suspended: {0}")]
+    Suspended(&'static str),
 }
 
 /// Static facts about a device.

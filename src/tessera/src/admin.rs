@@ -425,6 +425,7 @@ pub fn status(e: &EtcdArgs) -> anyhow::Result<()> {
             println!("  {} portals {}", g.id, g.portals.join(","));
         }
         let vols = c.volumes().await?;
+        let health = c.write_health().await?;
         println!("volumes: {}", vols.len());
         for v in &vols {
             let owner = c.owner(v.id).await?;
@@ -451,6 +452,25 @@ pub fn status(e: &EtcdArgs) -> anyhow::Result<()> {
                     String::new()
                 }
             );
+            if let Some(h) = health.get(&v.id) {
+                if h.suspended_pgs > 0 {
+                    let listed: Vec<String> = h.pgs.iter().map(|p| p.to_string()).collect();
+                    println!(
+                        "    writes suspended for {}s: {} PGs have fewer nodes answering than the write quorum {} (PGs {}{}); not answering the owner: {}",
+                        now.saturating_sub(h.since),
+                        h.suspended_pgs,
+                        v.write_quorum,
+                        listed.join(","),
+                        if h.suspended_pgs as usize > listed.len() { ",..." } else { "" },
+                        h.unreachable.join(", ")
+                    );
+                } else {
+                    println!(
+                        "    not answering the owner: {} (every PG keeps its write quorum)",
+                        h.unreachable.join(", ")
+                    );
+                }
+            }
             let Some(m) = map.filter(|m| !m.moving.is_empty()) else {
                 continue;
             };

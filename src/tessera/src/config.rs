@@ -139,7 +139,14 @@ pub struct GatewayFile {
     /// Milliseconds a storage node may take to answer a fragment request.
     #[serde(default = "default_node_timeout")]
     pub node_timeout_ms: u64,
+    /// Milliseconds an erasure-coded write waits for its write quorum when too few of its
+    /// nodes answer, before it fails with NOT READY, MANUAL INTERVENTION REQUIRED.
+    pub write_quorum_wait_ms: Option<Spanned<u64>>,
 }
+
+/// The longest `gateway.write_quorum_wait_ms`: below the 15 s a gateway waits for a
+/// forwarded command's answer.
+pub const MAX_QUORUM_WAIT_MS: u64 = 12_000;
 
 fn default_node_timeout() -> u64 {
     5000
@@ -523,6 +530,8 @@ pub struct Config {
     pub nodes: Vec<NodeRef>,
     /// How long a node may take to answer a fragment request.
     pub node_timeout_ms: u64,
+    /// How long an erasure-coded write waits for its quorum before it fails as suspended.
+    pub write_quorum_wait_ms: u64,
     /// The etcd control plane, when the gateway is part of a cluster.
     pub cluster: Option<ClusterConfig>,
 }
@@ -1129,6 +1138,19 @@ impl Config {
         let discovery_chap = cx.chap(&raw.discovery.chap, "discovery.chap")?;
         let discovery_mutual_chap = cx.chap(&raw.discovery.mutual_chap, "discovery.mutual_chap")?;
         let cluster = cx.cluster(&raw.cluster)?;
+        let write_quorum_wait_ms = match &g.write_quorum_wait_ms {
+            None => tessera_volume::QUORUM_WAIT.as_millis() as u64,
+            Some(w) if *w.get_ref() > MAX_QUORUM_WAIT_MS => {
+                return Err(cx.err(
+                    w.span(),
+                    "gateway.write_quorum_wait_ms",
+                    format!(
+                        "at most {MAX_QUORUM_WAIT_MS} (a forwarded write must be answered within the forwarding timeout)"
+                    ),
+                ))
+            }
+            Some(w) => *w.get_ref(),
+        };
         Ok(Self {
             file: path.into(),
             portals,
@@ -1150,6 +1172,7 @@ impl Config {
             targets,
             nodes,
             node_timeout_ms: g.node_timeout_ms.max(1),
+            write_quorum_wait_ms,
             cluster,
         })
     }
@@ -1450,6 +1473,22 @@ block_size = 4096
         let syntax = GOOD.replace("id = 0", "id = ");
         let e = parse(&syntax).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (10, "id"));
+        let wait = GOOD.replace(
+            "portals = [\"127.0.0.1:3260\"]",
+            "portals = [\"127.0.0.1:3260\"]\nwrite_quorum_wait_ms = 60000",
+        );
+        let e = parse(&wait).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (4, "gateway.write_quorum_wait_ms")
+        );
+        assert!(e.msg.contains("at most 12000"), "{}", e.msg);
+        let wait = wait.replace("60000", "2500");
+        assert_eq!(parse(&wait).unwrap().write_quorum_wait_ms, 2500);
+        assert_eq!(
+            parse(GOOD).unwrap().write_quorum_wait_ms,
+            tessera_volume::QUORUM_WAIT.as_millis() as u64
+        );
     }
 
     const EC: &str = r#"

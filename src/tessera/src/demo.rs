@@ -57,6 +57,10 @@ pub struct DemoArgs {
     /// Present LUN 0 as removable medium (START STOP UNIT can eject it).
     #[arg(long)]
     pub removable: bool,
+    /// With --backend ec: milliseconds a write waits for its write quorum before it fails
+    /// (`gateway.write_quorum_wait_ms`, default 10000).
+    #[arg(long)]
+    pub write_quorum_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -281,7 +285,12 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     ));
     let text = config_text(&a, &dir, etcd_url.as_deref())?.replacen(
         "[gateway]\n",
-        &format!("[gateway]\nmetrics = \"{gw_metrics}\"\n"),
+        &format!(
+            "[gateway]\nmetrics = \"{gw_metrics}\"\n{}",
+            a.write_quorum_wait_ms
+                .map(|ms| format!("write_quorum_wait_ms = {ms}\n"))
+                .unwrap_or_default()
+        ),
         1,
     );
     std::fs::write(&cfg_path, text).with_context(|| format!("writing {}", cfg_path.display()))?;
@@ -540,6 +549,7 @@ mod tests {
             ec: "4+2".into(),
             chunk: "16KiB".into(),
             nodes: None,
+            write_quorum_wait_ms: None,
         };
         let text = config_text(&a, Path::new("/tmp/x"), None).unwrap();
         let c = Config::parse(Path::new("demo.toml"), &text).unwrap();

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub volume_unresponsive_nodes: IntGaugeVec,
     /// Stripes with a damaged or missing fragment waiting to be rewritten.
     pub volume_repair_stripes: IntGaugeVec,
+    /// PGs of a volume that cannot take writes (too few of their nodes answer).
+    pub volume_write_suspended_pgs: IntGaugeVec,
     /// Gateway: fragment protocol calls to storage nodes, by node, operation and outcome.
     pub fragment_requests: IntCounterVec,
     /// Gateway: fragment protocol call latency, by node and operation.
@@ -204,7 +206,7 @@ impl Metrics {
             volume_events: counter_vec(
                 &r,
                 "tessera_volume_events_total",
-                "Erasure-coded volume events: degraded_read, repaired_fragment, checksum_error, rolled_forward, rolled_back, degraded_write.",
+                "Erasure-coded volume events: degraded_read, repaired_fragment, checksum_error, rolled_forward, rolled_back, degraded_write, suspended_write (a write that failed after waiting for its quorum).",
                 &["volume", "event"],
             ),
             volume_epoch: gauge_vec(
@@ -285,6 +287,12 @@ impl Metrics {
                 &r,
                 "tessera_volume_repair_stripes",
                 "Stripes with a damaged or missing fragment waiting to be rewritten.",
+                &["volume"],
+            ),
+            volume_write_suspended_pgs: gauge_vec(
+                &r,
+                "tessera_volume_write_suspended_pgs",
+                "PGs of the volume that cannot take writes: fewer of their nodes answer than the write quorum (writes wait, then fail with NOT READY).",
                 &["volume"],
             ),
             fragment_requests: counter_vec(

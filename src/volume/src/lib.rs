@@ -18,7 +18,7 @@ mod volume;
 
 pub use volume::{
     EcVolume, FillProgress, Health, NodeCondition, OpenError, ScrubStats, VolumeSpec, VolumeStats,
-    BLOB_INTENT, CLEAR_AFTER,
+    BLOB_INTENT, CLEAR_AFTER, QUORUM_WAIT,
 };
 
 #[cfg(test)]

@@ -208,10 +208,13 @@ fn losing_m_nodes_loses_nothing_and_stale_nodes_catch_up() {
         let h = v.health();
         assert_eq!(h.stale_nodes, 1, "{h:?}");
         assert!(h.degraded_pgs > 0 && h.rebuilding_pgs == 0, "{h:?}");
-        // Two down: no quorum, the write is refused as retryable.
+        // Two down: no quorum; the write waits for it (briefly here), then fails as
+        // suspended, which initiators do not retry for ever.
         s.nodes.set_down(3, true);
+        v.set_quorum_wait(std::time::Duration::from_millis(300));
         let e = write(&v, 0, &pattern(9, 4096)).await.unwrap_err();
-        assert!(matches!(e, BlockError::Busy(_)), "{e:?}");
+        assert!(matches!(e, BlockError::Suspended(_)), "{e:?}");
+        v.set_quorum_wait(crate::QUORUM_WAIT);
         s.nodes.set_down(3, false);
         assert_eq!(
             v.probe_down_nodes().await,
@@ -231,6 +234,79 @@ fn losing_m_nodes_loses_nothing_and_stale_nodes_catch_up() {
         s.nodes.set_down(0, true);
         s.nodes.set_down(1, true);
         assert_eq!(read(&v, 0, 2 << 20).await, model);
+        v.close();
+    });
+}
+
+/// Below its write quorum a write waits for it, for a bound: a node back within it lets the
+/// write through; past it the write fails as suspended, and the volume says which PGs are
+/// write-suspended and why, while reads go on.
+#[test]
+fn a_write_below_its_quorum_waits_for_a_node_then_fails_as_suspended() {
+    use std::time::{Duration, Instant};
+    let s = setup("4+2", 4096, 6, 1 << 20);
+    run(async {
+        let v = open(&s).await;
+        let mut model = pattern(30, 1 << 20);
+        write(&v, 0, &model).await.unwrap();
+        assert!(v.write_suspended().is_empty());
+        v.set_quorum_wait(Duration::from_secs(20));
+        s.nodes.set_down(1, true);
+        s.nodes.set_down(4, true);
+        // Node 4 returns half a second into the write's wait: the write goes through.
+        let nodes = s.nodes.clone();
+        let back = tokio::task::spawn_local(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            nodes.set_down(4, false);
+        });
+        let t = Instant::now();
+        let d = pattern(31, 64 * 1024);
+        write(&v, 4096, &d).await.unwrap();
+        model[4096..4096 + d.len()].copy_from_slice(&d);
+        back.await.unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "acknowledged before its quorum was back: {:?}",
+            t.elapsed()
+        );
+        // Node 4 down again: every PG is below its quorum of 5 (both nodes are in every
+        // PG of six nodes). The write waits its bound, then fails; reads go on.
+        s.nodes.set_down(4, true);
+        v.set_quorum_wait(Duration::from_millis(400));
+        let t = Instant::now();
+        let e = write(&v, 0, &pattern(32, 8192)).await.unwrap_err();
+        assert!(matches!(e, BlockError::Suspended(_)), "{e:?}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        let sus = v.write_suspended();
+        assert_eq!(sus.len(), s.spec.pgs as usize, "{sus:?}");
+        assert!(
+            sus.iter()
+                .all(|(_, down)| down == &["node-1".to_string(), "node-4".to_string()]),
+            "{sus:?}"
+        );
+        assert_eq!(v.health().write_suspended_pgs, s.spec.pgs as usize);
+        assert_eq!(
+            v.stats()
+                .suspended_writes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // The failed write left its stripe old or new; the rest reads back as it was.
+        assert_eq!(read(&v, 8192, (1 << 20) - 8192).await, model[8192..]);
+        // Both back: writes resume by themselves.
+        s.nodes.set_down(1, false);
+        s.nodes.set_down(4, false);
+        v.set_quorum_wait(Duration::from_secs(20));
+        let d = pattern(33, 8192);
+        write(&v, 0, &d).await.unwrap();
+        model[..8192].copy_from_slice(&d);
+        assert!(v.write_suspended().is_empty());
+        settle(&v).await;
+        assert_eq!(read(&v, 0, 1 << 20).await, model);
         v.close();
     });
 }

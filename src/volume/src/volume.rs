@@ -101,6 +101,9 @@ pub struct VolumeStats {
     pub rolled_back: AtomicU64,
     /// Writes acknowledged with fewer than all fragments.
     pub degraded_writes: AtomicU64,
+    /// Writes that waited for their quorum longer than the volume's bound
+    /// ([`EcVolume::set_quorum_wait`]) and failed as suspended.
+    pub suspended_writes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -167,6 +170,12 @@ struct Shared {
     running: Arc<AtomicU64>,
     /// Repeated warnings, rate-limited.
     warned: Limiter,
+    /// Milliseconds a write that cannot reach its quorum waits for it (see
+    /// [`EcVolume::set_quorum_wait`]).
+    quorum_wait_ms: AtomicU64,
+    /// PGs write-suspended when last looked at (see [`EcVolume::write_suspended`]): the
+    /// state change is logged once.
+    suspended_pgs: Mutex<usize>,
 }
 
 /// Lets a repeated warning through at most once per [`Limiter::EVERY`], with the count of
@@ -251,6 +260,9 @@ pub struct Health {
     pub stale_nodes: usize,
     /// Stripes with a damaged or missing fragment waiting to be rewritten.
     pub repair_stripes: usize,
+    /// PGs that cannot take writes: fewer of their positions than the write quorum are on
+    /// nodes that answer (see [`EcVolume::write_suspended`]).
+    pub write_suspended_pgs: usize,
 }
 
 /// How a volume sees one of its nodes now.
@@ -346,6 +358,13 @@ const SLOW_FOR: Duration = Duration::from_millis(1000);
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// How long a probe waits for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long a write that cannot reach its write quorum waits for it by default (see
+/// [`EcVolume::set_quorum_wait`]).
+pub const QUORUM_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a write waiting for its quorum tries again.
+const QUORUM_RETRY: Duration = Duration::from_millis(200);
 
 /// How long to wait for the answers of a batch of reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -616,6 +635,8 @@ impl EcVolume {
                 }),
                 running: Arc::new(AtomicU64::new(0)),
                 warned: Limiter::default(),
+                quorum_wait_ms: AtomicU64::new(QUORUM_WAIT.as_millis() as u64),
+                suspended_pgs: Mutex::new(0),
                 spec,
             }),
         })
@@ -675,7 +696,98 @@ impl EcVolume {
             rebuilding_pgs: l.filling.values().filter(|p| !p.is_empty()).count(),
             stale_nodes: stale.iter().filter(|&&s| s).count(),
             repair_stripes: st.repair.len(),
+            write_suspended_pgs: self.count_suspended(&l),
         }
+    }
+
+    /// How long a write that cannot reach its write quorum (too few of its nodes answer)
+    /// waits for it, trying again as nodes come back or positions move, before it fails
+    /// with [`BlockError::Suspended`] (default [`QUORUM_WAIT`]; zero: it fails at once).
+    pub fn set_quorum_wait(&self, wait: Duration) {
+        self.sh
+            .quorum_wait_ms
+            .store(wait.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn quorum_wait(&self) -> Duration {
+        Duration::from_millis(self.sh.quorum_wait_ms.load(Ordering::Relaxed))
+    }
+
+    fn count_suspended(&self, l: &Layout) -> usize {
+        let q = self.sh.spec.write_quorum;
+        l.map
+            .iter()
+            .filter(|row| {
+                row.iter()
+                    .filter(|&&n| !self.sh.health[n].down.load(Ordering::Relaxed))
+                    .count()
+                    < q
+            })
+            .count()
+    }
+
+    /// The PGs that cannot take writes now, each with the names of its nodes that do not
+    /// answer: fewer of its positions than the write quorum are on nodes that answer. A
+    /// write to one waits for its quorum (see [`EcVolume::set_quorum_wait`]); reads go on
+    /// while `k` positions answer.
+    pub fn write_suspended(&self) -> Vec<(u32, Vec<String>)> {
+        let l = self.layout();
+        let q = self.sh.spec.write_quorum;
+        let mut out = Vec::new();
+        for (pg, row) in l.map.iter().enumerate() {
+            let down: Vec<usize> = row
+                .iter()
+                .copied()
+                .filter(|&n| self.sh.health[n].down.load(Ordering::Relaxed))
+                .collect();
+            if row.len() - down.len() < q {
+                let mut names: Vec<String> = down
+                    .iter()
+                    .map(|&n| l.names.get(n).cloned().unwrap_or_else(|| format!("#{n}")))
+                    .collect();
+                names.sort();
+                out.push((pg as u32, names));
+            }
+        }
+        out
+    }
+
+    /// The names of the volume's nodes that are down (do not answer), sorted.
+    pub fn unreachable_nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .used_nodes()
+            .into_iter()
+            .filter(|&n| self.sh.health[n].down.load(Ordering::Relaxed))
+            .map(|n| self.name_of(n))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Log a change between "every PG takes writes" and "some PGs are write-suspended",
+    /// once (called where a node's condition or the layout changes).
+    fn note_suspension(&self) {
+        let l = self.layout();
+        let now = self.count_suspended(&l);
+        let mut was = self
+            .sh
+            .suspended_pgs
+            .lock()
+            .expect("volume suspension poisoned");
+        if (*was == 0) != (now == 0) {
+            if now > 0 {
+                let down: Vec<String> = self
+                    .used_nodes()
+                    .into_iter()
+                    .filter(|&n| self.sh.health[n].down.load(Ordering::Relaxed))
+                    .map(|n| self.name_of(n))
+                    .collect();
+                warn!(volume = %self.sh.spec.name, pgs = now, quorum = self.sh.spec.write_quorum, down = ?down, "writes suspended: PGs have fewer nodes answering than the write quorum; writes to them wait up to {:?}, then fail", self.quorum_wait());
+            } else {
+                info!(volume = %self.sh.spec.name, "writes resumed: every PG has its write quorum of nodes answering");
+            }
+        }
+        *was = now;
     }
 
     fn ctx(&self) -> VolumeCtx {
@@ -838,6 +950,7 @@ impl EcVolume {
         );
         if !h.down.swap(true, Ordering::AcqRel) {
             warn!(volume = %self.sh.spec.name, node = %self.name_of(node), "node down: {why}; nothing waits for it until it answers a probe");
+            self.note_suspension();
         }
     }
 
@@ -862,6 +975,7 @@ impl EcVolume {
         h.slow_until.store(0, Ordering::Relaxed);
         if h.down.swap(false, Ordering::AcqRel) {
             info!(volume = %self.sh.spec.name, node = %self.name_of(node), "node answers again");
+            self.note_suspension();
         }
     }
 
@@ -3209,6 +3323,7 @@ impl EcVolume {
             };
         }
         info!(volume = %self.sh.spec.name, generation, moved, "placement changed: moved positions are being filled");
+        self.note_suspension();
         Ok(moved)
     }
 
@@ -3724,6 +3839,40 @@ impl EcVolume {
         self.sh.geo.spans(offset, len as u64).count()
     }
 
+    /// Run a write (`attempt` starts one try of it) until it succeeds, fails for a reason
+    /// other than too few nodes answering, or has waited [`EcVolume::set_quorum_wait`] for
+    /// its quorum: then it fails with [`BlockError::Suspended`], which initiators do not
+    /// retry for ever. Each try runs to its end; a caller that goes away (an aborted
+    /// command) starts no further try. A fenced volume fails at once.
+    fn patiently<F, Fut>(&self, attempt: F) -> LocalBoxFuture<'static, Result<(), BlockError>>
+    where
+        F: Fn() -> Fut + 'static,
+        Fut: std::future::Future<Output = Result<(), BlockError>> + 'static,
+    {
+        let v = self.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            loop {
+                match attempt().await {
+                    Err(BlockError::Busy(why))
+                        if v.fenced().is_ok() && !v.sh.closed.load(Ordering::Acquire) =>
+                    {
+                        let (bound, gone) = (v.quorum_wait(), start.elapsed());
+                        if gone >= bound {
+                            v.sh.stats.suspended_writes.fetch_add(1, Ordering::Relaxed);
+                            if let Some(more) = v.sh.warned.allow("suspended") {
+                                warn!(volume = %v.sh.spec.name, waited = ?gone, repeated = more, "write failed: no quorum within the wait bound ({why})");
+                            }
+                            return Err(BlockError::Suspended(why));
+                        }
+                        tokio::time::sleep(QUORUM_RETRY.min(bound - gone)).await;
+                    }
+                    r => return r,
+                }
+            }
+        })
+    }
+
     /// Operations started through [`BlockDevice`] and not yet finished (whether or not their
     /// callers still wait for them).
     pub fn running(&self) -> u64 {
@@ -3756,10 +3905,12 @@ impl BlockDevice for EcVolume {
         // Every acknowledged write is durable on its quorum: FUA asks for nothing more.
         let v = self.clone();
         let stripes = self.stripes_of(offset, data.len());
-        self.write_to_the_end(
-            stripes,
-            async move { v.do_write(offset, data.into()).await },
-        )
+        let data: Segments = data.into();
+        self.patiently(move || {
+            let (v, data) = (v.clone(), data.clone());
+            v.clone()
+                .write_to_the_end(stripes, async move { v.do_write(offset, data).await })
+        })
     }
 
     fn write_segments(
@@ -3770,7 +3921,11 @@ impl BlockDevice for EcVolume {
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
         let v = self.clone();
         let stripes = self.stripes_of(offset, data.len());
-        self.write_to_the_end(stripes, async move { v.do_write(offset, data).await })
+        self.patiently(move || {
+            let (v, data) = (v.clone(), data.clone());
+            v.clone()
+                .write_to_the_end(stripes, async move { v.do_write(offset, data).await })
+        })
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
@@ -3779,7 +3934,11 @@ impl BlockDevice for EcVolume {
 
     fn unmap(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
         let v = self.clone();
-        self.to_the_end(async move { v.do_unmap(offset, len).await })
+        self.patiently(move || {
+            let v = v.clone();
+            v.clone()
+                .to_the_end(async move { v.do_unmap(offset, len).await })
+        })
     }
 
     fn extents(

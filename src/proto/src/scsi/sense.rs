@@ -108,6 +108,10 @@ senses! {
     /// Ownership of the volume is moving between gateways (ALUA state transition).
     ASYMMETRIC_ACCESS_STATE_TRANSITION = (NOT_READY, 0x04, 0x0A,
         "logical unit not accessible, asymmetric access state transition");
+    /// Writes are suspended: the logical unit cannot make a write durable until nodes return
+    /// (Linux fails the command at once rather than retrying it until its timeout).
+    MANUAL_INTERVENTION_REQUIRED = (NOT_READY, 0x04, 0x03,
+        "logical unit not ready, manual intervention required");
     /// A write could not be made durable.
     WRITE_ERROR = (MEDIUM_ERROR, 0x0C, 0x00, "write error");
     /// Data could not be read back.
@@ -363,6 +367,7 @@ impl From<&BlockError> for Sense {
             BlockError::OutOfRange => Sense::LBA_OUT_OF_RANGE,
             BlockError::Unsupported => Sense::INVALID_COMMAND_OPERATION_CODE,
             BlockError::Write(_) => Sense::WRITE_ERROR,
+            BlockError::Suspended(_) => Sense::MANUAL_INTERVENTION_REQUIRED,
         }
     }
 }
@@ -435,6 +440,10 @@ mod tests {
                 Sense::INVALID_COMMAND_OPERATION_CODE,
             ),
             (BlockError::Write(5), Sense::WRITE_ERROR),
+            (
+                BlockError::Suspended("quorum"),
+                Sense::MANUAL_INTERVENTION_REQUIRED,
+            ),
             (
                 BlockError::Write(28),
                 Sense::SPACE_ALLOCATION_FAILED_WRITE_PROTECT,

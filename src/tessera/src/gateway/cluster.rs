@@ -337,6 +337,8 @@ struct Exported {
     map_epoch: u64,
     /// The fill progress last reported to etcd, and when.
     reported: Option<((u64, u64, bool), tokio::time::Instant)>,
+    /// The write health last published (`None`: not yet).
+    health: Option<Option<tessera_cluster::WriteHealthRecord>>,
 }
 
 impl Exported {
@@ -716,6 +718,7 @@ async fn agent(
             reconcile(&gw, &cl, &c, lease, &me, &mut view).await;
             follow_maps(&c, lease, &me, &mut view).await;
             publish_sessions(&gw, &cl, &c, lease, &mut view).await;
+            publish_write_health(&c, lease, &me, &mut view).await;
             *owned.borrow_mut() = view.exported.values().map(|e| e.volume.clone()).collect();
             if first {
                 signal_ready(&ready);
@@ -799,9 +802,10 @@ async fn controller_round(c: &Cluster, held: &mut HashMap<u64, String>) {
             c.fills().await?,
             c.settings().await?,
             c.absent().await?,
+            c.write_health().await?,
         ))
     };
-    let (vols, nodes, maps, fills, settings, absent) = match all.await {
+    let (vols, nodes, maps, fills, settings, absent, health) = match all.await {
         Ok(x) => x,
         Err(e) => {
             warn!("controller: reading the cluster: {e}");
@@ -852,11 +856,16 @@ async fn controller_round(c: &Cluster, held: &mut HashMap<u64, String>) {
             continue;
         };
         let filled = fills.get(&v.id).is_some_and(|f| f.fills(map.epoch));
+        let unreachable: std::collections::HashSet<String> = health
+            .get(&v.id)
+            .map(|h| h.unreachable.iter().cloned().collect())
+            .unwrap_or_default();
         let planned = rebuild::plan(&PlanInput {
             volume: &v,
             map,
             nodes: &nodes,
             lost: &lost,
+            unreachable: &unreachable,
             filled,
         });
         match planned {
@@ -871,6 +880,7 @@ async fn controller_round(c: &Cluster, held: &mut HashMap<u64, String>) {
                         lost = count(tessera_cluster::MoveReason::Lost),
                         drain = count(tessera_cluster::MoveReason::Drain),
                         rebalance = count(tessera_cluster::MoveReason::Rebalance),
+                        quorum = count(tessera_cluster::MoveReason::Quorum),
                         "placement changed: moved positions will be rebuilt on their new nodes"
                     );
                     held.remove(&v.id);
@@ -1092,6 +1102,7 @@ async fn reconcile(
                                 index,
                                 map_epoch: map.epoch,
                                 reported: None,
+                                health: None,
                             },
                         );
                     }
@@ -1135,6 +1146,44 @@ async fn publish_sessions(
     match c.publish_sessions(&cl.gateway_id, lease, &list).await {
         Ok(()) => view.published = Some((list, now)),
         Err(e) => debug!("publishing sessions: {e}"),
+    }
+}
+
+/// Publish, for each owned volume, which of its nodes do not answer and how many PGs are
+/// write-suspended (`P/writes/VOLID`), when that changes: the controller moves the positions
+/// of PGs below their write quorum at once, and `tessera status` shows it.
+async fn publish_write_health(c: &Cluster, lease: i64, me: &GatewayRecord, view: &mut View) {
+    for (id, e) in view.exported.iter_mut() {
+        let unreachable = e.volume.unreachable_nodes();
+        let rec = if unreachable.is_empty() {
+            None
+        } else {
+            let sus = e.volume.write_suspended();
+            let was = e.health.as_ref().and_then(|h| h.as_ref());
+            let since = match was {
+                Some(w) if w.since > 0 && !sus.is_empty() => w.since,
+                _ if !sus.is_empty() => unix_now(),
+                _ => 0,
+            };
+            Some(tessera_cluster::WriteHealthRecord {
+                gateway: me.id.clone(),
+                unreachable,
+                suspended_pgs: sus.len() as u32,
+                pgs: sus
+                    .iter()
+                    .take(tessera_cluster::WriteHealthRecord::LISTED)
+                    .map(|(pg, _)| *pg)
+                    .collect(),
+                since,
+            })
+        };
+        if e.health.as_ref() == Some(&rec) {
+            continue;
+        }
+        match c.save_write_health(*id, lease, rec.as_ref()).await {
+            Ok(()) => e.health = Some(rec),
+            Err(err) => debug!(volume = id, "publishing write health: {err}"),
+        }
     }
 }
 
@@ -1227,6 +1276,7 @@ async fn open(
         .collect();
     let vol = tessera_volume::EcVolume::open(spec, connector.clone()).await?;
     vol.release_thread();
+    vol.set_quorum_wait(Duration::from_millis(gw.cfg.write_quorum_wait_ms));
     if !map.moving.is_empty() && !fill.as_ref().is_some_and(|f| f.fills(map.epoch)) {
         let from = fill
             .filter(|f| f.map_epoch == map.epoch)

@@ -177,6 +177,7 @@ fn open_ec(cfg: &Config, lun: &config::Lun) -> anyhow::Result<tessera_volume::Ec
             let local = tokio::task::LocalSet::new();
             let v = local.block_on(&rt, tessera_volume::EcVolume::open(spec, connector))?;
             v.release_thread();
+            v.set_quorum_wait(Duration::from_millis(cfg.write_quorum_wait_ms));
             Ok(v)
         })
         .join()
@@ -645,6 +646,7 @@ fn refresh_metrics(gw: &Gateway) {
             ("rolled_forward", &st.rolled_forward),
             ("rolled_back", &st.rolled_back),
             ("degraded_write", &st.degraded_writes),
+            ("suspended_write", &st.suspended_writes),
         ] {
             catch_up(
                 &m.volume_events.with_label_values(&[name, event]),
@@ -663,6 +665,7 @@ fn refresh_metrics(gw: &Gateway) {
             (&m.volume_rebuilding_pgs, h.rebuilding_pgs),
             (&m.volume_stale_nodes, h.stale_nodes),
             (&m.volume_repair_stripes, h.repair_stripes),
+            (&m.volume_write_suspended_pgs, h.write_suspended_pgs),
         ] {
             g.with_label_values(&[name]).set(n as i64);
         }

@@ -147,7 +147,9 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     );
     differ(
         "node",
-        old.nodes != new.nodes || old.node_timeout_ms != new.node_timeout_ms,
+        old.nodes != new.nodes
+            || old.node_timeout_ms != new.node_timeout_ms
+            || old.write_quorum_wait_ms != new.write_quorum_wait_ms,
     );
     differ("cluster", old.cluster != new.cluster);
     v
