@@ -106,3 +106,121 @@ fn ec_volume_ext4_and_fio() {
         }
     }
 }
+
+/// fio's verified random writes through the kernel initiator keep going when two nodes of a
+/// 4+2 volume die mid-run on a cluster with spares (eight nodes): the project's guest test
+/// `tests/guest/iscsi-fio-nodeloss.sh` prints a marker while fio writes, the host kills two
+/// nodes, fio must end without an I/O error and verify everything; the controller moved the
+/// dead nodes' positions in the PGs left below their write quorum at once.
+#[test]
+fn ec_volume_fio_while_two_nodes_die() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::Instant;
+    const MARK: &str = "NODELOSS-KILL-TWO";
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    assert!(
+        guest_cache().join("initramfs.img").exists(),
+        "guest not built in {}: run make guest-build",
+        guest_cache().display()
+    );
+    let demo = Demo::start(&[
+        "--backend",
+        "ec",
+        "--ec",
+        "4+2",
+        "--nodes",
+        "8",
+        "--size",
+        "128MiB",
+    ]);
+    let tests = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/guest");
+    let mut cmd = Command::new(guest_dir().join("run-guest.sh"));
+    cmd.arg("--cache")
+        .arg(guest_cache())
+        .arg("--test-dir")
+        .arg(&tests)
+        .args(["--test", "iscsi-fio-nodeloss", "--iqn", &demo.iqn])
+        .args(["--iscsi-port", &demo.portal.port().to_string()])
+        .args(["--size-mb", "64", "--timeout", "400"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run-guest.sh");
+    let (tx, rx) = mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut guest = tessera_integration_tests::Started(child);
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut killed = false;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => {
+                if line.trim_end().ends_with(MARK) && !killed {
+                    demo.kill_node(1);
+                    demo.kill_node(2);
+                    killed = true;
+                    println!(
+                        "host: killed node-1 and node-2 {:.1} s into the run, as the guest asked",
+                        start.elapsed().as_secs_f64()
+                    );
+                }
+                out.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => assert!(
+                start.elapsed() < Duration::from_secs(440),
+                "the guest did not finish:\n{}",
+                out.join("\n")
+            ),
+        }
+    }
+    let status = guest.0.wait().expect("run-guest.sh status");
+    let text = out.join("\n");
+    let shown: Vec<&str> = out
+        .iter()
+        .map(String::as_str)
+        .filter(|l| l.contains("HARNESS-RESULT") || l.contains("phase"))
+        .collect();
+    println!("{}", shown.join("\n"));
+    assert!(
+        killed,
+        "the guest never asked for the nodes to die:\n{text}"
+    );
+    assert!(
+        status.success(),
+        "guest test iscsi-fio-nodeloss failed:\n{text}\n--- gateway log tail:\n{}",
+        demo.log()
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let moved = demo.cluster(async |c| {
+        let v = c.volumes().await.unwrap().remove(0);
+        c.moves(v.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, m)| m)
+            .filter(|m| m.reason == tessera_cluster::MoveReason::Quorum)
+            .count()
+    });
+    println!("{moved} positions moved for quorum");
+    assert!(moved > 0, "no position was moved for the write quorum");
+    assert!(demo.stop(), "demo did not stop cleanly");
+}
