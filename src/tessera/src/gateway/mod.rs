@@ -636,6 +636,25 @@ fn refresh_metrics(gw: &Gateway) {
     if gw.cfg.cluster.is_some() {
         m.cluster_volumes_owned.set(vols.len() as i64);
     }
+    // A volume no longer served here (taken over by another gateway, deleted) leaves no
+    // gauges behind: they are set afresh for the volumes served now.
+    for g in [
+        &m.volume_epoch,
+        &m.volume_fenced,
+        &m.volume_degraded_pgs,
+        &m.volume_rebuilding_pgs,
+        &m.volume_stale_nodes,
+        &m.volume_repair_stripes,
+        &m.volume_write_suspended_pgs,
+        &m.volume_unresponsive_nodes,
+        &m.rebuild_active,
+        &m.rebuild_stripes,
+        &m.rebuild_done_stripes,
+        &m.rebuild_written_bytes,
+    ] {
+        g.reset();
+    }
+    m.rebuild_rate.reset();
     for v in &vols {
         let name = v.spec().name.as_str();
         let st = v.stats();
