@@ -182,16 +182,61 @@ fn two_nodes_lost_with_spares_writes_go_on_and_the_pgs_move_at_once() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    for off in (0..size).step_by(1 << 20) {
-        let o = s
-            .command(0, &read10((off / BLOCK) as u32, 256), &[], 128 << 10)
-            .expect("READ(10)");
-        assert_eq!(o.status, 0, "read at {off}: {o:?}");
+    let read_all = |s: &mut Session, when: &str| {
+        for off in (0..size).step_by(1 << 20) {
+            let o = s
+                .command(0, &read10((off / BLOCK) as u32, 256), &[], 128 << 10)
+                .expect("READ(10)");
+            assert_eq!(o.status, 0, "read at {off} {when}: {o:?}");
+            assert!(
+                o.data == model[off..off + (128 << 10)],
+                "data differs at {off} {when}"
+            );
+        }
+    };
+    read_all(&mut s, "after the move");
+    // The two nodes come back: placement gives them positions again (rebalancing, one
+    // position per PG per change), and the fragments they still hold for positions they
+    // left are trimmed.
+    let positions = |demo: &Demo| {
+        demo.cluster(async |c| {
+            let map = c.pg_map(vol.id).await.unwrap().expect("a map");
+            map.map
+                .iter()
+                .flatten()
+                .filter(|&&i| ["node-1", "node-2"].contains(&map.nodes[i].id.as_str()))
+                .count()
+        })
+    };
+    let held_after_move = positions(&demo);
+    let mut demo = demo;
+    demo.restart_node(1);
+    demo.restart_node(2);
+    let start = Instant::now();
+    let (trimmed, used) = loop {
+        let m = gateway_metrics(&demo);
+        let trimmed = m
+            .lines()
+            .find(|l| l.contains("event=\"trimmed_fragment\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let used = positions(&demo);
+        if trimmed > 0.0 && used > held_after_move {
+            break (trimmed, used);
+        }
         assert!(
-            o.data == model[off..off + (128 << 10)],
-            "data differs at {off} after the move"
+            start.elapsed() < Duration::from_secs(120),
+            "back for {:?}: {trimmed} fragments trimmed, the two nodes hold {used} positions (after the move: {held_after_move})\n{}",
+            start.elapsed(),
+            tail(&demo.log())
         );
-    }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!(
+        "node-1 and node-2 back: {trimmed} fragments of positions they left trimmed, {held_after_move} -> {used} positions held by them after {:.1} s (rebalancing)",
+        start.elapsed().as_secs_f64()
+    );
+    read_all(&mut s, "after the nodes came back");
     drop(s);
     assert!(demo.stop(), "demo did not stop cleanly");
 }

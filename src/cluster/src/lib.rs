@@ -17,6 +17,7 @@
 //! | `P/owners/VOLID` | [`OwnerRecord`]: the owning gateway and its epoch | the owner's lease |
 //! | `P/reservations/VOLID` | the volume's persistent reservations (the SCSI target's binary PR state) | the volume's |
 //! | `P/fills/VOLID` | [`FillRecord`]: how far the owner has rebuilt the moved positions of the current map | the volume's |
+//! | `P/trimmed/VOLID` | the highest map epoch up to which every node a position left has had that position's fragments trimmed (decimal) | the volume's |
 //! | `P/moves/VOLID/EPOCH` | the [`Move`]s the map change to `EPOCH` made (16 hex digits) | the volume's |
 //! | `P/node-states/ID` | [`NodeState`] an operator set (`draining`, `out`) | until set `up` |
 //! | `P/absent/ID` | when a controller first saw a mapped node without a lease (Unix seconds) | until it returns or no map names it |
@@ -957,6 +958,7 @@ impl Cluster {
                 TxnOp::delete(self.key(&format!("owners/{id}")), None),
                 TxnOp::delete(self.key(&format!("reservations/{id}")), None),
                 TxnOp::delete(self.key(&format!("fills/{id}")), None),
+                TxnOp::delete(self.key(&format!("trimmed/{id}")), None),
                 TxnOp::delete(
                     self.key(&format!("moves/{id}/")),
                     Some(DeleteOptions::new().with_prefix()),
@@ -1054,6 +1056,22 @@ impl Cluster {
         }
         out.sort_by_key(|(e, _)| *e);
         Ok(out)
+    }
+
+    /// The highest map epoch up to which the nodes positions left have had those positions'
+    /// fragments trimmed (0: none yet).
+    pub async fn trimmed(&self, volume: u64) -> Result<u64> {
+        let key = self.key(&format!("trimmed/{volume:016x}"));
+        match self.get_one(&key).await? {
+            Some((v, _)) => parse_u64(key.as_bytes(), &v),
+            None => Ok(0),
+        }
+    }
+
+    /// Record [`Cluster::trimmed`]: only while the owner key is held under `lease`.
+    pub async fn save_trimmed(&self, volume: u64, lease: i64, epoch: u64) -> Result<()> {
+        self.put_as_owner(volume, lease, "trimmed", epoch.to_string().into_bytes())
+            .await
     }
 
     /// How far the owner has filled each volume's map, by volume id.

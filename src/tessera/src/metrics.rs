@@ -206,7 +206,7 @@ impl Metrics {
             volume_events: counter_vec(
                 &r,
                 "tessera_volume_events_total",
-                "Erasure-coded volume events: degraded_read, repaired_fragment, checksum_error, rolled_forward, rolled_back, degraded_write, suspended_write (a write that failed after waiting for its quorum).",
+                "Erasure-coded volume events: degraded_read, repaired_fragment, checksum_error, rolled_forward, rolled_back, degraded_write, suspended_write (a write that failed after waiting for its quorum), trimmed_fragment (deleted from a node a position left).",
                 &["volume", "event"],
             ),
             volume_epoch: gauge_vec(

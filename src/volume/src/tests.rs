@@ -1072,6 +1072,81 @@ fn a_lost_node_is_rebuilt_elsewhere_and_then_m_more_losses_cost_nothing() {
     });
 }
 
+/// Fragments node `i` holds of the volume (any copy).
+async fn held(s: &Setup, v: &EcVolume, i: usize) -> usize {
+    let p = s.spec.profile;
+    let ctx = tessera_rpc::VolumeCtx {
+        volume: s.spec.id,
+        epoch: v.epoch(),
+        pgs: s.spec.pgs,
+        k: p.k,
+        m: p.m,
+        codec: p.codec.0,
+        chunk: p.chunk_size,
+    };
+    let stripes = s
+        .spec
+        .size
+        .div_ceil(u64::from(p.k) * u64::from(p.chunk_size));
+    s.nodes
+        .store(i)
+        .versions(&ctx, 0, stripes as u32)
+        .await
+        .expect("versions")
+        .iter()
+        .filter(|e| !e.slots.is_empty())
+        .count()
+}
+
+/// A node a position left keeps its copies until they are trimmed; trimming takes only the
+/// positions it left, never one it holds.
+#[test]
+fn a_position_a_node_left_is_trimmed_there_and_one_it_holds_never() {
+    let mut s = setup("4+2", 4096, 8, 1 << 20);
+    map_over(&mut s, &[0, 1, 2, 3, 4, 5, 6]);
+    run(async {
+        let v = open(&s).await;
+        let model = pattern(40, 1 << 20);
+        write(&v, 0, &model).await.unwrap();
+        let before = held(&s, &v, 3).await;
+        assert!(before > 0);
+        // Node 3 leaves every position (a drain); node 7 takes them.
+        let new = remap_without(&s, &s.spec.map, &[0, 1, 2, 4, 5, 6, 7]);
+        v.remap(new.clone(), names(8), 2).unwrap();
+        settle(&v).await;
+        assert_eq!(held(&s, &v, 3).await, before, "copies stay until trimmed");
+        // A position a node holds is never trimmed.
+        let keeper = new[0][0];
+        let kept = held(&s, &v, keeper).await;
+        assert_eq!(v.trim_position(keeper, 0, 0).await.unwrap(), 0);
+        assert_eq!(held(&s, &v, keeper).await, kept);
+        let mut trimmed = 0;
+        for (pg, row) in s.spec.map.iter().enumerate() {
+            for (i, &n) in row.iter().enumerate() {
+                if n == 3 {
+                    trimmed += v.trim_position(3, pg as u32, i).await.unwrap();
+                }
+            }
+        }
+        assert!(trimmed >= before as u64, "{trimmed} trimmed, {before} held");
+        assert_eq!(
+            held(&s, &v, 3).await,
+            0,
+            "node 3 holds nothing of the volume"
+        );
+        assert_eq!(
+            v.stats()
+                .trimmed_fragments
+                .load(std::sync::atomic::Ordering::Relaxed),
+            trimmed
+        );
+        assert_eq!(read(&v, 0, 1 << 20).await, model);
+        let sc = v.scrub().await;
+        assert_eq!((sc.inconsistent, sc.parity_mismatches), (0, 0), "{sc:?}");
+        v.close();
+    });
+}
+
 #[test]
 fn a_fill_survives_its_owner_and_resumes_where_it_was() {
     let mut s = setup("4+2", 4096, 8, 4 << 20);

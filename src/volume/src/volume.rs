@@ -104,6 +104,8 @@ pub struct VolumeStats {
     /// Writes that waited for their quorum longer than the volume's bound
     /// ([`EcVolume::set_quorum_wait`]) and failed as suspended.
     pub suspended_writes: AtomicU64,
+    /// Fragments deleted from nodes that a position left ([`EcVolume::trim_position`]).
+    pub trimmed_fragments: AtomicU64,
 }
 
 #[derive(Default)]
@@ -3325,6 +3327,56 @@ impl EcVolume {
         info!(volume = %self.sh.spec.name, generation, moved, "placement changed: moved positions are being filled");
         self.note_suspension();
         Ok(moved)
+    }
+
+    /// Delete from `node` (an index of the connector) its fragments of position `index` of
+    /// PG `pg`, which the node left in an earlier layout: once a position has moved, its old
+    /// node's copies are never read again. Stripe by stripe under the stripes' locks, and only
+    /// while the layout in force does not place `node` there (a node given its position back
+    /// keeps it: its copies are being filled again). Returns the fragments trimmed (0 when
+    /// the node holds the position again).
+    pub async fn trim_position(&self, node: usize, pg: u32, index: usize) -> Result<u64, String> {
+        if node >= self.sh.connector.nodes() || pg >= self.sh.spec.pgs || index >= self.width() {
+            return Err(format!("no position {pg}/{index} on node #{node}"));
+        }
+        let mine: Vec<u64> = (0..self.stripes())
+            .filter(|&s| placement::pg_of(s, self.sh.spec.pgs) == pg)
+            .collect();
+        let mut trimmed = 0;
+        for batch in mine.chunks(256) {
+            let _g = self.sh.locks.lock_many(batch, true).await;
+            if self.layout().map[pg as usize][index] == node {
+                return Ok(trimmed);
+            }
+            let items: Vec<FragKey> = batch
+                .iter()
+                .map(|&stripe| FragKey {
+                    stripe,
+                    index: index as u8,
+                })
+                .collect();
+            match self
+                .call(
+                    node,
+                    Request::Trim {
+                        vol: self.ctx(),
+                        items,
+                    },
+                )
+                .await
+            {
+                Ok(Response::Trim(st)) if st.iter().all(|s| *s == Status::OK) => {
+                    trimmed += st.len() as u64;
+                    self.sh
+                        .stats
+                        .trimmed_fragments
+                        .fetch_add(st.len() as u64, Ordering::Relaxed);
+                }
+                Ok(r) => return Err(format!("trim answered {r:?}")),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(trimmed)
     }
 
     /// After an open: positions `(pg, index)` of the spec's map are on nodes still being

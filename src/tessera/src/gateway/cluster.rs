@@ -339,6 +339,24 @@ struct Exported {
     reported: Option<((u64, u64, bool), tokio::time::Instant)>,
     /// The write health last published (`None`: not yet).
     health: Option<Option<tessera_cluster::WriteHealthRecord>>,
+    /// Trimming of positions nodes left (see [`Exported::trim`]).
+    trims: Trims,
+}
+
+/// A move of a position: (map epoch, the node it left, PG, index).
+type MovedFrom = (u64, String, u32, usize);
+
+/// What the owner knows of the trimming of positions nodes left.
+#[derive(Default)]
+struct Trims {
+    /// `P/trimmed/VOLID` as last read or saved (`None`: not read yet).
+    upto: Option<u64>,
+    /// Moves whose trim is done here.
+    done: std::collections::HashSet<MovedFrom>,
+    /// The pass running, with the moves it trims.
+    running: Option<tokio::task::JoinHandle<Vec<MovedFrom>>>,
+    /// When the last pass started.
+    at: Option<tokio::time::Instant>,
 }
 
 impl Exported {
@@ -373,6 +391,116 @@ impl Exported {
             .map_err(|e| anyhow::anyhow!(e))?;
         self.map_epoch = m.epoch;
         Ok(())
+    }
+
+    /// Trim the fragments nodes still hold for positions they left (`P/moves`), once the
+    /// owner is on the map that moved them: every 5 s at most, in a task of its own, skipping
+    /// nodes without a lease (their turn comes when they are back) and positions a node holds
+    /// again. `P/trimmed/VOLID` records the epoch up to which every move is trimmed.
+    async fn trim(&mut self, c: &Cluster, lease: i64, map: &PgMapRecord) {
+        let t = &mut self.trims;
+        if let Some(h) = &t.running {
+            if !h.is_finished() {
+                return;
+            }
+            if let Some(h) = t.running.take() {
+                if let Ok(done) = h.await {
+                    t.done.extend(done);
+                }
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if t.at
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(5))
+        {
+            return;
+        }
+        let id = self.volume.spec().id;
+        let upto = match t.upto {
+            Some(u) => u,
+            None => match c.trimmed(id).await {
+                Ok(u) => *t.upto.insert(u),
+                Err(_) => return,
+            },
+        };
+        if upto >= map.epoch {
+            return;
+        }
+        t.at = Some(now);
+        let (Ok(moves), Ok(nodes)) = (c.moves(id).await, c.nodes().await) else {
+            return;
+        };
+        let holds = |node: &str, pg: u32, index: usize| {
+            map.map
+                .get(pg as usize)
+                .and_then(|row| row.get(index))
+                .is_some_and(|&i| map.nodes.get(i).is_some_and(|n| n.id == node))
+        };
+        let mut work = Vec::new();
+        let mut whole = upto;
+        let mut complete = true;
+        for (epoch, ms) in moves
+            .iter()
+            .filter(|(ep, _)| *ep > upto && *ep <= map.epoch)
+        {
+            let mut pending = false;
+            for mv in ms {
+                let key = (*epoch, mv.from.clone(), mv.pg, mv.index);
+                if t.done.contains(&key) || holds(&mv.from, mv.pg, mv.index) {
+                    continue;
+                }
+                pending = true;
+                let Some(rec) = nodes.iter().find(|n| n.id == mv.from) else {
+                    continue;
+                };
+                let node = match self.index.get(&mv.from) {
+                    Some(&i) => i,
+                    None => {
+                        let Ok(a) = rec.address.parse::<SocketAddr>() else {
+                            continue;
+                        };
+                        let i = self.connector.push(a);
+                        self.index.insert(mv.from.clone(), i);
+                        i
+                    }
+                };
+                work.push((node, key));
+            }
+            complete &= !pending;
+            if complete {
+                whole = *epoch;
+            }
+        }
+        if complete {
+            whole = map.epoch;
+        }
+        if whole > upto && c.save_trimmed(id, lease, whole).await.is_ok() {
+            t.upto = Some(whole);
+            t.done.retain(|(ep, ..)| *ep > whole);
+        }
+        if work.is_empty() {
+            return;
+        }
+        let vol = self.volume.clone();
+        t.running = Some(tokio::task::spawn_local(async move {
+            let mut done = Vec::new();
+            let mut per_node: HashMap<String, u64> = HashMap::new();
+            for (node, key) in work {
+                match vol.trim_position(node, key.2, key.3).await {
+                    Ok(n) => {
+                        *per_node.entry(key.1.clone()).or_default() += n;
+                        done.push(key);
+                    }
+                    Err(e) => {
+                        debug!(volume = %vol.spec().name, node = %key.1, "trimming a position it left: {e}")
+                    }
+                }
+            }
+            for (node, n) in per_node.into_iter().filter(|(_, n)| *n > 0) {
+                info!(volume = %vol.spec().name, node = %node, fragments = n, "trimmed the fragments of positions the node left");
+            }
+            done
+        }));
     }
 
     /// Report fill progress to etcd when it changed (at most once a second, at once when it
@@ -1103,6 +1231,7 @@ async fn reconcile(
                                 map_epoch: map.epoch,
                                 reported: None,
                                 health: None,
+                                trims: Trims::default(),
                             },
                         );
                     }
@@ -1210,6 +1339,9 @@ async fn follow_maps(c: &Cluster, lease: i64, me: &GatewayRecord, view: &mut Vie
         }
         e.volume.set_fill_rate(settings.rebuild_rate);
         e.report_fill(c, lease, &me.id).await;
+        if let Some(m) = maps.get(id).filter(|m| m.epoch == e.map_epoch) {
+            e.trim(c, lease, m).await;
+        }
     }
 }
 

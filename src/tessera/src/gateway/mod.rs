@@ -666,6 +666,7 @@ fn refresh_metrics(gw: &Gateway) {
             ("rolled_back", &st.rolled_back),
             ("degraded_write", &st.degraded_writes),
             ("suspended_write", &st.suspended_writes),
+            ("trimmed_fragment", &st.trimmed_fragments),
         ] {
             catch_up(
                 &m.volume_events.with_label_values(&[name, event]),
