@@ -5,6 +5,7 @@
 //! tool's name and the Debian package that provides it (`make deps` installs them all); tests
 //! never skip silently.
 
+pub mod faultyfs;
 pub mod initiator;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
