@@ -7,8 +7,10 @@
 //! node whole again: every byte reads back as written (or, for a write that was not
 //! acknowledged, wholly old or wholly new), and a scrub of the volume finds every stripe whole.
 //!
-//! `TESSERA_SEED` replays a run (the seed is printed); `TESSERA_CHAOS_SECS` sets how long the
-//! schedule runs (default 150).
+//! `TESSERA_SEED` replays a run (the seed is printed): every step draws the same numbers, so
+//! the same choices are made wherever the cluster's state allows them (which gateway owns the
+//! volume and whether a rebuild is filling depend on timing); `TESSERA_CHAOS_SECS` sets how
+//! long the schedule runs (default 150).
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpStream};
@@ -477,7 +479,15 @@ fn a_seeded_storm_of_node_gateway_and_etcd_faults_loses_nothing() {
     while run.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_millis(2000 + rng.below(3000)));
         let at = run.elapsed().as_secs_f64();
+        // Every step draws the same numbers whatever the cluster's state, so that a seed
+        // replays the same sequence of choices.
         let roll = rng.below(100);
+        let (restore, pick, coin, pause) = (
+            rng.below(2) == 0,
+            rng.next_u64(),
+            rng.below(2) == 0,
+            rng.below(1500),
+        );
         let down: Vec<usize> = (0..NODES).filter(|&i| !nodes[i].available()).collect();
         let event = if roll < 8 {
             // The owner gateway dies; a new gateway takes its place.
@@ -497,7 +507,7 @@ fn a_seeded_storm_of_node_gateway_and_etcd_faults_loses_nothing() {
             )
         } else if roll < 14 {
             etcd.stop();
-            std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
+            std::thread::sleep(Duration::from_millis(500 + pause));
             etcd = Etcd::start(
                 &member,
                 std::slice::from_ref(&member),
@@ -507,8 +517,8 @@ fn a_seeded_storm_of_node_gateway_and_etcd_faults_loses_nothing() {
             .expect("restart etcd");
             etcd.wait_ready(Duration::from_secs(30)).unwrap();
             "restarted etcd".to_string()
-        } else if !down.is_empty() && (down.len() >= 2 || rng.below(2) == 0) {
-            let i = down[rng.below(down.len() as u64) as usize];
+        } else if !down.is_empty() && (down.len() >= 2 || restore) {
+            let i = down[(pick % down.len() as u64) as usize];
             if nodes[i].child.is_some() {
                 nodes[i].signal(nix::sys::signal::Signal::SIGCONT);
                 nodes[i].stopped = false;
@@ -521,8 +531,8 @@ fn a_seeded_storm_of_node_gateway_and_etcd_faults_loses_nothing() {
             "(rebuild filling: nothing taken away)".to_string()
         } else {
             let up: Vec<usize> = (0..NODES).filter(|&i| nodes[i].available()).collect();
-            let i = up[rng.below(up.len() as u64) as usize];
-            if rng.below(2) == 0 {
+            let i = up[(pick % up.len() as u64) as usize];
+            if coin {
                 nodes[i].kill();
                 format!("killed {}", nodes[i].id)
             } else {
