@@ -16,6 +16,16 @@ use tessera_proto::iscsi::pdu::{
 };
 use tessera_proto::iscsi::text;
 
+/// A 10-byte CDB with an LBA and a transfer length in blocks: READ(10) (`0x28`) or
+/// WRITE(10) (`0x2a`).
+pub fn cdb10(op: u8, lba: u64, blocks: u16) -> [u8; 10] {
+    let mut c = [0u8; 10];
+    c[0] = op;
+    c[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
+    c[7..9].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
 /// An initiator session on one connection.
 pub struct Session {
     stream: TcpStream,

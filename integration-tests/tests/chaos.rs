@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tessera_cluster::process::{free_port, Etcd};
-use tessera_integration_tests::initiator::Session;
+use tessera_integration_tests::initiator::{cdb10, Session};
 use tessera_integration_tests::{seed, tessera_bin, Gateway, Rng};
 
 const TARGET: &str = "iqn.2024-01.io.tessera:cluster";
@@ -159,14 +159,6 @@ fn connect(portals: &Mutex<Vec<SocketAddr>>, lun: u8, isid: u8) -> Option<Sessio
         }
     }
     None
-}
-
-fn cdb10(op: u8, lba: u64, blocks: u16) -> [u8; 10] {
-    let mut c = [0u8; 10];
-    c[0] = op;
-    c[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
-    c[7..9].copy_from_slice(&blocks.to_be_bytes());
-    c
 }
 
 /// Check `data` (blocks from `first`) against the model; record any mismatch.

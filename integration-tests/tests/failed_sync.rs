@@ -9,21 +9,13 @@
 use std::time::{Duration, Instant};
 
 use tessera_integration_tests::faultyfs::FaultyMount;
-use tessera_integration_tests::initiator::Session;
+use tessera_integration_tests::initiator::{cdb10, Session};
 use tessera_integration_tests::{http_get, Demo, Rng};
 
 const INITIATOR: &str = "iqn.2024-01.io.tessera:failed-sync-test";
 const BLOCK: usize = 512;
 const CHUNK: usize = 64 << 10;
 const SIZE: usize = 64 << 20;
-
-fn cdb10(op: u8, lba: usize, blocks: usize) -> [u8; 10] {
-    let mut c = [0u8; 10];
-    c[0] = op;
-    c[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
-    c[7..9].copy_from_slice(&(blocks as u16).to_be_bytes());
-    c
-}
 
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut r = Rng::new(seed);
@@ -36,7 +28,12 @@ fn write_across(s: &mut Session, model: &mut [u8], shift: usize, seed: u64) {
         let off = off + shift;
         let d = bytes(seed + i as u64, CHUNK);
         let o = s
-            .command(0, &cdb10(0x2a, off / BLOCK, CHUNK / BLOCK), &d, 0)
+            .command(
+                0,
+                &cdb10(0x2a, (off / BLOCK) as u64, (CHUNK / BLOCK) as u16),
+                &d,
+                0,
+            )
             .expect("WRITE(10)");
         assert_eq!(o.status, 0, "write at {off} failed: {o:?}");
         model[off..off + CHUNK].copy_from_slice(&d);
@@ -48,7 +45,7 @@ fn read_all(s: &mut Session, model: &[u8], when: &str) {
         let o = s
             .command(
                 0,
-                &cdb10(0x28, off / BLOCK, (256 << 10) / BLOCK),
+                &cdb10(0x28, (off / BLOCK) as u64, ((256 << 10) / BLOCK) as u16),
                 &[],
                 256 << 10,
             )

@@ -11,23 +11,17 @@
 
 use std::time::{Duration, Instant};
 
-use tessera_integration_tests::initiator::{Outcome, Session};
+use tessera_integration_tests::initiator::{cdb10, Outcome, Session};
 use tessera_integration_tests::{http_get, Demo, Rng};
 
 const INITIATOR: &str = "iqn.2024-01.io.tessera:write-quorum-test";
 
 fn write10(lba: u32, blocks: u16) -> [u8; 10] {
-    let mut c = [0u8; 10];
-    c[0] = 0x2a;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[7..9].copy_from_slice(&blocks.to_be_bytes());
-    c
+    cdb10(0x2a, u64::from(lba), blocks)
 }
 
 fn read10(lba: u32, blocks: u16) -> [u8; 10] {
-    let mut c = write10(lba, blocks);
-    c[0] = 0x28;
-    c
+    cdb10(0x28, u64::from(lba), blocks)
 }
 
 fn login(demo: &Demo, isid: u8) -> Session {

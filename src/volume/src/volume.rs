@@ -778,12 +778,7 @@ impl EcVolume {
             .expect("volume suspension poisoned");
         if (*was == 0) != (now == 0) {
             if now > 0 {
-                let down: Vec<String> = self
-                    .used_nodes()
-                    .into_iter()
-                    .filter(|&n| self.sh.health[n].down.load(Ordering::Relaxed))
-                    .map(|n| self.name_of(n))
-                    .collect();
+                let down = self.unreachable_nodes();
                 warn!(volume = %self.sh.spec.name, pgs = now, quorum = self.sh.spec.write_quorum, down = ?down, "writes suspended: PGs have fewer nodes answering than the write quorum; writes to them wait up to {:?}, then fail", self.quorum_wait());
             } else {
                 info!(volume = %self.sh.spec.name, "writes resumed: every PG has its write quorum of nodes answering");
