@@ -1,5 +1,5 @@
-//! The gateway configuration file (TOML), its validation, and errors that name the file, the
-//! line and the key.
+//! The configuration files (TOML) of the gateway and the storage node, their validation into
+//! the types the daemons take, and errors that name the file, the line and the key.
 //!
 //! The format is documented in `target-config/README.md` and by the examples next to it; a test
 //! loads every file in `target-config/`.
@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
+
+pub use tessera_gateway::config::*;
 
 /// A configuration error with its location.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,231 +339,6 @@ pub struct ClusterFile {
     pub redirect: Option<Spanned<bool>>,
 }
 
-/// The validated `[cluster]` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterConfig {
-    /// etcd client URLs.
-    pub etcd: Vec<String>,
-    /// Key prefix.
-    pub prefix: String,
-    /// Lease TTL in seconds.
-    pub lease_ttl: i64,
-    /// The cluster target's IQN (gateways).
-    pub target: String,
-    /// This gateway's id (gateways).
-    pub gateway_id: String,
-    /// Forwarding listener address (gateways); `None`: the first portal's address, any port.
-    pub forward: Option<SocketAddr>,
-    /// Ownership weight (gateways).
-    pub weight: u32,
-    /// Each volume also has a target of its own (gateways).
-    pub volume_targets: bool,
-    /// Logins to a volume's own target go to its owner's portal (gateways).
-    pub redirect: bool,
-}
-
-/// The default IQN of the target that exports the cluster's volumes.
-pub const CLUSTER_TARGET: &str = "iqn.2024-01.io.tessera:cluster";
-
-/// This machine's host name (or "localhost").
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
-
-/// Backend kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// A file or block device through io_uring.
-    File,
-    /// Memory (tests, demos).
-    Mem,
-    /// Erasure-coded over the configured storage nodes.
-    Ec,
-}
-
-/// The erasure-coded volume behind an ec LUN.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EcLun {
-    /// Volume name.
-    pub volume: String,
-    /// Profile.
-    pub profile: tessera_ec::Profile,
-    /// Placement groups.
-    pub pgs: u32,
-    /// Write quorum.
-    pub write_quorum: usize,
-}
-
-/// A storage node.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NodeRef {
-    /// Its id.
-    pub id: String,
-    /// Its fragment-protocol address.
-    pub address: SocketAddr,
-    /// Zone label.
-    pub zone: String,
-    /// Rack label.
-    pub rack: String,
-    /// Host label.
-    pub host: String,
-    /// Relative capacity.
-    pub weight: f64,
-}
-
-/// O_DIRECT policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direct {
-    /// Use O_DIRECT where the filesystem supports it.
-    Auto,
-    /// Require O_DIRECT.
-    On,
-    /// Never.
-    Off,
-}
-
-/// CHAP user and secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Chap {
-    /// Name.
-    pub user: String,
-    /// Secret.
-    pub secret: String,
-}
-
-impl fmt::Debug for Chap {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Chap")
-            .field("user", &self.user)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A validated LUN.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lun {
-    /// LUN number.
-    pub id: u64,
-    /// Backend.
-    pub backend: Backend,
-    /// Backing path.
-    pub path: Option<PathBuf>,
-    /// Size in bytes, if given.
-    pub size: Option<u64>,
-    /// Logical block size.
-    pub block_size: u32,
-    /// Read-only.
-    pub read_only: bool,
-    /// O_DIRECT policy.
-    pub direct: Direct,
-    /// Serial number.
-    pub serial: Option<String>,
-    /// Removable.
-    pub removable: bool,
-    /// The ec volume (ec backend).
-    pub ec: Option<EcLun>,
-}
-
-/// A validated target.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// IQN.
-    pub iqn: String,
-    /// Alias.
-    pub alias: Option<String>,
-    /// Portal group tag.
-    pub portal_group_tag: u16,
-    /// Advertised addresses.
-    pub advertise: Vec<String>,
-    /// ACL.
-    pub allowed_initiators: Vec<String>,
-    /// One-way CHAP.
-    pub chap: Option<Chap>,
-    /// Mutual CHAP.
-    pub mutual_chap: Option<Chap>,
-    /// LUNs.
-    pub luns: Vec<Lun>,
-}
-
-/// A validated configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    /// Where it came from.
-    pub file: PathBuf,
-    /// Listen addresses.
-    pub portals: Vec<SocketAddr>,
-    /// State directory.
-    pub state_dir: Option<PathBuf>,
-    /// Where `/metrics` is served.
-    pub metrics: Option<SocketAddr>,
-    /// Worker threads (0: per CPU).
-    pub workers: usize,
-    /// Command window.
-    pub queue_depth: u32,
-    /// NOP-In interval (0: off).
-    pub nop_interval_secs: u64,
-    /// NOP-In answer timeout.
-    pub nop_timeout_secs: u64,
-    /// Negotiation limits.
-    pub max_recv_data_segment_length: u32,
-    /// Negotiation limits.
-    pub max_burst_length: u32,
-    /// Negotiation limits.
-    pub first_burst_length: u32,
-    /// Negotiation limits.
-    pub max_outstanding_r2t: u32,
-    /// ImmediateData allowed.
-    pub immediate_data: bool,
-    /// InitialR2T required.
-    pub initial_r2t: bool,
-    /// Digests allowed.
-    pub digests: bool,
-    /// Discovery CHAP.
-    pub discovery_chap: Option<Chap>,
-    /// Discovery mutual CHAP.
-    pub discovery_mutual_chap: Option<Chap>,
-    /// Targets.
-    pub targets: Vec<Target>,
-    /// Storage nodes.
-    pub nodes: Vec<NodeRef>,
-    /// How long a node may take to answer a fragment request.
-    pub node_timeout_ms: u64,
-    /// How long an erasure-coded write waits for its quorum before it fails as suspended.
-    pub write_quorum_wait_ms: u64,
-    /// The etcd control plane, when the gateway is part of a cluster.
-    pub cluster: Option<ClusterConfig>,
-}
-
-/// Whether `s` is a plausible iSCSI name (iqn., eui. or naa. format, RFC 7143 §4.2.7).
-pub fn valid_iscsi_name(s: &str) -> bool {
-    if s.len() > 223 || s.is_empty() {
-        return false;
-    }
-    let lower = s.to_ascii_lowercase();
-    if let Some(rest) = lower.strip_prefix("iqn.") {
-        // iqn.yyyy-mm.reversed.domain[:anything]
-        let b = rest.as_bytes();
-        b.len() > 8
-            && b[..4].iter().all(u8::is_ascii_digit)
-            && b[4] == b'-'
-            && b[5..7].iter().all(u8::is_ascii_digit)
-            && b[7] == b'.'
-            && lower
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b".-:".contains(&c))
-    } else if let Some(hex) = lower.strip_prefix("eui.") {
-        hex.len() == 16 && hex.bytes().all(|c| c.is_ascii_hexdigit())
-    } else if let Some(hex) = lower.strip_prefix("naa.") {
-        (hex.len() == 16 || hex.len() == 32) && hex.bytes().all(|c| c.is_ascii_hexdigit())
-    } else {
-        false
-    }
-}
-
 struct Ctx<'a> {
     file: &'a Path,
     src: &'a str,
@@ -820,362 +597,355 @@ impl Ctx<'_> {
     }
 }
 
-impl Config {
-    /// Read and validate a configuration file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.into(),
-            line: 0,
-            col: 0,
-            key: String::new(),
-            msg: format!("cannot read: {e}"),
-        })?;
-        Self::parse(path, &src)
-    }
+/// Read and validate a configuration file.
+pub fn load_gateway(path: &Path) -> Result<Config, ConfigError> {
+    let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.into(),
+        line: 0,
+        col: 0,
+        key: String::new(),
+        msg: format!("cannot read: {e}"),
+    })?;
+    parse_gateway(path, &src)
+}
 
-    /// Parse and validate configuration text (`path` is used in messages).
-    pub fn parse(path: &Path, src: &str) -> Result<Self, ConfigError> {
-        let cx = Ctx { file: path, src };
-        let raw: ConfigFile = toml::from_str(src).map_err(|e| {
-            let span = e.span().unwrap_or(0..0);
-            let (line, col) = line_col(src, span.start);
-            // The key is the text left of '=' on the offending line, when there is one.
-            let key = src
-                .lines()
-                .nth(line.saturating_sub(1))
-                .and_then(|l| l.split_once('='))
-                .map(|(k, _)| k.trim().to_string())
-                .unwrap_or_default();
-            ConfigError {
-                file: path.into(),
-                line,
-                col,
-                key,
-                msg: e.message().trim().to_string(),
-            }
-        })?;
-        let g = raw.gateway.clone().unwrap_or_else(|| {
-            toml::from_str::<GatewayFile>("").expect("the empty gateway section has defaults")
-        });
-        let mut portals = Vec::new();
-        for (i, p) in g.portals.iter().enumerate() {
-            let a: SocketAddr = p.get_ref().parse().map_err(|_| {
-                cx.err(
-                    p.span(),
-                    format!("gateway.portals[{i}]"),
-                    format!("not an address:port: {:?}", p.get_ref()),
-                )
-            })?;
-            portals.push(a);
-        }
-        if portals.is_empty() {
-            return Err(cx.err(0..0, "gateway.portals", "at least one portal is needed"));
-        }
-        let check_range = |v: &Spanned<u32>, key: &str, lo: u32, hi: u32| {
-            let n = *v.get_ref();
-            if (lo..=hi).contains(&n) {
-                Ok(n)
-            } else {
-                Err(cx.err(
-                    v.span(),
-                    key,
-                    format!("must be between {lo} and {hi} (got {n})"),
-                ))
-            }
-        };
-        let queue_depth = check_range(&g.queue_depth, "gateway.queue_depth", 1, 65536)?;
-        let mrdsl = check_range(
-            &g.max_recv_data_segment_length,
-            "gateway.max_recv_data_segment_length",
-            512,
-            16_777_215,
-        )?;
-        let max_burst = check_range(
-            &g.max_burst_length,
-            "gateway.max_burst_length",
-            512,
-            16_777_215,
-        )?;
-        let first_burst = check_range(
-            &g.first_burst_length,
-            "gateway.first_burst_length",
-            512,
-            16_777_215,
-        )?;
-        let max_r2t = check_range(
-            &g.max_outstanding_r2t,
-            "gateway.max_outstanding_r2t",
-            1,
-            65535,
-        )?;
-        let mut targets: Vec<Target> = Vec::new();
-        for (ti, t) in raw.target.iter().enumerate() {
-            let key = format!("target[{ti}]");
-            let iqn = t.iqn.get_ref().clone();
-            if !valid_iscsi_name(&iqn) {
-                return Err(cx.err(
-                    t.iqn.span(),
-                    format!("{key}.iqn"),
-                    format!("not an iSCSI name (iqn.YYYY-MM.domain:name, eui. or naa.): {iqn:?}"),
-                ));
-            }
-            if targets.iter().any(|o| o.iqn.eq_ignore_ascii_case(&iqn)) {
-                return Err(cx.err(t.iqn.span(), format!("{key}.iqn"), "duplicate target IQN"));
-            }
-            for (i, a) in t.advertise.iter().enumerate() {
-                if a.get_ref()
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_none()
-                {
-                    return Err(cx.err(
-                        a.span(),
-                        format!("{key}.advertise[{i}]"),
-                        "expected host:port",
-                    ));
-                }
-            }
-            for (i, a) in t.allowed_initiators.iter().enumerate() {
-                if !valid_iscsi_name(a.get_ref()) {
-                    return Err(cx.err(
-                        a.span(),
-                        format!("{key}.allowed_initiators[{i}]"),
-                        format!("not an iSCSI name: {:?}", a.get_ref()),
-                    ));
-                }
-            }
-            let chap = cx.chap(&t.chap, &format!("{key}.chap"))?;
-            let mutual_chap = cx.chap(&t.mutual_chap, &format!("{key}.mutual_chap"))?;
-            if let (Some(m), None) = (&t.mutual_chap, &chap) {
-                return Err(cx.err(
-                    m.user.span(),
-                    format!("{key}.mutual_chap"),
-                    "mutual CHAP needs one-way CHAP (`chap`) too",
-                ));
-            }
-            if let (Some(a), Some(b), Some(m)) = (&chap, &mutual_chap, &t.mutual_chap) {
-                if a.secret == b.secret {
-                    return Err(cx.err(
-                        m.secret.span(),
-                        format!("{key}.mutual_chap.secret"),
-                        "must differ from the one-way CHAP secret",
-                    ));
-                }
-            }
-            let mut luns: Vec<Lun> = Vec::new();
-            for (li, l) in t.lun.iter().enumerate() {
-                let lkey = format!("{key}.lun[{li}]");
-                let id = *l.id.get_ref();
-                if id > 16383 {
-                    return Err(cx.err(
-                        l.id.span(),
-                        format!("{lkey}.id"),
-                        "LUNs go from 0 to 16383",
-                    ));
-                }
-                if luns.iter().any(|o| o.id == id) {
-                    return Err(cx.err(l.id.span(), format!("{lkey}.id"), "duplicate LUN id"));
-                }
-                let backend = match l.backend.get_ref().as_str() {
-                    "file" => Backend::File,
-                    "mem" => Backend::Mem,
-                    "ec" => Backend::Ec,
-                    other => {
-                        return Err(cx.err(
-                            l.backend.span(),
-                            format!("{lkey}.backend"),
-                            format!("unknown backend {other:?} (this gateway has: file, mem, ec)"),
-                        ))
-                    }
-                };
-                if backend != Backend::Ec {
-                    let stray = [
-                        ("volume", l.volume.as_ref().map(Spanned::span)),
-                        ("ec", l.ec.as_ref().map(Spanned::span)),
-                        ("chunk", l.chunk.as_ref().map(Spanned::span)),
-                        ("pgs", l.pgs.as_ref().map(Spanned::span)),
-                        ("write_quorum", l.write_quorum.as_ref().map(Spanned::span)),
-                    ];
-                    if let Some((name, Some(span))) = stray.into_iter().find(|(_, sp)| sp.is_some())
-                    {
-                        return Err(cx.err(
-                            span,
-                            format!("{lkey}.{name}"),
-                            "only ec LUNs take this key",
-                        ));
-                    }
-                }
-                let bs = *l.block_size.get_ref();
-                if bs != 512 && bs != 4096 {
-                    return Err(cx.err(
-                        l.block_size.span(),
-                        format!("{lkey}.block_size"),
-                        format!("must be 512 or 4096 (got {bs})"),
-                    ));
-                }
-                let size = match &l.size {
-                    None => None,
-                    Some(s) => {
-                        let n = match s.get_ref() {
-                            SizeValue::Bytes(n) => *n,
-                            SizeValue::Text(t) => parse_size(t)
-                                .map_err(|m| cx.err(s.span(), format!("{lkey}.size"), m))?,
-                        };
-                        if n == 0 || n % bs as u64 != 0 {
-                            return Err(cx.err(
-                                s.span(),
-                                format!("{lkey}.size"),
-                                format!("must be a non-zero multiple of the block size {bs}"),
-                            ));
-                        }
-                        Some(n)
-                    }
-                };
-                let path = l.path.as_ref().map(|p| PathBuf::from(p.get_ref()));
-                match backend {
-                    Backend::File if path.is_none() => {
-                        return Err(cx.err(
-                            l.backend.span(),
-                            format!("{lkey}.path"),
-                            "the file backend needs a path",
-                        ))
-                    }
-                    Backend::Mem | Backend::Ec if size.is_none() => {
-                        return Err(cx.err(
-                            l.backend.span(),
-                            format!("{lkey}.size"),
-                            format!("the {} backend needs a size", l.backend.get_ref()),
-                        ))
-                    }
-                    _ => {}
-                }
-                let ec = if backend == Backend::Ec {
-                    Some(cx.ec_lun(l, &lkey, &iqn, id, raw.node.len())?)
-                } else {
-                    None
-                };
-                let direct = match l.direct.get_ref().as_str() {
-                    "auto" => Direct::Auto,
-                    "on" => Direct::On,
-                    "off" => Direct::Off,
-                    other => {
-                        return Err(cx.err(
-                            l.direct.span(),
-                            format!("{lkey}.direct"),
-                            format!("must be auto, on or off (got {other:?})"),
-                        ))
-                    }
-                };
-                let serial = l.serial.as_ref().map(|s| s.get_ref().clone());
-                if let (Some(s), Some(sp)) = (&serial, &l.serial) {
-                    if s.is_empty() || s.len() > 64 || !s.bytes().all(|c| c.is_ascii_graphic()) {
-                        return Err(cx.err(
-                            sp.span(),
-                            format!("{lkey}.serial"),
-                            "1 to 64 printable ASCII characters",
-                        ));
-                    }
-                }
-                luns.push(Lun {
-                    id,
-                    backend,
-                    path,
-                    size,
-                    block_size: bs,
-                    read_only: l.read_only,
-                    direct,
-                    serial,
-                    removable: l.removable,
-                    ec,
-                });
-            }
-            targets.push(Target {
-                iqn,
-                alias: t.alias.clone(),
-                portal_group_tag: t.portal_group_tag,
-                advertise: t.advertise.iter().map(|a| a.get_ref().clone()).collect(),
-                allowed_initiators: t
-                    .allowed_initiators
-                    .iter()
-                    .map(|a| a.get_ref().clone())
-                    .collect(),
-                chap,
-                mutual_chap,
-                luns,
-            });
-        }
-        let mut nodes: Vec<NodeRef> = Vec::new();
-        for (i, n) in raw.node.iter().enumerate() {
-            let key = format!("node[{i}]");
-            let id = n.id.get_ref().clone();
-            if id.is_empty() || id.len() > 255 {
-                return Err(cx.err(n.id.span(), format!("{key}.id"), "1 to 255 characters"));
-            }
-            if nodes.iter().any(|o| o.id == id) {
-                return Err(cx.err(n.id.span(), format!("{key}.id"), "duplicate node id"));
-            }
-            let address: SocketAddr = n.address.get_ref().parse().map_err(|_| {
-                cx.err(
-                    n.address.span(),
-                    format!("{key}.address"),
-                    format!("not an address:port: {:?}", n.address.get_ref()),
-                )
-            })?;
-            let weight = n.weight.as_ref().map_or(1.0, |w| *w.get_ref());
-            if !(weight.is_finite() && weight >= 0.0) {
-                let span = n.weight.as_ref().map_or(0..0, Spanned::span);
-                return Err(cx.err(span, format!("{key}.weight"), "must be a number >= 0"));
-            }
-            nodes.push(NodeRef {
-                id,
-                address,
-                zone: n.zone.clone(),
-                rack: n.rack.clone(),
-                host: n.host.clone(),
-                weight,
-            });
-        }
-        let discovery_chap = cx.chap(&raw.discovery.chap, "discovery.chap")?;
-        let discovery_mutual_chap = cx.chap(&raw.discovery.mutual_chap, "discovery.mutual_chap")?;
-        let cluster = cx.cluster(&raw.cluster)?;
-        let write_quorum_wait_ms = match &g.write_quorum_wait_ms {
-            None => tessera_volume::QUORUM_WAIT.as_millis() as u64,
-            Some(w) if *w.get_ref() > MAX_QUORUM_WAIT_MS => {
-                return Err(cx.err(
-                    w.span(),
-                    "gateway.write_quorum_wait_ms",
-                    format!(
-                        "at most {MAX_QUORUM_WAIT_MS} (a forwarded write must be answered within the forwarding timeout)"
-                    ),
-                ))
-            }
-            Some(w) => *w.get_ref(),
-        };
-        Ok(Self {
+/// Parse and validate configuration text (`path` is used in messages).
+pub fn parse_gateway(path: &Path, src: &str) -> Result<Config, ConfigError> {
+    let cx = Ctx { file: path, src };
+    let raw: ConfigFile = toml::from_str(src).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let (line, col) = line_col(src, span.start);
+        // The key is the text left of '=' on the offending line, when there is one.
+        let key = src
+            .lines()
+            .nth(line.saturating_sub(1))
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim().to_string())
+            .unwrap_or_default();
+        ConfigError {
             file: path.into(),
-            portals,
-            state_dir: g.state_dir.as_ref().map(|s| PathBuf::from(s.get_ref())),
-            metrics: cx.addr(&g.metrics, "gateway.metrics")?,
-            workers: g.workers,
-            queue_depth,
-            nop_interval_secs: g.nop_interval_secs,
-            nop_timeout_secs: g.nop_timeout_secs.max(1),
-            max_recv_data_segment_length: mrdsl,
-            max_burst_length: max_burst,
-            first_burst_length: first_burst,
-            max_outstanding_r2t: max_r2t,
-            immediate_data: g.immediate_data,
-            initial_r2t: g.initial_r2t,
-            digests: g.digests,
-            discovery_chap,
-            discovery_mutual_chap,
-            targets,
-            nodes,
-            node_timeout_ms: g.node_timeout_ms.max(1),
-            write_quorum_wait_ms,
-            cluster,
-        })
+            line,
+            col,
+            key,
+            msg: e.message().trim().to_string(),
+        }
+    })?;
+    let g = raw.gateway.clone().unwrap_or_else(|| {
+        toml::from_str::<GatewayFile>("").expect("the empty gateway section has defaults")
+    });
+    let mut portals = Vec::new();
+    for (i, p) in g.portals.iter().enumerate() {
+        let a: SocketAddr = p.get_ref().parse().map_err(|_| {
+            cx.err(
+                p.span(),
+                format!("gateway.portals[{i}]"),
+                format!("not an address:port: {:?}", p.get_ref()),
+            )
+        })?;
+        portals.push(a);
     }
+    if portals.is_empty() {
+        return Err(cx.err(0..0, "gateway.portals", "at least one portal is needed"));
+    }
+    let check_range = |v: &Spanned<u32>, key: &str, lo: u32, hi: u32| {
+        let n = *v.get_ref();
+        if (lo..=hi).contains(&n) {
+            Ok(n)
+        } else {
+            Err(cx.err(
+                v.span(),
+                key,
+                format!("must be between {lo} and {hi} (got {n})"),
+            ))
+        }
+    };
+    let queue_depth = check_range(&g.queue_depth, "gateway.queue_depth", 1, 65536)?;
+    let mrdsl = check_range(
+        &g.max_recv_data_segment_length,
+        "gateway.max_recv_data_segment_length",
+        512,
+        16_777_215,
+    )?;
+    let max_burst = check_range(
+        &g.max_burst_length,
+        "gateway.max_burst_length",
+        512,
+        16_777_215,
+    )?;
+    let first_burst = check_range(
+        &g.first_burst_length,
+        "gateway.first_burst_length",
+        512,
+        16_777_215,
+    )?;
+    let max_r2t = check_range(
+        &g.max_outstanding_r2t,
+        "gateway.max_outstanding_r2t",
+        1,
+        65535,
+    )?;
+    let mut targets: Vec<Target> = Vec::new();
+    for (ti, t) in raw.target.iter().enumerate() {
+        let key = format!("target[{ti}]");
+        let iqn = t.iqn.get_ref().clone();
+        if !valid_iscsi_name(&iqn) {
+            return Err(cx.err(
+                t.iqn.span(),
+                format!("{key}.iqn"),
+                format!("not an iSCSI name (iqn.YYYY-MM.domain:name, eui. or naa.): {iqn:?}"),
+            ));
+        }
+        if targets.iter().any(|o| o.iqn.eq_ignore_ascii_case(&iqn)) {
+            return Err(cx.err(t.iqn.span(), format!("{key}.iqn"), "duplicate target IQN"));
+        }
+        for (i, a) in t.advertise.iter().enumerate() {
+            if a.get_ref()
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(cx.err(
+                    a.span(),
+                    format!("{key}.advertise[{i}]"),
+                    "expected host:port",
+                ));
+            }
+        }
+        for (i, a) in t.allowed_initiators.iter().enumerate() {
+            if !valid_iscsi_name(a.get_ref()) {
+                return Err(cx.err(
+                    a.span(),
+                    format!("{key}.allowed_initiators[{i}]"),
+                    format!("not an iSCSI name: {:?}", a.get_ref()),
+                ));
+            }
+        }
+        let chap = cx.chap(&t.chap, &format!("{key}.chap"))?;
+        let mutual_chap = cx.chap(&t.mutual_chap, &format!("{key}.mutual_chap"))?;
+        if let (Some(m), None) = (&t.mutual_chap, &chap) {
+            return Err(cx.err(
+                m.user.span(),
+                format!("{key}.mutual_chap"),
+                "mutual CHAP needs one-way CHAP (`chap`) too",
+            ));
+        }
+        if let (Some(a), Some(b), Some(m)) = (&chap, &mutual_chap, &t.mutual_chap) {
+            if a.secret == b.secret {
+                return Err(cx.err(
+                    m.secret.span(),
+                    format!("{key}.mutual_chap.secret"),
+                    "must differ from the one-way CHAP secret",
+                ));
+            }
+        }
+        let mut luns: Vec<Lun> = Vec::new();
+        for (li, l) in t.lun.iter().enumerate() {
+            let lkey = format!("{key}.lun[{li}]");
+            let id = *l.id.get_ref();
+            if id > 16383 {
+                return Err(cx.err(l.id.span(), format!("{lkey}.id"), "LUNs go from 0 to 16383"));
+            }
+            if luns.iter().any(|o| o.id == id) {
+                return Err(cx.err(l.id.span(), format!("{lkey}.id"), "duplicate LUN id"));
+            }
+            let backend = match l.backend.get_ref().as_str() {
+                "file" => Backend::File,
+                "mem" => Backend::Mem,
+                "ec" => Backend::Ec,
+                other => {
+                    return Err(cx.err(
+                        l.backend.span(),
+                        format!("{lkey}.backend"),
+                        format!("unknown backend {other:?} (this gateway has: file, mem, ec)"),
+                    ))
+                }
+            };
+            if backend != Backend::Ec {
+                let stray = [
+                    ("volume", l.volume.as_ref().map(Spanned::span)),
+                    ("ec", l.ec.as_ref().map(Spanned::span)),
+                    ("chunk", l.chunk.as_ref().map(Spanned::span)),
+                    ("pgs", l.pgs.as_ref().map(Spanned::span)),
+                    ("write_quorum", l.write_quorum.as_ref().map(Spanned::span)),
+                ];
+                if let Some((name, Some(span))) = stray.into_iter().find(|(_, sp)| sp.is_some()) {
+                    return Err(cx.err(
+                        span,
+                        format!("{lkey}.{name}"),
+                        "only ec LUNs take this key",
+                    ));
+                }
+            }
+            let bs = *l.block_size.get_ref();
+            if bs != 512 && bs != 4096 {
+                return Err(cx.err(
+                    l.block_size.span(),
+                    format!("{lkey}.block_size"),
+                    format!("must be 512 or 4096 (got {bs})"),
+                ));
+            }
+            let size = match &l.size {
+                None => None,
+                Some(s) => {
+                    let n = match s.get_ref() {
+                        SizeValue::Bytes(n) => *n,
+                        SizeValue::Text(t) => parse_size(t)
+                            .map_err(|m| cx.err(s.span(), format!("{lkey}.size"), m))?,
+                    };
+                    if n == 0 || n % bs as u64 != 0 {
+                        return Err(cx.err(
+                            s.span(),
+                            format!("{lkey}.size"),
+                            format!("must be a non-zero multiple of the block size {bs}"),
+                        ));
+                    }
+                    Some(n)
+                }
+            };
+            let path = l.path.as_ref().map(|p| PathBuf::from(p.get_ref()));
+            match backend {
+                Backend::File if path.is_none() => {
+                    return Err(cx.err(
+                        l.backend.span(),
+                        format!("{lkey}.path"),
+                        "the file backend needs a path",
+                    ))
+                }
+                Backend::Mem | Backend::Ec if size.is_none() => {
+                    return Err(cx.err(
+                        l.backend.span(),
+                        format!("{lkey}.size"),
+                        format!("the {} backend needs a size", l.backend.get_ref()),
+                    ))
+                }
+                _ => {}
+            }
+            let ec = if backend == Backend::Ec {
+                Some(cx.ec_lun(l, &lkey, &iqn, id, raw.node.len())?)
+            } else {
+                None
+            };
+            let direct = match l.direct.get_ref().as_str() {
+                "auto" => Direct::Auto,
+                "on" => Direct::On,
+                "off" => Direct::Off,
+                other => {
+                    return Err(cx.err(
+                        l.direct.span(),
+                        format!("{lkey}.direct"),
+                        format!("must be auto, on or off (got {other:?})"),
+                    ))
+                }
+            };
+            let serial = l.serial.as_ref().map(|s| s.get_ref().clone());
+            if let (Some(s), Some(sp)) = (&serial, &l.serial) {
+                if s.is_empty() || s.len() > 64 || !s.bytes().all(|c| c.is_ascii_graphic()) {
+                    return Err(cx.err(
+                        sp.span(),
+                        format!("{lkey}.serial"),
+                        "1 to 64 printable ASCII characters",
+                    ));
+                }
+            }
+            luns.push(Lun {
+                id,
+                backend,
+                path,
+                size,
+                block_size: bs,
+                read_only: l.read_only,
+                direct,
+                serial,
+                removable: l.removable,
+                ec,
+            });
+        }
+        targets.push(Target {
+            iqn,
+            alias: t.alias.clone(),
+            portal_group_tag: t.portal_group_tag,
+            advertise: t.advertise.iter().map(|a| a.get_ref().clone()).collect(),
+            allowed_initiators: t
+                .allowed_initiators
+                .iter()
+                .map(|a| a.get_ref().clone())
+                .collect(),
+            chap,
+            mutual_chap,
+            luns,
+        });
+    }
+    let mut nodes: Vec<NodeRef> = Vec::new();
+    for (i, n) in raw.node.iter().enumerate() {
+        let key = format!("node[{i}]");
+        let id = n.id.get_ref().clone();
+        if id.is_empty() || id.len() > 255 {
+            return Err(cx.err(n.id.span(), format!("{key}.id"), "1 to 255 characters"));
+        }
+        if nodes.iter().any(|o| o.id == id) {
+            return Err(cx.err(n.id.span(), format!("{key}.id"), "duplicate node id"));
+        }
+        let address: SocketAddr = n.address.get_ref().parse().map_err(|_| {
+            cx.err(
+                n.address.span(),
+                format!("{key}.address"),
+                format!("not an address:port: {:?}", n.address.get_ref()),
+            )
+        })?;
+        let weight = n.weight.as_ref().map_or(1.0, |w| *w.get_ref());
+        if !(weight.is_finite() && weight >= 0.0) {
+            let span = n.weight.as_ref().map_or(0..0, Spanned::span);
+            return Err(cx.err(span, format!("{key}.weight"), "must be a number >= 0"));
+        }
+        nodes.push(NodeRef {
+            id,
+            address,
+            zone: n.zone.clone(),
+            rack: n.rack.clone(),
+            host: n.host.clone(),
+            weight,
+        });
+    }
+    let discovery_chap = cx.chap(&raw.discovery.chap, "discovery.chap")?;
+    let discovery_mutual_chap = cx.chap(&raw.discovery.mutual_chap, "discovery.mutual_chap")?;
+    let cluster = cx.cluster(&raw.cluster)?;
+    let write_quorum_wait_ms = match &g.write_quorum_wait_ms {
+        None => tessera_volume::QUORUM_WAIT.as_millis() as u64,
+        Some(w) if *w.get_ref() > MAX_QUORUM_WAIT_MS => {
+            return Err(cx.err(
+                w.span(),
+                "gateway.write_quorum_wait_ms",
+                format!(
+                    "at most {MAX_QUORUM_WAIT_MS} (a forwarded write must be answered within the forwarding timeout)"
+                ),
+            ))
+        }
+        Some(w) => *w.get_ref(),
+    };
+    Ok(Config {
+        file: path.into(),
+        portals,
+        state_dir: g.state_dir.as_ref().map(|s| PathBuf::from(s.get_ref())),
+        metrics: cx.addr(&g.metrics, "gateway.metrics")?,
+        workers: g.workers,
+        queue_depth,
+        nop_interval_secs: g.nop_interval_secs,
+        nop_timeout_secs: g.nop_timeout_secs.max(1),
+        max_recv_data_segment_length: mrdsl,
+        max_burst_length: max_burst,
+        first_burst_length: first_burst,
+        max_outstanding_r2t: max_r2t,
+        immediate_data: g.immediate_data,
+        initial_r2t: g.initial_r2t,
+        digests: g.digests,
+        discovery_chap,
+        discovery_mutual_chap,
+        targets,
+        nodes,
+        node_timeout_ms: g.node_timeout_ms.max(1),
+        write_quorum_wait_ms,
+        cluster,
+    })
 }
 
 /// `[node]` of a storage node's configuration file.
@@ -1348,7 +1118,7 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("t.toml"), s)
+        parse_gateway(Path::new("t.toml"), s)
     }
 
     #[test]

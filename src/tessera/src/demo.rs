@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use crate::config::{parse_size, Config};
+use crate::config::parse_size;
 
 /// Options of `tessera demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -295,7 +295,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     );
     std::fs::write(&cfg_path, text).with_context(|| format!("writing {}", cfg_path.display()))?;
     // Validate before starting anything, so a bad flag gets a clear message.
-    let cfg = Config::load(&cfg_path)?;
+    let cfg = crate::config::load_gateway(&cfg_path)?;
     let portal = cfg.portals[0];
     let mut node_children: Vec<(DemoNode, Child, Vec<String>)> = Vec::new();
     for n in &nodes {
@@ -552,7 +552,7 @@ mod tests {
             write_quorum_wait_ms: None,
         };
         let text = config_text(&a, Path::new("/tmp/x"), None).unwrap();
-        let c = Config::parse(Path::new("demo.toml"), &text).unwrap();
+        let c = crate::config::parse_gateway(Path::new("demo.toml"), &text).unwrap();
         assert_eq!(c.targets[0].luns[0].size, Some(64 << 20));
         assert_eq!(c.targets[0].chap.as_ref().unwrap().user, "user");
         assert_eq!(
@@ -576,7 +576,7 @@ mod tests {
             config_text(&ec, Path::new("/tmp/x"), None).is_err(),
             "ec needs etcd"
         );
-        let c = Config::parse(
+        let c = crate::config::parse_gateway(
             Path::new("demo.toml"),
             &config_text(&ec, Path::new("/tmp/x"), Some("http://127.0.0.1:2379")).unwrap(),
         )

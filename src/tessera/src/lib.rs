@@ -1,6 +1,6 @@
 //! tessera: a userspace block-storage target. This crate is the `tessera` binary's library:
-//! the configuration, the gateway daemon with its iSCSI connection driver, the storage node
-//! daemon, and `tessera demo`.
+//! the configuration files, the gateway daemon around the `tessera-gateway` library, the
+//! storage node daemon, the admin and image commands, and `tessera demo`.
 #![forbid(unsafe_code)]
 
 pub mod admin;

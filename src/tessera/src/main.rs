@@ -267,7 +267,7 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let c = tessera::config::Config::parse(file, &text)?;
+    let c = tessera::config::parse_gateway(file, &text)?;
     let luns: usize = c.targets.iter().map(|t| t.luns.len()).sum();
     let cluster = c.cluster.as_ref().map_or(String::new(), |cl| {
         format!(

@@ -36,6 +36,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use crate::metrics;
 use tessera_cluster::rebuild::{self, Hold, PlanInput};
 use tessera_cluster::{Cluster, FillRecord, GatewayRecord, PgMapRecord, VolumeRecord};
 use tessera_proto::scsi::Sense;
@@ -735,8 +736,8 @@ async fn agent(
             _ = shutdown.changed() => break,
         };
         logged_down = false;
-        crate::metrics::metrics().cluster_lease_held.set(1);
-        crate::metrics::metrics().cluster_etcd_reachable.set(1);
+        metrics::metrics().cluster_lease_held.set(1);
+        metrics::metrics().cluster_etcd_reachable.set(1);
         // What was published went with the old lease.
         view.published = None;
         // Sessions from now on see this gateway's own target port.
@@ -800,7 +801,7 @@ async fn agent(
                 loop {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     let quiet = at.get().elapsed();
-                    let m = crate::metrics::metrics();
+                    let m = metrics::metrics();
                     m.cluster_lease_age.set(quiet.as_secs_f64());
                     m.cluster_etcd_reachable
                         .set(i64::from(quiet < renew_every * 2));
@@ -903,7 +904,7 @@ async fn agent(
         }
         campaign.abort();
         watchdog.abort();
-        let m = crate::metrics::metrics();
+        let m = metrics::metrics();
         m.cluster_lease_held.set(0);
         m.cluster_etcd_reachable.set(0);
     }
@@ -1398,7 +1399,7 @@ async fn open(
     };
     let connector = Arc::new(
         RpcConnector::new(addrs, Duration::from_millis(gw.cfg.node_timeout_ms))
-            .observed(Arc::new(crate::metrics::FragmentCalls)),
+            .observed(Arc::new(metrics::FragmentCalls)),
     );
     let index = map
         .nodes

@@ -1,5 +1,7 @@
-//! The gateway daemon: targets and LUNs from the configuration, iSCSI portals, and one event
-//! loop per core.
+//! tessera's gateway: targets and LUNs from a validated [`Config`], iSCSI portals, one event
+//! loop per core, configuration reload, command forwarding to a volume's owner and the
+//! cluster agent. The `tessera` binary wraps it into a daemon (configuration file, signals,
+//! metrics serving, systemd notification); [`start`] is where it begins.
 //!
 //! Threading: an acceptor on the main thread hands each new connection to a worker thread
 //! (round robin). A worker runs a tokio current-thread runtime with a `LocalSet`; a connection
@@ -7,14 +9,15 @@
 //! so a command's path never crosses cores. Targets and LUNs are shared by all workers.
 
 mod cluster;
+pub mod config;
 pub(crate) mod forward;
 mod iscsi;
+pub mod metrics;
 mod reload;
 mod session;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -29,10 +32,15 @@ use tessera_target::{FilePrStore, LogicalUnit, LuConfig, PrStore, Target};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::config::{self, Backend, Config};
+use crate::config::{Backend, Config};
 
 pub use reload::Reloaded;
 pub use session::SessionRegistry;
+
+/// What the daemon around the gateway runs as each of its event loops starts: on the loop's
+/// own thread, inside its `LocalSet` (so it may spawn local tasks there), with the loop's
+/// name. The binary registers the loop with its watchdog's health check.
+pub type LoopHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Everything the workers share.
 pub struct Gateway {
@@ -49,8 +57,8 @@ pub struct Gateway {
     volume_targets: Mutex<HashMap<String, TargetEntry>>,
     /// Negotiation limits.
     pub limits: Limits,
-    /// The event loops the watchdog's health check watches.
-    pub heartbeats: crate::notify::Heartbeats,
+    /// Called by each event loop (worker, maintenance) on its own thread as it starts.
+    loop_started: LoopHook,
     /// Sessions, for reinstatement.
     pub sessions: SessionRegistry,
     /// Every configured LUN's device (flushed at shutdown).
@@ -167,7 +175,7 @@ fn open_ec(cfg: &Config, lun: &config::Lun) -> anyhow::Result<tessera_volume::Ec
             cfg.nodes.iter().map(|n| n.address).collect(),
             Duration::from_millis(cfg.node_timeout_ms),
         )
-        .observed(Arc::new(crate::metrics::FragmentCalls)),
+        .observed(Arc::new(metrics::FragmentCalls)),
     );
     std::thread::scope(|sc| {
         sc.spawn(|| {
@@ -340,7 +348,7 @@ impl Gateway {
             volume_targets: Mutex::new(HashMap::new()),
             limits,
             sessions: SessionRegistry::default(),
-            heartbeats: crate::notify::Heartbeats::default(),
+            loop_started: Arc::new(|_: &str| {}),
             devices: Mutex::new(devices),
             volumes: Mutex::new(volumes),
             next_tsih: AtomicU16::new(1),
@@ -516,18 +524,9 @@ fn flush_all(gw: &Gateway) {
     });
 }
 
-/// Bind the portals and start the workers.
-pub fn start(gw: Gateway) -> anyhow::Result<Running> {
-    let gw = Arc::new(gw);
-    if let Some(addr) = gw.cfg.metrics {
-        crate::metrics::serve(addr)?;
-        let weak = Arc::downgrade(&gw);
-        crate::metrics::set_refresh(move || {
-            if let Some(gw) = weak.upgrade() {
-                refresh_metrics(&gw);
-            }
-        });
-    }
+/// Bind the portals and start the workers (and the cluster agent, with a `[cluster]`
+/// configuration: its volumes are opened, for up to 30 s, before the portals listen).
+pub fn start(gw: Arc<Gateway>) -> anyhow::Result<Running> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut threads = Vec::new();
     if let Some(cl) = gw.cfg.cluster.clone() {
@@ -626,11 +625,23 @@ pub fn start(gw: Gateway) -> anyhow::Result<Running> {
     })
 }
 
-/// Bring what the volumes and the session registry keep into the metrics (at each scrape).
+impl Gateway {
+    /// Set what runs as each event loop starts ([`LoopHook`]); before [`start`].
+    pub fn on_loop_start(&mut self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        self.loop_started = Arc::new(hook);
+    }
+
+    /// Bring what the volumes and the session registry keep into the metrics (the binary
+    /// calls it before each scrape).
+    pub fn refresh_metrics(&self) {
+        refresh_metrics(self);
+    }
+}
+
 fn refresh_metrics(gw: &Gateway) {
     use crate::metrics::catch_up;
     use std::sync::atomic::Ordering::Relaxed;
-    let m = crate::metrics::metrics();
+    let m = metrics::metrics();
     m.iscsi_sessions.set(gw.sessions.len() as i64);
     let vols = gw.volumes.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if gw.cfg.cluster.is_some() {
@@ -737,7 +748,7 @@ fn maintenance(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        gw.heartbeats.register("maintenance loop").spawn_local();
+        (gw.loop_started)("maintenance loop");
         loop {
             let mut busy = false;
             let vols = gw.volumes.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -839,7 +850,7 @@ fn worker(
         let name = std::thread::current()
             .name()
             .map_or("worker".to_string(), |n| format!("worker {n}"));
-        gw.heartbeats.register(&name).spawn_local();
+        (gw.loop_started)(&name);
         // Node connections of volumes closed elsewhere (a takeover, a reload) close here too.
         tokio::task::spawn_local(async {
             loop {
@@ -874,55 +885,4 @@ fn worker(
             }
         }
     });
-}
-
-/// Run the gateway from a configuration file until SIGINT or SIGTERM; SIGHUP reloads it.
-pub fn run_config(path: &Path) -> anyhow::Result<()> {
-    let cfg = Config::load(path)?;
-    let gw = Gateway::build(cfg)?;
-    let heartbeats = gw.heartbeats.clone();
-    let portals = gw.cfg.portals.len();
-    let running = start(gw)?;
-    let status = format!("serving on {portals} portal(s)");
-    crate::notify::ready(&status);
-    heartbeats.start_watchdog();
-    let gw = running.gateway().clone();
-    wait_for_signal(|| {
-        crate::notify::reloading();
-        info!(file = %path.display(), "SIGHUP: reloading the configuration");
-        match Config::load(path)
-            .map_err(anyhow::Error::from)
-            .and_then(|c| gw.reload(c))
-        {
-            Ok(r) => info!("configuration reloaded: {r}"),
-            Err(e) => error!("configuration not reloaded, the running one stays: {e:#}"),
-        }
-        crate::notify::ready(&status);
-    })?;
-    crate::notify::stopping();
-    info!("stopping");
-    running.stop();
-    info!("stopped");
-    Ok(())
-}
-
-/// Block until SIGINT or SIGTERM, calling `on_hup` at each SIGHUP meanwhile.
-pub fn wait_for_signal(mut on_hup: impl FnMut()) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = hup.recv() => on_hup(),
-            }
-        }
-        Ok(())
-    })
 }

@@ -15,6 +15,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::metrics;
 use bytes::BytesMut;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
@@ -75,7 +76,7 @@ const KINDS: [&str; 3] = ["read", "write", "other"];
 
 impl LunMetrics {
     fn new(target: &Arc<str>, lun: u64) -> Self {
-        let m = crate::metrics::metrics();
+        let m = metrics::metrics();
         let l = lun.to_string();
         let t: &str = target;
         Self {
@@ -111,7 +112,7 @@ impl LunMetrics {
             Some(0x72 | 0x73) => sense.get(1).copied().unwrap_or(0) & 0x0f,
             _ => sense.get(2).copied().unwrap_or(0) & 0x0f,
         };
-        crate::metrics::metrics()
+        metrics::metrics()
             .scsi_check_conditions
             .with_label_values(&[&*self.target, self.lun.as_str(), KEYS[usize::from(key)]])
             .inc();
@@ -123,14 +124,14 @@ struct ConnCount;
 
 impl ConnCount {
     fn new() -> Self {
-        crate::metrics::metrics().iscsi_connections.inc();
+        metrics::metrics().iscsi_connections.inc();
         Self
     }
 }
 
 impl Drop for ConnCount {
     fn drop(&mut self) {
-        crate::metrics::metrics().iscsi_connections.dec();
+        metrics::metrics().iscsi_connections.dec();
     }
 }
 
@@ -373,7 +374,7 @@ pub(super) async fn serve(
                             CloseReason::LoginFailed(f) => {
                                 info!(%peer, "login failed: {f}");
                                 if let Some(r) = failure_reason(f) {
-                                    crate::metrics::metrics()
+                                    metrics::metrics()
                                         .iscsi_login_failures
                                         .with_label_values(&[r])
                                         .inc();
@@ -471,7 +472,7 @@ pub(super) async fn serve(
                         conn.handle_input(&mut rbuf, Instant::now());
                         let st = conn.stats();
                         if st.digest_errors > digest_seen || st.rejects > rejects_seen {
-                            let m = crate::metrics::metrics();
+                            let m = metrics::metrics();
                             m.iscsi_digest_errors.inc_by(st.digest_errors - digest_seen);
                             m.iscsi_rejects.inc_by(st.rejects - rejects_seen);
                             (digest_seen, rejects_seen) = (st.digest_errors, st.rejects);

@@ -414,23 +414,18 @@ impl Gateway {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Config {
-        Config::parse(std::path::Path::new("t.toml"), text).unwrap()
-    }
+    use crate::config::testing::{config, target};
 
     #[test]
     fn a_reload_keeps_the_running_cluster_target_and_its_tag() {
-        let base =
-            "[gateway]\nportals = [\"127.0.0.1:3260\"]\n[cluster]\netcd = [\"http://a:1\"]\n";
-        let running = parse(&format!("{base}target = \"iqn.2024-01.io.tessera:one\"\n"));
+        let running = config(Some("iqn.2024-01.io.tessera:one"));
         let mut old = directory_of(&running, &running.targets, None);
         for t in &mut old.targets {
             t.portal_group_tag = 7;
         }
         // The new file renames the cluster target (restart-only) and adds a target.
-        let new = parse(&format!(
-            "{base}target = \"iqn.2024-01.io.tessera:two\"\n[[target]]\niqn = \"iqn.2024-01.io.tessera:extra\"\n"
-        ));
+        let mut new = config(Some("iqn.2024-01.io.tessera:two"));
+        new.targets.push(target("iqn.2024-01.io.tessera:extra"));
         let d = reloaded_directory(&running, &new, &old);
         let names: Vec<&str> = d.targets.iter().map(|t| t.name.as_str()).collect();
         assert!(names.contains(&"iqn.2024-01.io.tessera:one"), "{names:?}");
