@@ -245,13 +245,7 @@ fn a_gateway_with_an_older_epoch_is_refused() {
         let cut_off = tessera_volume::EcVolume::open(spec, connector)
             .await
             .expect("open at the current epoch");
-        c.client()
-            .delete(
-                c.key("owners/"),
-                Some(tessera_cluster::etcd_client::DeleteOptions::new().with_prefix()),
-            )
-            .await
-            .unwrap();
+        c.meta().delete(c.key("owners/"), true).await.unwrap();
         let start = Instant::now();
         let mut after = before;
         while after <= before {

@@ -1,5 +1,8 @@
 //! tessera's control plane: the cluster's state in etcd.
 //!
+//! [`Cluster`] speaks to the store through [`Meta`], the little of etcd it uses: [`etcd::Etcd`]
+//! in production, [`Memory`] in unit tests (the tests in `tests.rs` run against both).
+//!
 //! Everything lives under one key prefix (default `/tessera`), so several clusters can share
 //! an etcd. Values are JSON. Every change that must not race is one transaction guarded by
 //! revisions; nothing here reads and then writes unguarded.
@@ -31,19 +34,20 @@
 
 #![warn(missing_docs)]
 
+pub mod etcd;
+pub mod memory;
+pub mod meta;
 pub mod process;
 pub mod rebuild;
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse,
-};
 use serde::{Deserialize, Serialize};
 use tessera_ec::{placement, Profile};
 
 pub use etcd_client;
+pub use memory::Memory;
+pub use meta::{Changes, Cmp, Kv, Meta, Op, TxnResult};
 pub use rebuild::{FillRecord, Move, MoveReason, Settings};
 
 /// The default key prefix.
@@ -318,13 +322,12 @@ pub struct OwnerRecord {
     pub epoch: u64,
 }
 
-/// A connection to the cluster's etcd.
+/// A connection to the cluster's state: etcd ([`Cluster::connect`]) or another [`Meta`]
+/// ([`Cluster::new`]: the in-memory one in tests).
 #[derive(Clone)]
 pub struct Cluster {
-    client: Client,
+    meta: Arc<dyn Meta>,
     prefix: String,
-    /// Every endpoint given, live or not (keep-alives fail over across them).
-    endpoints: std::sync::Arc<Vec<String>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -366,84 +369,37 @@ fn stable_hash(parts: &[&[u8]]) -> u64 {
     h
 }
 
-fn connect_options() -> ConnectOptions {
-    ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(5))
-        // etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
-        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-}
-
-/// Whether the endpoint `url` (`http://host:port`) accepts TCP connections within `wait`.
-async fn accepts(url: &str, wait: Duration) -> bool {
-    let hostport = url.trim_start_matches("http://").trim_end_matches('/');
-    matches!(
-        tokio::time::timeout(wait, tokio::net::TcpStream::connect(hostport)).await,
-        Ok(Ok(_))
-    )
-}
-
 impl Cluster {
     /// Connect to etcd at `endpoints` (URLs like `http://127.0.0.1:2379`), keys under
     /// `prefix`.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
-        if endpoints.is_empty() {
-            return Err(ClusterError::Invalid("no etcd endpoint given".into()));
-        }
-        // Endpoints that do not accept connections (a member that is down) are left out, so
-        // that requests are not sent their way; with none up, all are tried.
-        let mut up = Vec::new();
-        for e in endpoints {
-            if accepts(e, Duration::from_secs(1)).await {
-                up.push(e.clone());
-            }
-        }
-        let use_eps = if up.is_empty() {
-            endpoints.to_vec()
-        } else {
-            up
-        };
-        let client = Client::connect(use_eps, Some(connect_options())).await?;
-        Ok(Self {
-            client,
+        Ok(Self::new(
+            Arc::new(etcd::Etcd::connect(endpoints).await?),
+            prefix,
+        ))
+    }
+
+    /// The cluster kept in `meta`, keys under `prefix`.
+    pub fn new(meta: Arc<dyn Meta>, prefix: &str) -> Self {
+        Self {
+            meta,
             prefix: prefix.trim_end_matches('/').to_string(),
-            endpoints: std::sync::Arc::new(endpoints.to_vec()),
-        })
-    }
-
-    /// A keep-alive stream for lease `id` on a client of its own, connected to the first
-    /// endpoint from `start` on (round robin) that accepts connections: a stream whose member
-    /// died moves to a live one at once, rather than waiting for the shared channel to notice.
-    async fn keep_alive_stream(
-        &self,
-        id: i64,
-        start: usize,
-        wait: Duration,
-    ) -> Result<(Client, LeaseKeeper, LeaseKeepAliveStream)> {
-        let n = self.endpoints.len();
-        let mut last = ClusterError::Invalid("no etcd endpoint accepts connections".into());
-        for i in 0..n {
-            let ep = &self.endpoints[(start + i) % n];
-            if !accepts(ep, wait).await {
-                continue;
-            }
-            let attempt = async {
-                let mut client = Client::connect([ep.clone()], Some(connect_options())).await?;
-                let (k, s) = client.lease_keep_alive(id).await?;
-                Ok::<_, etcd_client::Error>((client, k, s))
-            };
-            match tokio::time::timeout(wait, attempt).await {
-                Ok(Ok(x)) => return Ok(x),
-                Ok(Err(e)) => last = e.into(),
-                Err(_) => last = ClusterError::Invalid(format!("{ep}: no answer in {wait:?}")),
-            }
         }
-        Err(last)
     }
 
-    /// The etcd client (for leases, watches).
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    /// The store itself (for tests and tools that reach past the records).
+    pub fn meta(&self) -> &dyn Meta {
+        &*self.meta
+    }
+
+    /// The cluster kept in the same store under another prefix.
+    pub fn with_prefix(&self, prefix: &str) -> Self {
+        Self::new(self.meta.clone(), prefix)
+    }
+
+    /// Watch every key of the cluster: wakes at each change.
+    pub async fn watch(&self) -> Result<Box<dyn Changes>> {
+        self.meta.watch(self.key("")).await
     }
 
     /// The key `prefix/rest`.
@@ -452,29 +408,20 @@ impl Cluster {
     }
 
     async fn get_prefix(&self, rest: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let r = self
-            .client
-            .clone()
-            .get(self.key(rest), Some(GetOptions::new().with_prefix()))
-            .await?;
-        Ok(r.kvs()
-            .iter()
-            .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
-            .collect())
+        let kvs = self.meta.get_prefix(self.key(rest)).await?;
+        Ok(kvs.into_iter().map(|kv| (kv.key, kv.value)).collect())
     }
 
     async fn get_one(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
-        let r = self.client.clone().get(key, None).await?;
-        Ok(r.kvs()
-            .first()
-            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+        let kv = self.meta.get(key.to_string()).await?;
+        Ok(kv.map(|kv| (kv.value, kv.mod_revision)))
     }
 
     // ---- leases -------------------------------------------------------------------------
 
     /// Grant a lease of `ttl` seconds.
     pub async fn grant(&self, ttl: i64) -> Result<i64> {
-        Ok(self.client.clone().lease_grant(ttl, None).await?.id())
+        self.meta.grant(ttl).await
     }
 
     /// Keep lease `id` alive until it is lost (etcd says it expired, or it could not be
@@ -487,95 +434,24 @@ impl Cluster {
     /// [`Cluster::keep_alive`], calling `renewed(sent)` after every renewal etcd confirmed,
     /// with the instant its request was sent: the lease runs at least `ttl` from then, so the
     /// holder knows how fresh its lease is and can stop acting on it before it can expire.
-    pub async fn keep_alive_with<F: FnMut(tokio::time::Instant)>(
+    pub async fn keep_alive_with<F: FnMut(tokio::time::Instant) + Send>(
         &self,
         id: i64,
         ttl: i64,
-        mut renewed: F,
+        renewed: F,
     ) -> ClusterError {
-        let period = Duration::from_millis((ttl.max(1) as u64 * 1000 / 5).min(2000));
-        // Answers normally come in milliseconds; a member that takes longer is given up on
-        // early enough to try the others before the lease is in danger.
-        let wait = (period / 2).max(Duration::from_millis(300));
-        let limit = Duration::from_secs(ttl.max(1) as u64);
-        let mut last_ok = tokio::time::Instant::now();
-        let mut last_err: Option<ClusterError> = None;
-        let mut chan = None;
-        let mut next = 0usize;
-        loop {
-            if last_ok.elapsed() > limit {
-                return last_err.unwrap_or_else(|| {
-                    ClusterError::Invalid(format!("lease {id:x} not renewed in {ttl} s"))
-                });
-            }
-            if chan.is_none() {
-                match self.keep_alive_stream(id, next, wait).await {
-                    Ok(k) => chan = Some(k),
-                    Err(e) => last_err = Some(e),
-                }
-                // The next reopening starts at the next endpoint.
-                next = next.wrapping_add(1);
-            }
-            let mut renewed_now = false;
-            if let Some((_, keeper, stream)) = chan.as_mut() {
-                let sent = tokio::time::Instant::now();
-                let answer = async {
-                    keeper.keep_alive().await?;
-                    stream.message().await
-                };
-                match tokio::time::timeout(wait, answer).await {
-                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
-                        last_ok = sent;
-                        renewed(sent);
-                        renewed_now = true;
-                    }
-                    Ok(Ok(Some(_))) => {
-                        return ClusterError::Invalid(format!("lease {id:x} expired"));
-                    }
-                    Ok(Ok(None)) => {
-                        last_err = Some(ClusterError::Invalid("keep-alive stream ended".into()));
-                        chan = None;
-                    }
-                    Ok(Err(e)) => {
-                        last_err = Some(e.into());
-                        chan = None;
-                    }
-                    Err(_) => {
-                        last_err = Some(ClusterError::Invalid(format!(
-                            "keep-alive not answered in {wait:?}"
-                        )));
-                        chan = None;
-                    }
-                }
-            }
-            // Renewed: wait a third of the TTL. Not: try again (another member) shortly.
-            let pause = if renewed_now {
-                period
-            } else {
-                Duration::from_millis(100)
-            };
-            tokio::time::sleep(pause).await;
-        }
+        self.meta.keep_alive(id, ttl, Box::new(renewed)).await
     }
 
     /// Revoke a lease (its keys go at once).
     pub async fn revoke(&self, id: i64) -> Result<()> {
-        self.client.clone().lease_revoke(id).await?;
-        Ok(())
+        self.meta.revoke(id).await
     }
 
     // ---- nodes and gateways -------------------------------------------------------------
 
     async fn put_leased<T: Serialize>(&self, rest: &str, v: &T, lease: i64) -> Result<()> {
-        self.client
-            .clone()
-            .put(
-                self.key(rest),
-                encode(v),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await?;
-        Ok(())
+        self.meta.put(self.key(rest), encode(v), Some(lease)).await
     }
 
     async fn list<T: serde::de::DeserializeOwned>(&self, rest: &str) -> Result<Vec<T>> {
@@ -637,25 +513,19 @@ impl Cluster {
     pub async fn set_node_state(&self, id: &str, state: NodeState) -> Result<()> {
         let key = self.key(&format!("node-states/{id}"));
         if state == NodeState::Up {
-            self.client.clone().delete(key, None).await?;
+            self.meta.delete(key, false).await
         } else {
-            self.client.clone().put(key, encode(&state), None).await?;
+            self.meta.put(key, encode(&state), None).await
         }
-        Ok(())
     }
 
     /// When node `id` was first seen absent by a controller (seconds since the Unix epoch),
     /// recording `now` if no controller had.
     pub async fn mark_absent(&self, id: &str, now: u64) -> Result<u64> {
         let key = self.key(&format!("absent/{id}"));
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(vec![TxnOp::put(key.clone(), now.to_string(), None)]);
-        if self.client.clone().txn(txn).await?.succeeded() {
+        let put = Op::put(key.clone(), now.to_string());
+        let when = vec![Cmp::Absent(key.clone())];
+        if self.meta.txn(when, vec![put], vec![]).await?.succeeded {
             return Ok(now);
         }
         match self.get_one(&key).await? {
@@ -666,11 +536,9 @@ impl Cluster {
 
     /// Forget that node `id` was absent (it is back).
     pub async fn clear_absent(&self, id: &str) -> Result<()> {
-        self.client
-            .clone()
-            .delete(self.key(&format!("absent/{id}")), None)
-            .await?;
-        Ok(())
+        self.meta
+            .delete(self.key(&format!("absent/{id}")), false)
+            .await
     }
 
     /// Nodes recorded absent, with since when.
@@ -693,11 +561,7 @@ impl Cluster {
 
     /// Replace the cluster-wide settings.
     pub async fn set_settings(&self, s: &Settings) -> Result<()> {
-        self.client
-            .clone()
-            .put(self.key("settings"), encode(s), None)
-            .await?;
-        Ok(())
+        self.meta.put(self.key("settings"), encode(s), None).await
     }
 
     /// Register a gateway under `lease`.
@@ -726,28 +590,21 @@ impl Cluster {
             let (next, guard) = match &counter {
                 Some((v, rev)) => (
                     parse_u64(ckey.as_bytes(), v)?,
-                    Compare::mod_revision(ckey.clone(), CompareOp::Equal, *rev),
+                    Cmp::ModRevision(ckey.clone(), *rev),
                 ),
-                None => (
-                    1,
-                    Compare::create_revision(ckey.clone(), CompareOp::Equal, 0),
-                ),
+                None => (1, Cmp::Absent(ckey.clone())),
             };
             if next > u64::from(u16::MAX) {
                 return Err(ClusterError::Invalid(
                     "all 65535 gateway numbers are used".into(),
                 ));
             }
-            let txn = Txn::new()
-                .when(vec![
-                    guard,
-                    Compare::create_revision(nkey.clone(), CompareOp::Equal, 0),
-                ])
-                .and_then(vec![
-                    TxnOp::put(nkey.clone(), next.to_string(), None),
-                    TxnOp::put(ckey.clone(), (next + 1).to_string(), None),
-                ]);
-            if self.client.clone().txn(txn).await?.succeeded() {
+            let when = vec![guard, Cmp::Absent(nkey.clone())];
+            let then = vec![
+                Op::put(nkey.clone(), next.to_string()),
+                Op::put(ckey.clone(), (next + 1).to_string()),
+            ];
+            if self.meta.txn(when, then, vec![]).await?.succeeded {
                 return Ok(next as u16);
             }
             // Another gateway took that number, or this one was numbered meanwhile: again.
@@ -839,12 +696,9 @@ impl Cluster {
             let (lun, guard) = match &counter {
                 Some((v, rev)) => (
                     parse_u64(ckey.as_bytes(), v)?,
-                    Compare::mod_revision(ckey.clone(), CompareOp::Equal, *rev),
+                    Cmp::ModRevision(ckey.clone(), *rev),
                 ),
-                None => (
-                    0,
-                    Compare::create_revision(ckey.clone(), CompareOp::Equal, 0),
-                ),
+                None => (0, Cmp::Absent(ckey.clone())),
             };
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -867,16 +721,12 @@ impl Cluster {
                 pgs: req.pgs,
                 write_quorum: quorum,
             };
-            let txn = Txn::new()
-                .when(vec![
-                    Compare::create_revision(vkey.clone(), CompareOp::Equal, 0),
-                    guard,
-                ])
-                .and_then(vec![
-                    TxnOp::put(vkey.clone(), encode(&rec), None),
-                    TxnOp::put(ckey.clone(), (lun + 1).to_string(), None),
-                ]);
-            if self.client.clone().txn(txn).await?.succeeded() {
+            let when = vec![Cmp::Absent(vkey.clone()), guard];
+            let then = vec![
+                Op::put(vkey.clone(), encode(&rec)),
+                Op::put(ckey.clone(), (lun + 1).to_string()),
+            ];
+            if self.meta.txn(when, then, vec![]).await?.succeeded {
                 return Ok(rec);
             }
             if self.get_one(&vkey).await?.is_some() {
@@ -925,14 +775,9 @@ impl Cluster {
                 )));
             }
             v.size = size;
-            let txn = Txn::new()
-                .when(vec![Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    rev,
-                )])
-                .and_then(vec![TxnOp::put(key.clone(), encode(&v), None)]);
-            if self.client.clone().txn(txn).await?.succeeded() {
+            let when = vec![Cmp::ModRevision(key.clone(), rev)];
+            let then = vec![Op::put(key.clone(), encode(&v))];
+            if self.meta.txn(when, then, vec![]).await?.succeeded {
                 return Ok(v);
             }
         }
@@ -945,26 +790,25 @@ impl Cluster {
             return Err(ClusterError::NoVolume(name.to_string()));
         };
         let id = format!("{:016x}", v.id);
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                self.key(&format!("volumes/{name}")),
-                CompareOp::Greater,
-                0,
-            )])
-            .and_then(vec![
-                TxnOp::delete(self.key(&format!("volumes/{name}")), None),
-                TxnOp::delete(self.key(&format!("pgmaps/{id}")), None),
-                TxnOp::delete(self.key(&format!("epochs/{id}")), None),
-                TxnOp::delete(self.key(&format!("owners/{id}")), None),
-                TxnOp::delete(self.key(&format!("reservations/{id}")), None),
-                TxnOp::delete(self.key(&format!("fills/{id}")), None),
-                TxnOp::delete(self.key(&format!("trimmed/{id}")), None),
-                TxnOp::delete(
-                    self.key(&format!("moves/{id}/")),
-                    Some(DeleteOptions::new().with_prefix()),
-                ),
-            ]);
-        if !self.client.clone().txn(txn).await?.succeeded() {
+        let vkey = self.key(&format!("volumes/{name}"));
+        let mut then = vec![Op::Delete(vkey.clone())];
+        for what in [
+            "pgmaps",
+            "epochs",
+            "owners",
+            "reservations",
+            "fills",
+            "trimmed",
+        ] {
+            then.push(Op::Delete(self.key(&format!("{what}/{id}"))));
+        }
+        then.push(Op::DeletePrefix(self.key(&format!("moves/{id}/"))));
+        if !self
+            .meta
+            .txn(vec![Cmp::Present(vkey)], then, vec![])
+            .await?
+            .succeeded
+        {
             return Err(ClusterError::NoVolume(name.to_string()));
         }
         Ok(v)
@@ -1021,24 +865,18 @@ impl Cluster {
         if cur != *old {
             return Ok(false);
         }
-        let txn = Txn::new()
-            .when(vec![
-                Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
-                Compare::create_revision(
-                    self.key(&format!("volumes/{}", vol.name)),
-                    CompareOp::Greater,
-                    0,
-                ),
-            ])
-            .and_then(vec![
-                TxnOp::put(key, encode(new), None),
-                TxnOp::put(
-                    self.key(&format!("moves/{:016x}/{:016x}", vol.id, new.epoch)),
-                    encode(&moves),
-                    None,
-                ),
-            ]);
-        Ok(self.client.clone().txn(txn).await?.succeeded())
+        let when = vec![
+            Cmp::ModRevision(key.clone(), rev),
+            Cmp::Present(self.key(&format!("volumes/{}", vol.name))),
+        ];
+        let then = vec![
+            Op::put(key, encode(new)),
+            Op::put(
+                self.key(&format!("moves/{:016x}/{:016x}", vol.id, new.epoch)),
+                encode(&moves),
+            ),
+        ];
+        Ok(self.meta.txn(when, then, vec![]).await?.succeeded)
     }
 
     /// The moves each map change of a volume made, oldest first, as `(epoch, moves)`.
@@ -1109,13 +947,11 @@ impl Cluster {
         let okey = self.key(&format!("owners/{volume:016x}"));
         let key = self.key(&format!("writes/{volume:016x}"));
         let op = match rec {
-            Some(r) => TxnOp::put(key, encode(r), Some(PutOptions::new().with_lease(lease))),
-            None => TxnOp::delete(key, None),
+            Some(r) => Op::put_leased(key, encode(r), lease),
+            None => Op::Delete(key),
         };
-        let txn = Txn::new()
-            .when(vec![Compare::lease(okey, CompareOp::Equal, lease)])
-            .and_then(vec![op]);
-        if self.client.clone().txn(txn).await?.succeeded() {
+        let when = vec![Cmp::Lease(okey, lease)];
+        if self.meta.txn(when, vec![op], vec![]).await?.succeeded {
             Ok(())
         } else {
             Err(ClusterError::Invalid(format!(
@@ -1127,10 +963,13 @@ impl Cluster {
     async fn put_as_owner(&self, volume: u64, lease: i64, what: &str, v: Vec<u8>) -> Result<()> {
         let okey = self.key(&format!("owners/{volume:016x}"));
         let key = self.key(&format!("{what}/{volume:016x}"));
-        let txn = Txn::new()
-            .when(vec![Compare::lease(okey, CompareOp::Equal, lease)])
-            .and_then(vec![TxnOp::put(key, v, None)]);
-        if self.client.clone().txn(txn).await?.succeeded() {
+        let when = vec![Cmp::Lease(okey, lease)];
+        if self
+            .meta
+            .txn(when, vec![Op::put(key, v)], vec![])
+            .await?
+            .succeeded
+        {
             Ok(())
         } else {
             Err(ClusterError::Invalid(format!(
@@ -1166,18 +1005,13 @@ impl Cluster {
             moving: Vec::new(),
         };
         let key = self.key(&format!("pgmaps/{:016x}", vol.id));
-        let txn = Txn::new()
-            .when(vec![
-                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                // Only for a volume that still exists.
-                Compare::create_revision(
-                    self.key(&format!("volumes/{}", vol.name)),
-                    CompareOp::Greater,
-                    0,
-                ),
-            ])
-            .and_then(vec![TxnOp::put(key.clone(), encode(&rec), None)]);
-        if self.client.clone().txn(txn).await?.succeeded() {
+        let when = vec![
+            Cmp::Absent(key.clone()),
+            // Only for a volume that still exists.
+            Cmp::Present(self.key(&format!("volumes/{}", vol.name))),
+        ];
+        let then = vec![Op::put(key.clone(), encode(&rec))];
+        if self.meta.txn(when, then, vec![]).await?.succeeded {
             return Ok(rec);
         }
         self.pg_map(vol.id)
@@ -1216,42 +1050,33 @@ impl Cluster {
             let (epoch, guard) = match &cur {
                 Some((v, rev)) => (
                     parse_u64(ekey.as_bytes(), v)?,
-                    Compare::mod_revision(ekey.clone(), CompareOp::Equal, *rev),
+                    Cmp::ModRevision(ekey.clone(), *rev),
                 ),
-                None => (
-                    0,
-                    Compare::create_revision(ekey.clone(), CompareOp::Equal, 0),
-                ),
+                None => (0, Cmp::Absent(ekey.clone())),
             };
             let next = epoch + 1;
             let rec = OwnerRecord {
                 gateway: gateway.to_string(),
                 epoch: next,
             };
-            let txn = Txn::new()
-                .when(vec![
-                    Compare::create_revision(okey.clone(), CompareOp::Equal, 0),
-                    guard,
-                ])
-                .and_then(vec![
-                    TxnOp::put(
-                        okey.clone(),
-                        encode(&rec),
-                        Some(PutOptions::new().with_lease(lease)),
-                    ),
-                    TxnOp::put(ekey.clone(), next.to_string(), None),
-                ])
-                .or_else(vec![TxnOp::get(okey.clone(), None)]);
-            let resp = self.client.clone().txn(txn).await?;
-            if resp.succeeded() {
+            let when = vec![Cmp::Absent(okey.clone()), guard];
+            let then = vec![
+                Op::put_leased(okey.clone(), encode(&rec), lease),
+                Op::put(ekey.clone(), next.to_string()),
+            ];
+            let resp = self
+                .meta
+                .txn(when, then, vec![Op::Get(okey.clone())])
+                .await?;
+            if resp.succeeded {
                 return Ok(Some(next));
             }
-            let held = resp.op_responses().into_iter().find_map(|r| match r {
-                TxnOpResponse::Get(g) => {
-                    g.kvs().first().map(|kv| (kv.value().to_vec(), kv.lease()))
-                }
-                _ => None,
-            });
+            let held = resp
+                .got
+                .into_iter()
+                .flatten()
+                .next()
+                .map(|kv| (kv.value, kv.lease));
             match held {
                 Some((v, l)) => {
                     let o: OwnerRecord = decode(okey.as_bytes(), &v)?;
@@ -1268,10 +1093,8 @@ impl Cluster {
         let okey = self.key(&format!("owners/{volume:016x}"));
         if let Some(o) = self.owner(volume).await? {
             if o.gateway == gateway {
-                let txn = Txn::new()
-                    .when(vec![Compare::lease(okey.clone(), CompareOp::Equal, lease)])
-                    .and_then(vec![TxnOp::delete(okey, None)]);
-                self.client.clone().txn(txn).await?;
+                let when = vec![Cmp::Lease(okey.clone(), lease)];
+                self.meta.txn(when, vec![Op::Delete(okey)], vec![]).await?;
             }
         }
         Ok(())
@@ -1297,40 +1120,19 @@ impl Cluster {
     /// Campaign to be the controller under `lease`; returns once elected (the election
     /// holds while the lease lives).
     pub async fn campaign(&self, gateway: &str, lease: i64) -> Result<()> {
-        self.client
-            .clone()
-            .campaign(self.key("election/controller"), gateway, lease)
-            .await?;
-        Ok(())
+        self.meta
+            .campaign(self.key("election/controller"), gateway.to_string(), lease)
+            .await
     }
 
     /// The current controller's id, if any.
     pub async fn controller(&self) -> Result<Option<String>> {
-        match self
-            .client
-            .clone()
-            .leader(self.key("election/controller"))
-            .await
-        {
-            Ok(r) => Ok(r
-                .kv()
-                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
-            // No leader: etcd answers "election: no leader".
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        self.meta.leader(self.key("election/controller")).await
     }
 
     /// Delete every key under the prefix (tests).
     pub async fn wipe(&self) -> Result<()> {
-        self.client
-            .clone()
-            .delete(
-                format!("{}/", self.prefix),
-                Some(DeleteOptions::new().with_prefix()),
-            )
-            .await?;
-        Ok(())
+        self.meta.delete(format!("{}/", self.prefix), true).await
     }
 }
 

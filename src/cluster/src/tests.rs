@@ -1,5 +1,7 @@
-//! Against a real etcd member (Debian's etcd-server, started per test on a free loopback
-//! port with a temporary data directory, killed by PID at the end).
+//! Every test runs twice: against the in-memory store ([`Memory`]) and against a real etcd
+//! member (Debian's etcd-server, started per test on a free loopback port with a temporary
+//! data directory, killed by PID at the end), so the in-memory store the gateway's unit tests
+//! use is held to etcd's behaviour.
 
 use std::time::Duration;
 
@@ -32,6 +34,23 @@ fn run<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Run `body` against the in-memory store, then against a real etcd member: both must behave
+/// the same (the in-memory one stands in for etcd in the gateway's unit tests).
+fn on_both<F, Fut>(body: F)
+where
+    F: Fn(Cluster) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    run(body(Cluster::new(Arc::new(Memory::new()), "/t")));
+    let f = etcd();
+    run(async {
+        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
+            .await
+            .unwrap();
+        body(c).await;
+    });
+}
+
 fn node(i: usize) -> NodeRecord {
     NodeRecord {
         id: format!("node-{i}"),
@@ -58,14 +77,8 @@ fn new_volume(name: &str) -> NewVolume {
 
 #[test]
 fn nodes_register_under_a_lease_and_vanish_when_it_goes() {
-    let f = etcd();
-    run(async {
-        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t1")
-            .await
-            .unwrap();
-        let other = Cluster::connect(&[f.etcd.member.client_url()], "/t2")
-            .await
-            .unwrap();
+    on_both(|c| async move {
+        let other = c.with_prefix("/t2");
         let lease = c.grant(10).await.unwrap();
         for i in 0..3 {
             c.register_node(&node(i), lease).await.unwrap();
@@ -81,11 +94,7 @@ fn nodes_register_under_a_lease_and_vanish_when_it_goes() {
 
 #[test]
 fn a_lease_kept_alive_outlives_its_ttl() {
-    let f = etcd();
-    run(async {
-        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
-            .await
-            .unwrap();
+    on_both(|c| async move {
         let lease = c.grant(2).await.unwrap();
         c.register_node(&node(0), lease).await.unwrap();
         let kept = {
@@ -103,11 +112,7 @@ fn a_lease_kept_alive_outlives_its_ttl() {
 
 #[test]
 fn volumes_get_distinct_luns_and_names_are_unique() {
-    let f = etcd();
-    run(async {
-        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
-            .await
-            .unwrap();
+    on_both(|c| async move {
         // Racing creators: every volume gets its own LUN.
         let mut tasks = Vec::new();
         for i in 0..8 {
@@ -174,11 +179,7 @@ fn volumes_get_distinct_luns_and_names_are_unique() {
 
 #[test]
 fn the_first_placement_map_is_made_once_from_live_nodes() {
-    let f = etcd();
-    run(async {
-        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
-            .await
-            .unwrap();
+    on_both(|c| async move {
         let lease = c.grant(10).await.unwrap();
         let v = c.create_volume(&new_volume("v")).await.unwrap();
         // Too few nodes: a clear refusal, nothing stored.
@@ -210,11 +211,7 @@ fn the_first_placement_map_is_made_once_from_live_nodes() {
 
 #[test]
 fn ownership_is_exclusive_and_every_takeover_raises_the_epoch() {
-    let f = etcd();
-    run(async {
-        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
-            .await
-            .unwrap();
+    on_both(|c| async move {
         let v = c.create_volume(&new_volume("v")).await.unwrap();
         let a = c.grant(10).await.unwrap();
         let b = c.grant(10).await.unwrap();
@@ -245,11 +242,7 @@ fn ownership_is_exclusive_and_every_takeover_raises_the_epoch() {
 
 #[test]
 fn one_controller_at_a_time() {
-    let f = etcd();
-    run(async {
-        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
-            .await
-            .unwrap();
+    on_both(|c| async move {
         assert_eq!(c.controller().await.unwrap(), None);
         let a = c.grant(10).await.unwrap();
         let b = c.grant(10).await.unwrap();
@@ -323,11 +316,7 @@ fn owners_spread_by_weight_and_a_new_gateway_takes_only_its_share() {
 
 #[test]
 fn gateway_numbers_are_distinct_and_kept() {
-    let f = etcd();
-    run(async {
-        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
-            .await
-            .unwrap();
+    on_both(|c| async move {
         // Eight gateways numbering themselves at once get 1..=8, each once.
         let mut tasks = Vec::new();
         for i in 0..8 {
@@ -351,11 +340,7 @@ fn gateway_numbers_are_distinct_and_kept() {
 
 #[test]
 fn only_the_owner_saves_reservations() {
-    let f = etcd();
-    run(async {
-        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
-            .await
-            .unwrap();
+    on_both(|c| async move {
         let v = c.create_volume(&new_volume("prs")).await.unwrap();
         let (a, b) = (c.grant(10).await.unwrap(), c.grant(10).await.unwrap());
         assert!(c.reservations(v.id).await.unwrap().is_none());
@@ -386,11 +371,7 @@ fn only_the_owner_saves_reservations() {
 
 #[test]
 fn map_changes_are_guarded_recorded_and_fills_reported_by_the_owner_only() {
-    let f = etcd();
-    run(async {
-        let c = Cluster::connect(&[f.etcd.member.client_url()], "/t")
-            .await
-            .unwrap();
+    on_both(|c| async move {
         let lease = c.grant(30).await.unwrap();
         for i in 0..7 {
             c.register_node(&node(i), lease).await.unwrap();

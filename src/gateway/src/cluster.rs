@@ -29,7 +29,6 @@
 //! lease can expire and another gateway can take them over. When it reaches etcd again it
 //! registers anew and takes back, with new epochs, the volumes nobody else took.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -759,7 +758,8 @@ async fn agent(
                 e.volume.close();
             }
         }
-        let renewed_at = Rc::new(Cell::new(asked));
+        // When the last renewal etcd confirmed was sent (written by the keep-alive task).
+        let renewed_at = Arc::new(Mutex::new(asked));
         // The controller election runs beside everything else; it holds while the lease does.
         let (leader_tx, leader_rx) = watch::channel(false);
         let campaign = {
@@ -782,7 +782,10 @@ async fn agent(
             let ttl = cl.lease_ttl;
             let at = renewed_at.clone();
             tokio::task::spawn_local(async move {
-                c.keep_alive_with(lease, ttl, |sent| at.set(sent)).await
+                c.keep_alive_with(lease, ttl, move |sent| {
+                    *at.lock().unwrap_or_else(|e| e.into_inner()) = sent
+                })
+                .await
             })
         };
         // Stop writing well before the lease could expire unrenewed: a watchdog of its own, so
@@ -800,7 +803,7 @@ async fn agent(
             tokio::task::spawn_local(async move {
                 loop {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    let quiet = at.get().elapsed();
+                    let quiet = at.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
                     let m = metrics::metrics();
                     m.cluster_lease_age.set(quiet.as_secs_f64());
                     m.cluster_etcd_reachable
@@ -821,14 +824,7 @@ async fn agent(
             })
         };
         let mut kept = kept;
-        let mut events = match c
-            .client()
-            .watch(
-                c.key(""),
-                Some(tessera_cluster::etcd_client::WatchOptions::new().with_prefix()),
-            )
-            .await
-        {
+        let mut events = match c.watch().await {
             Ok(w) => Some(w),
             Err(e) => {
                 warn!("cannot watch the cluster: {e}; polling");
@@ -857,9 +853,9 @@ async fn agent(
             let changed = async {
                 match events.as_mut() {
                     Some(ev) => {
-                        match tokio::time::timeout(Duration::from_secs(2), ev.message()).await {
-                            Ok(Ok(Some(_))) | Err(_) => true,
-                            Ok(_) => false,
+                        match tokio::time::timeout(Duration::from_secs(2), ev.changed()).await {
+                            Ok(Ok(())) | Err(_) => true,
+                            Ok(Err(_)) => false,
                         }
                     }
                     None => {
