@@ -1027,6 +1027,62 @@ async fn controller_round(c: &Cluster, held: &mut HashMap<u64, String>) {
 }
 
 /// Export what should be exported, forward what others own, drop what is gone.
+/// What this gateway does about one volume in a reconcile round ([`step`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// Served here and still owned here: keep serving it.
+    Keep,
+    /// Served here, but etcd names another owner (`Some`: that gateway) or none: stop at once
+    /// (fence) and forward to the owner.
+    Lost(Option<String>),
+    /// Served here, and this other, preferred gateway has been live for [`HANDOVER_AFTER`]:
+    /// stop, release the owner key, and let it take the volume.
+    HandOver(String),
+    /// Owned by another gateway (`Some`), or waiting for the preferred one to take it
+    /// (`None`): forward (with no owner, commands get NOT READY, TRANSITIONING).
+    Forward(Option<String>),
+    /// Take it: unowned (or held under this lease but not open here) and this gateway is the
+    /// preferred one, or the volume has waited [`TAKE_ANY_AFTER`] for the preferred one.
+    Take,
+}
+
+/// The ownership decision for one volume: `owner` is etcd's owner record, `preferred` the
+/// gateway rendezvous hashing prefers among the live ones, `served` whether it is open
+/// here, `preferred_seen` since when the preferred gateway has been live, `unowned_since`
+/// since when the volume has been seen without an owner here (`None`: not before now).
+fn step(
+    me: &str,
+    owner: Option<&tessera_cluster::OwnerRecord>,
+    preferred: Option<&GatewayRecord>,
+    served: bool,
+    preferred_seen: Option<tokio::time::Instant>,
+    unowned_since: Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+) -> Step {
+    if served {
+        if owner.is_none_or(|o| o.gateway != me) {
+            return Step::Lost(owner.map(|o| o.gateway.clone()));
+        }
+        let settled = preferred_seen.is_some_and(|t| now.duration_since(t) >= HANDOVER_AFTER);
+        return match preferred.filter(|p| p.id != me) {
+            Some(p) if settled => Step::HandOver(p.id.clone()),
+            _ => Step::Keep,
+        };
+    }
+    if let Some(o) = owner.filter(|o| o.gateway != me) {
+        return Step::Forward(Some(o.gateway.clone()));
+    }
+    let since = unowned_since.unwrap_or(now);
+    let mine = owner.is_some();
+    let take =
+        mine || preferred.is_none_or(|p| p.id == me) || now.duration_since(since) >= TAKE_ANY_AFTER;
+    if take {
+        Step::Take
+    } else {
+        Step::Forward(None)
+    }
+}
+
 async fn reconcile(
     gw: &Arc<Gateway>,
     cl: &ClusterConfig,
@@ -1090,65 +1146,67 @@ async fn reconcile(
                 .map(|g| g.forward.clone())
                 .filter(|f| !f.is_empty())
         };
-        if let Some(e) = view.exported.get(&v.id) {
-            if owner.is_none_or(|o| o.gateway != me.id) {
+        let preferred_seen = preferred.and_then(|p| view.seen.get(&p.id).copied());
+        let served = view.exported.contains_key(&v.id);
+        let unowned_since = view.unowned.get(&v.id).copied();
+        match step(
+            &me.id,
+            owner,
+            preferred,
+            served,
+            preferred_seen,
+            unowned_since,
+            now,
+        ) {
+            Step::Lost(to) => {
                 // etcd says someone else (or nobody) owns it: stop at once.
                 warn!(volume = %v.name, "ownership lost");
-                let e = view.exported.remove(&v.id).expect("present");
+                let e = view.exported.remove(&v.id).expect("served");
                 e.volume.fence("ownership moved to another gateway");
                 drop_volume(gw, &e);
-                let to = owner.and_then(|o| forward_of(&o.gateway));
+                let to = to.and_then(|g| forward_of(&g));
                 view.forward(&target, v.id, v.lun, to);
                 continue;
             }
-            // Grown: the volume takes the new size, the initiators are told.
-            if v.size > e.volume.size() {
-                match e.volume.grow(v.size) {
-                    Ok(()) => e.lu.capacity_changed(),
-                    Err(why) => warn!(volume = %v.name, "cannot grow: {why}"),
-                }
-            }
-            e.lu.set_alua(Alua {
-                groups: groups.clone(),
-                optimized: Some(me.number),
-            });
-            // A preferred gateway, live for a while: hand the volume over to it.
-            if let Some(p) = preferred.filter(|p| p.id != me.id) {
-                let settled = view
-                    .seen
-                    .get(&p.id)
-                    .is_some_and(|t| now.duration_since(*t) >= HANDOVER_AFTER);
-                if settled {
-                    info!(volume = %v.name, to = %p.id, "handing the volume over");
-                    let e = view.exported.remove(&v.id).expect("present");
-                    view.forward(&target, v.id, v.lun, None);
-                    e.volume.fence("handed over to another gateway");
-                    drop_volume(gw, &e);
-                    if let Err(err) = c.release(v.id, &me.id, lease).await {
-                        warn!(volume = %v.name, "releasing: {err}");
+            Step::Keep => {
+                let e = view.exported.get(&v.id).expect("served");
+                // Grown: the volume takes the new size, the initiators are told.
+                if v.size > e.volume.size() {
+                    match e.volume.grow(v.size) {
+                        Ok(()) => e.lu.capacity_changed(),
+                        Err(why) => warn!(volume = %v.name, "cannot grow: {why}"),
                     }
                 }
-            }
-            continue;
-        }
-        match owner {
-            Some(o) if o.gateway != me.id => {
-                view.unowned.remove(&v.id);
-                view.forward(&target, v.id, v.lun, forward_of(&o.gateway));
+                e.lu.set_alua(Alua {
+                    groups: groups.clone(),
+                    optimized: Some(me.number),
+                });
                 continue;
             }
-            _ => {}
-        }
-        // Unowned (or held under this lease but not open here): take it when preferred, or
-        // when it has waited too long for the preferred gateway.
-        let since = *view.unowned.entry(v.id).or_insert(now);
-        let mine = owner.is_some_and(|o| o.gateway == me.id);
-        let take = mine
-            || preferred.is_none_or(|p| p.id == me.id)
-            || now.duration_since(since) >= TAKE_ANY_AFTER;
-        if !take {
-            view.forward(&target, v.id, v.lun, None);
-            continue;
+            Step::HandOver(to) => {
+                info!(volume = %v.name, %to, "handing the volume over");
+                let e = view.exported.remove(&v.id).expect("served");
+                view.forward(&target, v.id, v.lun, None);
+                e.volume.fence("handed over to another gateway");
+                drop_volume(gw, &e);
+                if let Err(err) = c.release(v.id, &me.id, lease).await {
+                    warn!(volume = %v.name, "releasing: {err}");
+                }
+                continue;
+            }
+            Step::Forward(Some(owner)) => {
+                view.unowned.remove(&v.id);
+                view.forward(&target, v.id, v.lun, forward_of(&owner));
+                continue;
+            }
+            Step::Forward(None) => {
+                view.unowned.entry(v.id).or_insert(now);
+                view.forward(&target, v.id, v.lun, None);
+                continue;
+            }
+            Step::Take => {
+                view.unowned.entry(v.id).or_insert(now);
+            }
         }
         let map = match c.pg_map(v.id).await {
             Ok(Some(m)) => m,
@@ -1414,3 +1472,7 @@ async fn open(
     }
     Ok((vol, connector, index))
 }
+
+#[cfg(test)]
+#[path = "cluster_tests.rs"]
+mod tests;
