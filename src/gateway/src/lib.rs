@@ -502,16 +502,24 @@ impl Running {
     }
 }
 
-fn flush_all(gw: &Gateway) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
+/// A current-thread runtime for one of the gateway's threads (`None`, logged with `what`,
+/// when it cannot be built).
+fn runtime(what: &str) -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(rt) => Some(rt),
         Err(e) => {
-            error!("cannot flush backends: {e}");
-            return;
+            error!("{what}: {e}");
+            None
         }
+    }
+}
+
+fn flush_all(gw: &Gateway) {
+    let Some(rt) = runtime("cannot flush backends") else {
+        return;
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
@@ -736,15 +744,8 @@ fn refresh_metrics(gw: &Gateway) {
 /// Background work of the erasure-coded volumes: checks after an unclean stop, nodes catching
 /// up, repairs, clearing the write-intent log.
 fn maintenance(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!("maintenance runtime: {e}");
-            return;
-        }
+    let Some(rt) = runtime("maintenance runtime") else {
+        return;
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
@@ -773,15 +774,8 @@ fn acceptor(
     workers: Vec<mpsc::Sender<std::net::TcpStream>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!("acceptor runtime: {e}");
-            return;
-        }
+    let Some(rt) = runtime("acceptor runtime") else {
+        return;
     };
     rt.block_on(async move {
         let mut ls = Vec::new();
@@ -835,15 +829,8 @@ fn worker(
     mut rx: mpsc::Receiver<std::net::TcpStream>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!("worker runtime: {e}");
-            return;
-        }
+    let Some(rt) = runtime("worker runtime") else {
+        return;
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {

@@ -86,6 +86,12 @@ pub const BUCKETS: &[f64] = &[
     2.5, 10.0,
 ];
 
+/// `m`, registered in `r`.
+pub fn registered<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
 /// A counter family registered in `r`.
 pub fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -114,16 +120,10 @@ pub fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> H
 impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
-        let int_gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            r.register(Box::new(g.clone())).expect("unique metric");
-            g
-        };
-        let int_counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
+        let int_gauge =
+            |n: &str, h: &str| registered(&r, IntGauge::new(n, h).expect("valid metric"));
+        let int_counter =
+            |n: &str, h: &str| registered(&r, IntCounter::new(n, h).expect("valid metric"));
         let lease_age = Gauge::new(
             "tessera_cluster_lease_age_seconds",
             "Seconds since the gateway's cluster lease was last renewed (counted from when the renewal was sent).",

@@ -599,23 +599,26 @@ impl Ctx<'_> {
 
 /// Read and validate a configuration file.
 pub fn load_gateway(path: &Path) -> Result<Config, ConfigError> {
-    let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    parse_gateway(path, &read(path)?)
+}
+
+/// The text of configuration file `path`.
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.into(),
         line: 0,
         col: 0,
         key: String::new(),
         msg: format!("cannot read: {e}"),
-    })?;
-    parse_gateway(path, &src)
+    })
 }
 
-/// Parse and validate configuration text (`path` is used in messages).
-pub fn parse_gateway(path: &Path, src: &str) -> Result<Config, ConfigError> {
-    let cx = Ctx { file: path, src };
-    let raw: ConfigFile = toml::from_str(src).map_err(|e| {
+/// TOML text `src` of file `path` as a `T`; a syntax or type error names the line, the column
+/// and the key (the text left of '=' on the offending line, when there is one).
+fn from_toml<T: serde::de::DeserializeOwned>(path: &Path, src: &str) -> Result<T, ConfigError> {
+    toml::from_str(src).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
         let (line, col) = line_col(src, span.start);
-        // The key is the text left of '=' on the offending line, when there is one.
         let key = src
             .lines()
             .nth(line.saturating_sub(1))
@@ -629,7 +632,13 @@ pub fn parse_gateway(path: &Path, src: &str) -> Result<Config, ConfigError> {
             key,
             msg: e.message().trim().to_string(),
         }
-    })?;
+    })
+}
+
+/// Parse and validate configuration text (`path` is used in messages).
+pub fn parse_gateway(path: &Path, src: &str) -> Result<Config, ConfigError> {
+    let cx = Ctx { file: path, src };
+    let raw: ConfigFile = from_toml(path, src)?;
     let g = raw.gateway.clone().unwrap_or_else(|| {
         toml::from_str::<GatewayFile>("").expect("the empty gateway section has defaults")
     });
@@ -1027,36 +1036,13 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// Read and validate a node configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.into(),
-            line: 0,
-            col: 0,
-            key: String::new(),
-            msg: format!("cannot read: {e}"),
-        })?;
-        Self::parse(path, &src)
+        Self::parse(path, &read(path)?)
     }
 
     /// Parse and validate node configuration text.
     pub fn parse(path: &Path, src: &str) -> Result<Self, ConfigError> {
         let cx = Ctx { file: path, src };
-        let raw: NodeFileTop = toml::from_str(src).map_err(|e| {
-            let span = e.span().unwrap_or(0..0);
-            let (line, col) = line_col(src, span.start);
-            let key = src
-                .lines()
-                .nth(line.saturating_sub(1))
-                .and_then(|l| l.split_once('='))
-                .map(|(k, _)| k.trim().to_string())
-                .unwrap_or_default();
-            ConfigError {
-                file: path.into(),
-                line,
-                col,
-                key,
-                msg: e.message().trim().to_string(),
-            }
-        })?;
+        let raw: NodeFileTop = from_toml(path, src)?;
         let n = raw.node;
         let size = |v: &Option<Spanned<SizeValue>>, key: &str| -> Result<u64, ConfigError> {
             match v {

@@ -14,7 +14,7 @@ use prometheus::{
     Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 pub use tessera_gateway::metrics::catch_up;
-use tessera_gateway::metrics::{counter_vec, gauge_vec, histogram_vec};
+use tessera_gateway::metrics::{counter_vec, gauge_vec, histogram_vec, registered};
 use tracing::{info, warn};
 
 /// The storage node's metrics and the process's io_uring counters.
@@ -46,16 +46,10 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
-        let int_gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            r.register(Box::new(g.clone())).expect("unique metric");
-            g
-        };
-        let int_counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
+        let int_gauge =
+            |n: &str, h: &str| registered(&r, IntGauge::new(n, h).expect("valid metric"));
+        let int_counter =
+            |n: &str, h: &str| registered(&r, IntCounter::new(n, h).expect("valid metric"));
         Self {
             uring_submissions: int_counter(
                 "tessera_uring_submissions_total",
