@@ -40,7 +40,7 @@ use crate::metrics;
 use tessera_cluster::rebuild::{self, Hold, PlanInput};
 use tessera_cluster::{Cluster, FillRecord, GatewayRecord, PgMapRecord, VolumeRecord};
 use tessera_proto::scsi::Sense;
-use tessera_target::{
+use tessera_scsi::{
     status, Alua, LogicalUnit, LuConfig, Nexus, PrStore, RemoteLun, ScsiCommand, ScsiResult,
     TmfFunction, TmfResponse,
 };
@@ -669,13 +669,7 @@ impl View {
     }
 
     /// Make LUN `lun` of volume `id` lead to `owner` (its forwarding address; `None`: no owner).
-    fn forward(
-        &mut self,
-        target: &tessera_target::Target,
-        id: u64,
-        lun: u64,
-        owner: Option<String>,
-    ) {
+    fn forward(&mut self, target: &tessera_scsi::Target, id: u64, lun: u64, owner: Option<String>) {
         if self.remote.get(&id) == Some(&(lun, owner.clone())) {
             return;
         }

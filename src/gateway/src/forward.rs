@@ -74,7 +74,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tessera_proto::scsi::Sense;
-use tessera_target::{status, Nexus, ScsiCommand, ScsiResult, TaskAttr, TmfFunction, TmfResponse};
+use tessera_scsi::{status, Nexus, ScsiCommand, ScsiResult, TaskAttr, TmfFunction, TmfResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};

@@ -26,7 +26,7 @@ use tessera_proto::iscsi::conn::{
 use tessera_proto::iscsi::framer::TxQueue;
 use tessera_proto::iscsi::login::{LoginSetup, SessionType};
 use tessera_proto::iscsi::pdu::{attr, tmf};
-use tessera_target::{Nexus, ScsiCommand, Target, TaskAttr, TmfFunction};
+use tessera_scsi::{Nexus, ScsiCommand, Target, TaskAttr, TmfFunction};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;

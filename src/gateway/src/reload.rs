@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use tessera_proto::block::BlockDevice;
 use tessera_proto::iscsi::login::Directory;
-use tessera_target::{LogicalUnit, Target};
+use tessera_scsi::{LogicalUnit, Target};
 use tracing::{info, warn};
 
 use super::{directory_of, make_lu, open_device, open_ec, Gateway};
