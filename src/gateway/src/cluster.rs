@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use crate::metrics;
 use tessera_cluster::rebuild::{self, Hold, PlanInput};
-use tessera_cluster::{Cluster, FillRecord, GatewayRecord, PgMapRecord, VolumeRecord};
+use tessera_cluster::{stable_hash, Cluster, FillRecord, GatewayRecord, PgMapRecord, VolumeRecord};
 use tessera_proto::scsi::Sense;
 use tessera_scsi::{
     status, Alua, LogicalUnit, LuConfig, Nexus, PrStore, RemoteLun, ScsiCommand, ScsiResult,
@@ -49,7 +49,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use super::forward::{self, Request, Response};
-use super::{revision, stable_hash, Gateway};
+use super::{revision, Gateway};
 use crate::config::ClusterConfig;
 
 /// A preferred gateway must have been live this long before an owner hands a volume over.
