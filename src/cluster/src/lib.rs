@@ -357,8 +357,11 @@ fn parse_u64(key: &[u8], value: &[u8]) -> Result<u64> {
         })
 }
 
-/// FNV-1a over the parts (stable across Rust releases).
-fn stable_hash(parts: &[&[u8]]) -> u64 {
+/// FNV-1a over the parts, each followed by a 0xff byte (so `["ab"]` and `["a", "b"]` differ):
+/// the stable hash of identifiers derived from names (volume ids, the gateway's NAA
+/// identifiers). std's hasher may change between Rust releases; these values must not, as
+/// they are persisted (volume records, fragment stores) and seen by initiators.
+pub fn stable_hash(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for b in p.iter().chain(std::iter::once(&0xffu8)) {

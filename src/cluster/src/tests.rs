@@ -442,3 +442,25 @@ fn map_changes_are_guarded_recorded_and_fills_reported_by_the_owner_only() {
         assert!(c.moves(v.id).await.unwrap().is_empty());
     });
 }
+
+/// Volume ids, fragment stores and NAA identifiers are derived with `stable_hash`: its values
+/// must never change (computed with the implementation of the day they were pinned).
+#[test]
+fn stable_hash_values_are_pinned() {
+    assert_eq!(stable_hash(&[]), 0xcbf2_9ce4_8422_2325);
+    assert_eq!(stable_hash(&[b""]), 0xaf64_724c_8602_eb6e);
+    assert_eq!(stable_hash(&[b"ab"]), 0xe720_2e19_0542_452f);
+    assert_eq!(stable_hash(&[b"a", b"b"]), 0xd2b3_7181_9297_f98a);
+    assert_eq!(
+        stable_hash(&[b"tessera-volume", b"vol0"]),
+        0x912d_70f9_2d97_4f8c
+    );
+    assert_eq!(
+        stable_hash(&[b"tessera-volume", &7u64.to_be_bytes()]),
+        0xacf0_9755_0e53_d886
+    );
+    assert_eq!(
+        stable_hash(&[b"iqn.2024-01.com.example:disk1", &0u64.to_be_bytes()]),
+        0x0699_96c9_5ca1_8eba
+    );
+}

@@ -37,9 +37,9 @@ use std::time::Duration;
 
 use crate::metrics;
 use tessera_cluster::rebuild::{self, Hold, PlanInput};
-use tessera_cluster::{Cluster, FillRecord, GatewayRecord, PgMapRecord, VolumeRecord};
+use tessera_cluster::{stable_hash, Cluster, FillRecord, GatewayRecord, PgMapRecord, VolumeRecord};
 use tessera_proto::scsi::Sense;
-use tessera_target::{
+use tessera_scsi::{
     status, Alua, LogicalUnit, LuConfig, Nexus, PrStore, RemoteLun, ScsiCommand, ScsiResult,
     TmfFunction, TmfResponse,
 };
@@ -48,7 +48,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use super::forward::{self, Request, Response};
-use super::{revision, stable_hash, Gateway};
+use super::{revision, Gateway};
 use crate::config::ClusterConfig;
 
 /// A preferred gateway must have been live this long before an owner hands a volume over.
@@ -668,13 +668,7 @@ impl View {
     }
 
     /// Make LUN `lun` of volume `id` lead to `owner` (its forwarding address; `None`: no owner).
-    fn forward(
-        &mut self,
-        target: &tessera_target::Target,
-        id: u64,
-        lun: u64,
-        owner: Option<String>,
-    ) {
+    fn forward(&mut self, target: &tessera_scsi::Target, id: u64, lun: u64, owner: Option<String>) {
         if self.remote.get(&id) == Some(&(lun, owner.clone())) {
             return;
         }

@@ -74,7 +74,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tessera_proto::scsi::Sense;
-use tessera_target::{status, Nexus, ScsiCommand, ScsiResult, TaskAttr, TmfFunction, TmfResponse};
+use tessera_scsi::{status, Nexus, ScsiCommand, ScsiResult, TaskAttr, TmfFunction, TmfResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -1319,6 +1319,8 @@ mod tests {
 
     use std::sync::atomic::AtomicUsize;
 
+    use tessera_proto::scsi::sense::SenseKey;
+
     type BoxFuture = Pin<Box<dyn Future<Output = Response>>>;
 
     fn nexus(id: u64) -> Nexus {
@@ -2119,7 +2121,7 @@ mod tests {
                 panic!("not Executed");
             };
             assert_eq!(r.status, status::CHECK_CONDITION);
-            assert_eq!(r.sense.unwrap()[2] & 0xf, 0x4, "HARDWARE ERROR");
+            assert_eq!(SenseKey::of(&r.sense.unwrap()), SenseKey::HARDWARE_ERROR);
             // The connection carries on.
             assert!(matches!(
                 client.call(exec(12)).await.unwrap(),

@@ -26,7 +26,8 @@ use tessera_proto::iscsi::conn::{
 use tessera_proto::iscsi::framer::TxQueue;
 use tessera_proto::iscsi::login::{LoginSetup, SessionType};
 use tessera_proto::iscsi::pdu::{attr, tmf};
-use tessera_target::{Nexus, ScsiCommand, Target, TaskAttr, TmfFunction};
+use tessera_proto::scsi::sense::SenseKey;
+use tessera_scsi::{status, Nexus, ScsiCommand, Target, TaskAttr, TmfFunction};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -108,10 +109,7 @@ impl LunMetrics {
             "miscompare",
             "reserved_f",
         ];
-        let key = match sense.first().map(|b| b & 0x7f) {
-            Some(0x72 | 0x73) => sense.get(1).copied().unwrap_or(0) & 0x0f,
-            _ => sense.get(2).copied().unwrap_or(0) & 0x0f,
-        };
+        let key = SenseKey::of(sense);
         metrics::metrics()
             .scsi_check_conditions
             .with_label_values(&[&*self.target, self.lun.as_str(), KEYS[usize::from(key)]])
@@ -577,7 +575,7 @@ fn command_future(s: &Session, c: Command) -> CmdFuture {
         if !r.data_in.is_empty() {
             lm.bytes[0].inc_by(r.data_in.len() as u64);
         }
-        if r.status == 0x02 {
+        if r.status == status::CHECK_CONDITION {
             lm.check_condition(r.sense.as_deref().unwrap_or(&[]));
         }
         (

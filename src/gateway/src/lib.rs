@@ -23,12 +23,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use tessera_cluster::stable_hash;
 use tessera_proto::block::{BlockDevice, MemDevice};
 use tessera_proto::iscsi::chap::Credentials;
 use tessera_proto::iscsi::keys::Limits;
 use tessera_proto::iscsi::login::{Directory, TargetEntry};
+use tessera_scsi::{FilePrStore, LogicalUnit, LuConfig, PrStore, Target};
 use tessera_store::{DirectMode, FileDevice, FileOptions};
-use tessera_target::{FilePrStore, LogicalUnit, LuConfig, PrStore, Target};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -67,19 +68,6 @@ pub struct Gateway {
     volumes: Mutex<Vec<tessera_volume::EcVolume>>,
     next_tsih: AtomicU16,
     next_nexus: AtomicU64,
-}
-
-/// FNV-1a: a stable hash for identifiers derived from names (std's hasher may change between
-/// Rust releases; these values must not).
-pub fn stable_hash(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for b in p.iter().chain(std::iter::once(&0xffu8)) {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
 }
 
 /// What login and discovery see for targets `defs` under configuration `cfg` (its discovery

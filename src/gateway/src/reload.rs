@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use tessera_cluster::stable_hash;
 use tessera_proto::block::BlockDevice;
 use tessera_proto::iscsi::login::Directory;
-use tessera_target::{LogicalUnit, Target};
+use tessera_scsi::{LogicalUnit, Target};
 use tracing::{info, warn};
 
 use super::{directory_of, make_lu, open_device, open_ec, Gateway};
@@ -305,9 +306,7 @@ impl Gateway {
                             .get(&iqn.to_ascii_lowercase())
                             .and_then(|t| t.luns.iter().find(|l| l.id == *id))
                             .and_then(|l| l.ec.as_ref())
-                            .map(|ec| {
-                                super::stable_hash(&[b"tessera-volume", ec.volume.as_bytes()])
-                            });
+                            .map(|ec| stable_hash(&[b"tessera-volume", ec.volume.as_bytes()]));
                         draining.push((iqn.clone(), *id, lu, volume));
                     }
                 }

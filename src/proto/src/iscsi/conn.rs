@@ -34,6 +34,7 @@ use super::pdu::{
 };
 use super::seq;
 use super::text;
+use crate::scsi::sense::{Sense, Status};
 use crate::segments::Segments;
 
 /// Connection settings.
@@ -255,22 +256,6 @@ pub struct Connection {
     ping: Option<(u32, Instant)>,
     stats: ConnStats,
 }
-
-fn fixed_sense(key: u8, asc: u8, ascq: u8) -> Bytes {
-    let mut s = vec![0u8; 18];
-    s[0] = 0x70;
-    s[2] = key;
-    s[7] = 10;
-    s[12] = asc;
-    s[13] = ascq;
-    Bytes::from(s)
-}
-
-const CHECK_CONDITION: u8 = 0x02;
-const GOOD: u8 = 0x00;
-const CONDITION_MET: u8 = 0x04;
-const ABORTED_COMMAND: u8 = 0x0b;
-const ILLEGAL_REQUEST: u8 = 0x05;
 
 impl Connection {
     /// A new connection waiting for its first Login Request.
@@ -540,7 +525,7 @@ impl Connection {
         let itt = bhs.itt();
         match bhs.opcode() {
             Opcode::DATA_OUT if self.tasks.contains_key(&itt) => {
-                self.fail_task(itt, ABORTED_COMMAND, 0x47, 0x05);
+                self.fail_task(itt, Sense::PROTOCOL_SERVICE_CRC_ERROR);
             }
             Opcode::SCSI_COMMAND if self.session_type() == Some(SessionType::Normal) => {
                 self.on_scsi_command(f.pdu, false);
@@ -595,7 +580,7 @@ impl Connection {
         }
         if !data_ok {
             self.tasks.insert(c.itt, task);
-            self.fail_task(c.itt, ABORTED_COMMAND, 0x47, 0x05);
+            self.fail_task(c.itt, Sense::PROTOCOL_SERVICE_CRC_ERROR);
             return;
         }
         let imm_len = p.data.len() as u32;
@@ -603,7 +588,7 @@ impl Connection {
             if imm_len > 0 {
                 // Data with a command that declares no Data-Out.
                 self.tasks.insert(c.itt, task);
-                self.fail_task(c.itt, ABORTED_COMMAND, 0x0c, 0x0c);
+                self.fail_task(c.itt, Sense::UNEXPECTED_UNSOLICITED_DATA);
                 return;
             }
             self.tasks.insert(c.itt, task);
@@ -616,9 +601,9 @@ impl Connection {
         if too_much_imm || c.edtl > self.cfg.max_write_transfer {
             self.tasks.insert(c.itt, task);
             if too_much_imm {
-                self.fail_task(c.itt, ABORTED_COMMAND, 0x0c, 0x0c);
+                self.fail_task(c.itt, Sense::UNEXPECTED_UNSOLICITED_DATA);
             } else {
-                self.fail_task(c.itt, ILLEGAL_REQUEST, 0x24, 0x00);
+                self.fail_task(c.itt, Sense::INVALID_FIELD_IN_CDB);
             }
             return;
         }
@@ -787,7 +772,7 @@ impl Connection {
         if !ok {
             // DataSN, offset or TTT out of sequence: the command fails (ERL 0 cannot recover
             // within the connection); later Data-Out for it is dropped.
-            self.fail_task(d.itt, ABORTED_COMMAND, 0x4b, 0x00);
+            self.fail_task(d.itt, Sense::DATA_PHASE_ERROR);
             return;
         }
         if d.ttt == RESERVED_TAG {
@@ -814,8 +799,9 @@ impl Connection {
         }
     }
 
-    /// End a task now with CHECK CONDITION; later Data-Out for it is dropped quietly.
-    fn fail_task(&mut self, itt: u32, key: u8, asc: u8, ascq: u8) {
+    /// End a task now with `sense` (a CHECK CONDITION, fixed-format sense data); later
+    /// Data-Out for it is dropped quietly.
+    fn fail_task(&mut self, itt: u32, sense: Sense) {
         if !self.tasks.contains_key(&itt) {
             return;
         }
@@ -823,8 +809,8 @@ impl Connection {
         self.complete(
             itt,
             Completion {
-                status: CHECK_CONDITION,
-                sense: Some(fixed_sense(key, asc, ascq)),
+                status: sense.status,
+                sense: Some(Bytes::from(sense.encode(false))),
                 data: Bytes::new(),
                 transfer_len: transfer,
             },
@@ -862,7 +848,7 @@ impl Connection {
         };
         let collapse = !data.is_empty()
             && c.sense.is_none()
-            && (c.status == GOOD || c.status == CONDITION_MET);
+            && (c.status == Status::GOOD || c.status == Status::CONDITION_MET);
         let n = data.len();
         let mrdsl = self.params.initiator_mrdsl.max(512) as usize;
         let burst = self.params.max_burst_length.max(512) as usize;

@@ -18,10 +18,7 @@ use super::pdu::{
 };
 use super::testing::*;
 use super::text::{self, Pair};
-
-const GOOD: u8 = 0x00;
-const CHECK_CONDITION: u8 = 0x02;
-const ABORTED_COMMAND: u8 = 0x0b;
+use crate::scsi::sense::{SenseKey, Status};
 
 fn pairs(kv: &[(&str, &str)]) -> Vec<Pair> {
     kv.iter()
@@ -782,8 +779,14 @@ fn a_corrupted_data_out_digest_is_rejected_and_fails_the_command() {
         "the rejected header is echoed as received"
     );
     let s = rs[1].scsi();
-    assert_eq!((s.itt, s.status, s.response), (c.itt, CHECK_CONDITION, 0));
-    assert_eq!(rs[1].sense_code(), Some((ABORTED_COMMAND, 0x47, 0x05)));
+    assert_eq!(
+        (s.itt, s.status, s.response),
+        (c.itt, Status::CHECK_CONDITION, 0)
+    );
+    assert_eq!(
+        rs[1].sense_code(),
+        Some((SenseKey::ABORTED_COMMAND, 0x47, 0x05))
+    );
     assert_eq!(ini.conn.stats().digest_errors, 1);
     assert!(ini.take_events().is_empty());
     assert_eq!(ini.conn.tasks_in_flight(), 0);
@@ -803,7 +806,10 @@ fn a_corrupted_immediate_data_digest_is_rejected_and_fails_the_command() {
     assert_eq!(rs.len(), 2, "{rs:?}");
     assert_eq!(rs[0].reject().reason, reject::DATA_DIGEST_ERROR);
     assert_eq!(rs[1].scsi().itt, c.itt);
-    assert_eq!(rs[1].sense_code(), Some((ABORTED_COMMAND, 0x47, 0x05)));
+    assert_eq!(
+        rs[1].sense_code(),
+        Some((SenseKey::ABORTED_COMMAND, 0x47, 0x05))
+    );
     // The CmdSN was used: the next command runs.
     let (itt, rs) = ini.read(512);
     assert!(rs.is_empty());
@@ -958,7 +964,7 @@ fn an_all_immediate_write_runs_without_r2t() {
     let s = r.scsi();
     assert_eq!(
         (s.itt, s.status, s.response, s.residual),
-        (itt, GOOD, 0, Residual::None)
+        (itt, Status::GOOD, 0, Residual::None)
     );
     assert_eq!((s.stat_sn, s.exp_data_sn), (2, 0));
     assert_eq!((s.exp_cmd_sn, s.max_cmd_sn), (2, 9));
@@ -1051,8 +1057,8 @@ fn solicited() -> (Initiator, super::pdu::ScsiCommand, super::pdu::R2t) {
 fn expect_sequence_error(ini: &mut Initiator, rs: Vec<Received>, itt: u32) {
     let r = only(rs);
     let s = r.scsi();
-    assert_eq!((s.itt, s.status), (itt, CHECK_CONDITION));
-    assert_eq!(r.sense_code().map(|c| c.0), Some(ABORTED_COMMAND));
+    assert_eq!((s.itt, s.status), (itt, Status::CHECK_CONDITION));
+    assert_eq!(r.sense_code().map(|c| c.0), Some(SenseKey::ABORTED_COMMAND));
     assert!(ini.take_events().is_empty());
     // Later Data-Out for the failed task is dropped without a word.
     let d = ini.data_out(itt, 1, 1, 4096, true);
@@ -1112,8 +1118,11 @@ fn a_write_larger_than_the_maximum_transfer_fails_with_invalid_field() {
     c.edtl = (1 << 20) + 512;
     c.final_bit = false;
     let r = only(ini.send_command(&c, Bytes::from(vec![0u8; 512])));
-    assert_eq!(r.scsi().status, CHECK_CONDITION);
-    assert_eq!(r.sense_code(), Some((0x05, 0x24, 0x00)));
+    assert_eq!(r.scsi().status, Status::CHECK_CONDITION);
+    assert_eq!(
+        r.sense_code(),
+        Some((SenseKey::ILLEGAL_REQUEST, 0x24, 0x00))
+    );
     // The unsolicited data that follows is dropped quietly.
     let d = ini.data_out(c.itt, RESERVED_TAG, 0, 512, false);
     assert!(ini.send(d.encode(), Bytes::from(vec![0u8; 512])).is_empty());
@@ -1125,8 +1134,15 @@ fn immediate_data_when_immediate_data_is_no_fails_the_write() {
     let mut ini = Initiator::logged_in(&[("ImmediateData", "No")]);
     let c = ini.write_command(512);
     let r = only(ini.send_command(&c, Bytes::from(vec![0u8; 512])));
-    assert_eq!(r.scsi().status, CHECK_CONDITION);
-    assert_eq!(r.sense_code(), Some((ABORTED_COMMAND, 0x0c, 0x0c)));
+    assert_eq!(r.scsi().status, Status::CHECK_CONDITION);
+    assert_eq!(
+        r.sense_code(),
+        Some((SenseKey::ABORTED_COMMAND, 0x0c, 0x0c))
+    );
+    // Fixed-format sense data, 18 bytes, nothing beyond the key and ASC/ASCQ.
+    let mut fixed = [0u8; 18];
+    (fixed[0], fixed[2], fixed[7], fixed[12], fixed[13]) = (0x70, 0x0b, 10, 0x0c, 0x0c);
+    assert_eq!(r.sense().as_deref(), Some(&fixed[..]));
     assert!(ini.take_events().is_empty());
 }
 
@@ -1196,7 +1212,7 @@ fn read_data_is_split_at_the_initiators_receive_limit_with_status_collapsed() {
     }
     assert!(!d[0].final_bit && !d[1].final_bit && d[2].final_bit);
     assert_eq!((d[0].status, d[1].status), (None, None));
-    assert_eq!(d[2].status, Some(GOOD));
+    assert_eq!(d[2].status, Some(Status::GOOD));
     assert_eq!((d[2].residual, d[2].stat_sn), (Residual::None, 2));
     assert_eq!(assemble(&rs, itt), data);
 }
@@ -1224,7 +1240,7 @@ fn check_condition_goes_in_a_scsi_response_with_length_prefixed_sense() {
         0x70, 0, 0x03, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x11, 0, 0, 0, 0, 0,
     ]);
     let c = Completion {
-        status: CHECK_CONDITION,
+        status: Status::CHECK_CONDITION,
         sense: Some(sense.clone()),
         data: Bytes::new(),
         transfer_len: 512,
@@ -1233,7 +1249,7 @@ fn check_condition_goes_in_a_scsi_response_with_length_prefixed_sense() {
     let s = r.scsi();
     assert_eq!(
         (s.itt, s.status, s.response, s.exp_data_sn),
-        (itt, CHECK_CONDITION, 0, 0)
+        (itt, Status::CHECK_CONDITION, 0, 0)
     );
     assert_eq!(&r.data[..2], &[0, 18]);
     assert_eq!(r.sense(), Some(sense));
@@ -1245,7 +1261,7 @@ fn read_data_with_sense_is_sent_before_a_separate_response() {
     let (itt, _) = ini.read(1024);
     ini.expect_command();
     let c = Completion {
-        status: CHECK_CONDITION,
+        status: Status::CHECK_CONDITION,
         sense: Some(Bytes::from(vec![
             0x70, 0, 3, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x11, 0, 0, 0, 0, 0,
         ])),
@@ -1266,7 +1282,7 @@ fn a_short_read_reports_an_underflow_residual() {
     let (itt, _) = ini.read(4096);
     ini.expect_command();
     let c = Completion {
-        status: GOOD,
+        status: Status::GOOD,
         sense: None,
         data: Bytes::from(pattern(1024)),
         transfer_len: 1024,
@@ -1282,7 +1298,7 @@ fn a_read_beyond_edtl_is_truncated_and_reports_an_overflow_residual() {
     let (itt, _) = ini.read(512);
     ini.expect_command();
     let c = Completion {
-        status: GOOD,
+        status: Status::GOOD,
         sense: None,
         data: Bytes::from(pattern(1024)),
         transfer_len: 1024,
@@ -1299,14 +1315,17 @@ fn a_command_with_edtl_zero_that_wanted_data_reports_overflow_in_the_response() 
     ini.send_command(&c, Bytes::new());
     ini.expect_command();
     let done = Completion {
-        status: GOOD,
+        status: Status::GOOD,
         sense: None,
         data: Bytes::from(vec![0u8; 36]),
         transfer_len: 36,
     };
     let r = only(ini.complete(c.itt, done));
     let s = r.scsi();
-    assert_eq!((s.status, s.residual), (GOOD, Residual::Overflow(36)));
+    assert_eq!(
+        (s.status, s.residual),
+        (Status::GOOD, Residual::Overflow(36))
+    );
     assert!(r.data.is_empty());
 }
 
@@ -1316,7 +1335,7 @@ fn a_write_shorter_than_the_command_wants_reports_overflow() {
     let (itt, _) = ini.write(&pattern(512));
     ini.expect_command();
     let c = Completion {
-        status: GOOD,
+        status: Status::GOOD,
         sense: None,
         data: Bytes::new(),
         transfer_len: 1024,
@@ -1531,7 +1550,7 @@ fn logout_waits_for_tasks_in_flight() {
     assert!(ini.logout(0).is_empty());
     let rs = ini.complete_good(itt, pattern(512));
     assert_eq!(rs.len(), 2);
-    assert_eq!(rs[0].data_in().status, Some(GOOD));
+    assert_eq!(rs[0].data_in().status, Some(Status::GOOD));
     let l = rs[1].logout();
     assert_eq!(
         (l.response, l.stat_sn, l.time2wait, l.time2retain),

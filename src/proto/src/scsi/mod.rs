@@ -13,7 +13,7 @@
 //! - [`pr`]: persistent reservations as state transitions, and their persistence encoding.
 //!
 //! What to do with a command — ordering, unit attentions, reservations, talking to the
-//! backend — is the `tessera-target` crate's logical unit.
+//! backend — is the `tessera-scsi` crate's logical unit.
 
 pub mod alua;
 pub mod capacity;

@@ -40,9 +40,19 @@ impl SenseKey {
     pub const ABORTED_COMMAND: u8 = 0xB;
     /// MISCOMPARE.
     pub const MISCOMPARE: u8 = 0xE;
+
+    /// The sense key of sense data: descriptor format (response code 72h/73h) or else fixed
+    /// format; NO SENSE when the data is too short to hold one.
+    pub fn of(sense_data: &[u8]) -> u8 {
+        let at = match sense_data.first().map(|b| b & 0x7F) {
+            Some(0x72 | 0x73) => 1,
+            _ => 2,
+        };
+        sense_data.get(at).map_or(Self::NO_SENSE, |b| b & 0x0F)
+    }
 }
 
-/// SCSI status codes used by [`Sense`] (SAM-5 Table 33).
+/// SCSI status codes used by [`Sense`] and the iSCSI connection (SAM-5 Table 33).
 pub struct Status;
 
 impl Status {
@@ -50,6 +60,8 @@ impl Status {
     pub const GOOD: u8 = 0x00;
     /// CHECK CONDITION.
     pub const CHECK_CONDITION: u8 = 0x02;
+    /// CONDITION MET.
+    pub const CONDITION_MET: u8 = 0x04;
     /// BUSY.
     pub const BUSY: u8 = 0x08;
     /// RESERVATION CONFLICT.
@@ -179,6 +191,12 @@ senses! {
         "space allocation failed write protect");
     /// iSCSI data digest failure (RFC 7143 §13.7.2).
     PROTOCOL_SERVICE_CRC_ERROR = (ABORTED_COMMAND, 0x47, 0x05, "protocol service crc error");
+    /// iSCSI: Data-Out the command did not allow (immediate or unsolicited data beyond what
+    /// was negotiated, or data with a command that transfers none).
+    UNEXPECTED_UNSOLICITED_DATA = (ABORTED_COMMAND, 0x0C, 0x0C,
+        "write error - unexpected unsolicited data");
+    /// iSCSI: a Data-Out PDU out of sequence (DataSN, buffer offset or target transfer tag).
+    DATA_PHASE_ERROR = (ABORTED_COMMAND, 0x4B, 0x00, "data phase error");
     /// VERIFY, WRITE AND VERIFY or COMPARE AND WRITE found different data.
     MISCOMPARE_DURING_VERIFY = (MISCOMPARE, 0x1D, 0x00, "miscompare during verify operation");
 }
@@ -383,6 +401,22 @@ mod tests {
             assert_eq!(s.status, Status::CHECK_CONDITION, "{text}");
             assert!(seen.insert((s.key, s.asc, s.ascq)), "duplicate row {text}");
         }
+    }
+
+    #[test]
+    fn sense_key_of_either_format() {
+        for s in [
+            Sense::NO_SENSE,
+            Sense::INTERNAL_TARGET_FAILURE,
+            Sense::invalid_cdb(2, Some(7)),
+            Sense::MISCOMPARE_DURING_VERIFY.with_info(9),
+        ] {
+            assert_eq!(SenseKey::of(&s.encode(false)), s.key, "{s}");
+            assert_eq!(SenseKey::of(&s.encode(true)), s.key, "{s}");
+        }
+        assert_eq!(SenseKey::of(&[]), SenseKey::NO_SENSE);
+        assert_eq!(SenseKey::of(&[0x72]), SenseKey::NO_SENSE);
+        assert_eq!(SenseKey::of(&[0xF0, 0x00, 0x23]), 0x3);
     }
 
     #[test]
