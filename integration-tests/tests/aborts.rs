@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use tessera_integration_tests::initiator::{Answer, Session};
-use tessera_integration_tests::{http_get, seed, Demo, Rng};
+use tessera_integration_tests::{seed, Demo, Rng};
 use tessera_proto::iscsi::pdu::tmf;
 
 const BLOCK: usize = 4096;
@@ -45,17 +45,8 @@ fn write16(first: usize, n: usize) -> [u8; 16] {
 
 /// SCSI commands the gateway is executing now (its `tessera_scsi_commands_in_flight`).
 fn executing(demo: &Demo) -> i64 {
-    let addr = demo.json["processes"]
-        .as_array()
-        .expect("processes")
-        .iter()
-        .find(|p| p["role"] == "gateway")
-        .and_then(|p| p["metrics"].as_str())
-        .expect("the gateway's metrics address")
-        .to_string();
-    let (code, body) = http_get(&addr, "/metrics");
-    assert_eq!(code, 200);
-    body.lines()
+    demo.gateway_metrics()
+        .lines()
         .filter(|l| l.starts_with("tessera_scsi_commands_in_flight{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
         .sum()

@@ -351,37 +351,12 @@ fn with_etcd_gone_the_owner_stops_writing_within_its_lease_and_recovers_when_it_
 
 #[test]
 fn losing_one_of_three_etcd_members_under_load_costs_no_io_error() {
-    use tessera_cluster::process::{free_port, Etcd, Member};
+    use tessera_cluster::process::free_port;
     use tessera_integration_tests::initiator::Session;
-    use tessera_integration_tests::Gateway;
+    use tessera_integration_tests::{start_three_etcds, Gateway};
     let dir = tempfile::tempdir().unwrap();
     // Three members on three loopback addresses.
-    let members: Vec<Member> = (1..=3u8)
-        .map(|i| {
-            let ip = [127, 0, 0, i];
-            Member {
-                name: format!("e{i}"),
-                client: std::net::SocketAddr::from((ip, free_port(ip).unwrap())),
-                peer: std::net::SocketAddr::from((ip, free_port(ip).unwrap())),
-            }
-        })
-        .collect();
-    let mut etcds: Vec<Etcd> = members
-        .iter()
-        .map(|m| {
-            Etcd::start(
-                m,
-                &members,
-                &dir.path().join(&m.name),
-                &dir.path().join(format!("{}.log", m.name)),
-            )
-            .expect("start etcd")
-        })
-        .collect();
-    for e in &mut etcds {
-        e.wait_ready(Duration::from_secs(30)).unwrap();
-    }
-    let urls: Vec<String> = members.iter().map(Member::client_url).collect();
+    let (mut etcds, urls) = start_three_etcds(dir.path());
     // The member killed below is made the raft leader first: the worst case (a leader
     // election while the gateway's keep-alive stream, which starts on the first endpoint,
     // has to move).

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tessera_integration_tests::images::{compare, convert, random_file};
 use tessera_integration_tests::initiator::Session;
-use tessera_integration_tests::{require_tool, seed, Demo};
+use tessera_integration_tests::{open_volume, require_tool, seed, Demo};
 
 fn qemu() {
     require_tool("qemu-img", "qemu-utils and qemu-block-extra");
@@ -219,30 +219,7 @@ fn a_gateway_with_an_older_epoch_is_refused() {
         let v = c.volume("demo").await.unwrap().expect("the demo volume");
         let map = c.pg_map(v.id).await.unwrap().expect("its map");
         let before = c.epoch(v.id).await.unwrap();
-        let spec = tessera_volume::VolumeSpec {
-            id: v.id,
-            name: v.name.clone(),
-            size: v.size,
-            block_size: v.block_size,
-            profile: v.profile().unwrap(),
-            pgs: v.pgs,
-            write_quorum: v.write_quorum,
-            region_stripes: 1024,
-            clear_after: tessera_volume::CLEAR_AFTER,
-            map: map.map.clone(),
-            node_names: map.nodes.iter().map(|n| n.id.clone()).collect(),
-            epoch: Some(before),
-        };
-        let addrs = map
-            .nodes
-            .iter()
-            .map(|n| n.address.parse().unwrap())
-            .collect();
-        let connector = std::sync::Arc::new(tessera_volume::nodes::RpcConnector::new(
-            addrs,
-            Duration::from_secs(2),
-        ));
-        let cut_off = tessera_volume::EcVolume::open(spec, connector)
+        let cut_off = open_volume(&v, &map, Some(before), Duration::from_secs(2))
             .await
             .expect("open at the current epoch");
         c.client()

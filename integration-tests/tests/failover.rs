@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tessera_cluster::process::{free_port, Etcd, Member};
+use tessera_cluster::process::free_port;
 use tessera_cluster::{Cluster, OwnerRecord};
 use tessera_integration_tests::initiator::{Outcome, Session};
 use tessera_integration_tests::Started;
-use tessera_integration_tests::{tessera_bin, Gateway};
+use tessera_integration_tests::{start_three_etcds, tessera_bin, Gateway};
 
 const TARGET: &str = "iqn.2024-01.io.tessera:cluster";
 /// The gateways' lease TTL (`lease_ttl_secs`).
@@ -602,32 +602,7 @@ fn failover(how: Stop) {
         .unwrap();
 
     // Three etcd members on 127.0.0.1, .2 and .3.
-    let members: Vec<Member> = (1..=3u8)
-        .map(|i| {
-            let ip = [127, 0, 0, i];
-            Member {
-                name: format!("e{i}"),
-                client: SocketAddr::from((ip, free_port(ip).unwrap())),
-                peer: SocketAddr::from((ip, free_port(ip).unwrap())),
-            }
-        })
-        .collect();
-    let mut etcds: Vec<Etcd> = members
-        .iter()
-        .map(|m| {
-            Etcd::start(
-                m,
-                &members,
-                &dir.path().join(&m.name),
-                &dir.path().join(format!("{}.log", m.name)),
-            )
-            .expect("start etcd")
-        })
-        .collect();
-    for e in &mut etcds {
-        e.wait_ready(Duration::from_secs(30)).unwrap();
-    }
-    let urls: Vec<String> = members.iter().map(Member::client_url).collect();
+    let (etcds, urls) = start_three_etcds(dir.path());
 
     // Eight storage nodes, each on an address (and host label) of its own.
     let mut nodes = Vec::new();
