@@ -84,19 +84,17 @@ pub fn tail(log: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The arguments of `tessera demo` for an erasure-coded 4+2 volume, then `more`.
+pub fn ec_4_2<'a>(more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--backend", "ec", "--ec", "4+2"];
+    args.extend_from_slice(more);
+    args
+}
+
 /// The arguments of `tessera demo` for an erasure-coded 4+2 volume of `size` over eight
 /// storage nodes (two more than a stripe is wide: spares to move positions to).
-pub fn ec_4_2_on_eight_nodes(size: &str) -> [&str; 8] {
-    [
-        "--backend",
-        "ec",
-        "--ec",
-        "4+2",
-        "--nodes",
-        "8",
-        "--size",
-        size,
-    ]
+pub fn ec_4_2_on_eight_nodes(size: &str) -> Vec<&str> {
+    ec_4_2(&["--nodes", "8", "--size", size])
 }
 
 /// The seed of a randomised test: `TESSERA_SEED` when set (to replay a failure), else one

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use tessera_integration_tests::initiator::{Answer, Session};
-use tessera_integration_tests::{seed, Demo, Rng};
+use tessera_integration_tests::{ec_4_2, seed, Demo, Rng};
 use tessera_proto::iscsi::pdu::tmf;
 
 const BLOCK: usize = 4096;
@@ -95,22 +95,9 @@ struct Counts {
 fn aborts_resets_and_dropped_connections_during_overlapping_writes_lose_nothing() {
     let seed = seed("aborts");
     let mut rng = Rng::new(seed);
-    let demo = Demo::start(&[
-        "--backend",
-        "ec",
-        "--ec",
-        "4+2",
-        "--size",
-        "16MiB",
-        "--block-size",
-        "4096",
-    ]);
+    let demo = Demo::start(&ec_4_2(&["--size", "16MiB", "--block-size", "4096"]));
     let isids = [[0x80, 0, 0, 0, 0xab, 1], [0x80, 0, 0, 0, 0xab, 2]];
-    let login = |i: usize| {
-        let mut s = Session::login(demo.portal, INITIATOR, &demo.iqn, isids[i]).expect("login");
-        s.ready(0).expect("test unit ready");
-        s
-    };
+    let login = |i: usize| Session::open(demo.portal, INITIATOR, &demo.iqn, isids[i]);
     let mut sessions = vec![login(0), login(1)];
     let mut state = read_region(&mut sessions[0]);
     let mut next_id = 1u64;
@@ -304,9 +291,7 @@ fn a_waiting_task_management_function_blocks_nothing_else() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let demo = Demo::start(&["--backend", "ec", "--ec", "4+2", "--size", "16MiB"]);
-    let mut s =
-        Session::login(demo.portal, INITIATOR, &demo.iqn, [0x80, 0, 0, 0, 0xac, 1]).expect("login");
-    s.ready(0).expect("test unit ready");
+    let mut s = Session::open(demo.portal, INITIATOR, &demo.iqn, [0x80, 0, 0, 0, 0xac, 1]);
     // A first write, so that the volume knows how fast its nodes answer.
     let o = s
         .command(0, &write16(0, 1), &block(1, 0), 0)

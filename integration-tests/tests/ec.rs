@@ -191,14 +191,12 @@ fn bit_rot_on_a_node_is_read_around_counted_and_repaired() {
 fn a_gateway_with_an_older_epoch_is_refused() {
     use tessera_proto::block::BlockDevice;
     let demo = Demo::start(&["--backend", "ec", "--ec", "2+1", "--size", "64MiB"]);
-    let mut a = Session::login(
+    let mut a = Session::open(
         demo.portal,
         "iqn.2024-01.test:fence",
         &demo.iqn,
         [0x80, 0, 0, 0, 0, 1],
-    )
-    .expect("login to the gateway");
-    a.ready(0).unwrap();
+    );
     let w10 = [0x2a, 0, 0, 0, 0, 8, 0, 0, 1, 0];
     assert_eq!(a.command(0, &w10, &[0x11; 512], 0).unwrap().status, 0);
     // A second gateway's data path holds the volume at the current epoch, as a gateway does

@@ -11,7 +11,7 @@ use tessera_integration_tests::Demo;
 use tessera_integration_tests::{ec_4_2_on_eight_nodes, follow_output, guest_cache};
 use tessera_integration_tests::{guest_script, print_matching, project_guest_tests, run, tail};
 
-fn guest(demo: &Demo, test: &str, settings: &[String]) {
+fn guest(demo: &Demo, test: &str, settings: &[&str]) {
     let script = guest_script();
     let mut cmd = Command::new(&script);
     cmd.arg("--cache")
@@ -44,40 +44,42 @@ fn guest(demo: &Demo, test: &str, settings: &[String]) {
     );
 }
 
+/// Start `tessera demo` with `args`, run guest test `test` against it (open-iscsi
+/// `settings`), and stop the demo, which must exit cleanly.
+fn on_a_new_demo(args: &[&str], test: &str, settings: &[&str]) {
+    let demo = Demo::start(args);
+    guest(&demo, test, settings);
+    assert!(demo.stop());
+}
+
 #[test]
 fn ext4_over_chap() {
-    let demo = Demo::start(&["--size", "256MiB", "--chap", "guestuser:guest-secret-0123"]);
-    guest(
-        &demo,
+    on_a_new_demo(
+        &["--size", "256MiB", "--chap", "guestuser:guest-secret-0123"],
         "iscsi-ext4",
         &[
-            "node.session.auth.authmethod=CHAP".into(),
-            "node.session.auth.username=guestuser".into(),
-            "node.session.auth.password=guest-secret-0123".into(),
+            "node.session.auth.authmethod=CHAP",
+            "node.session.auth.username=guestuser",
+            "node.session.auth.password=guest-secret-0123",
         ],
     );
-    assert!(demo.stop());
 }
 
 #[test]
 fn ext4_with_crc32c_digests() {
-    let demo = Demo::start(&["--size", "256MiB"]);
-    guest(
-        &demo,
+    on_a_new_demo(
+        &["--size", "256MiB"],
         "iscsi-ext4",
         &[
-            "node.conn[0].iscsi.HeaderDigest=CRC32C".into(),
-            "node.conn[0].iscsi.DataDigest=CRC32C".into(),
+            "node.conn[0].iscsi.HeaderDigest=CRC32C",
+            "node.conn[0].iscsi.DataDigest=CRC32C",
         ],
     );
-    assert!(demo.stop());
 }
 
 #[test]
 fn fio_verify() {
-    let demo = Demo::start(&["--size", "256MiB"]);
-    guest(&demo, "iscsi-fio", &[]);
-    assert!(demo.stop());
+    on_a_new_demo(&["--size", "256MiB"], "iscsi-fio", &[]);
 }
 
 /// The ext4 cycle and fio's verified random writes on an erasure-coded volume (4+2 over six

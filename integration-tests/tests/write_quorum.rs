@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use tessera_integration_tests::initiator::{cdb10, Outcome, Session};
-use tessera_integration_tests::{ec_4_2_on_eight_nodes, tail, Demo, Rng};
+use tessera_integration_tests::{ec_4_2, ec_4_2_on_eight_nodes, tail, Demo, Rng};
 
 const INITIATOR: &str = "iqn.2024-01.io.tessera:write-quorum-test";
 
@@ -209,16 +209,12 @@ fn two_nodes_lost_with_spares_writes_go_on_and_the_pgs_move_at_once() {
 
 #[test]
 fn two_nodes_lost_without_spares_writes_fail_as_not_ready_then_resume() {
-    let mut demo = Demo::start(&[
-        "--backend",
-        "ec",
-        "--ec",
-        "4+2",
+    let mut demo = Demo::start(&ec_4_2(&[
         "--size",
         "16MiB",
         "--write-quorum-wait-ms",
         "2000",
-    ]);
+    ]));
     let mut s = login(&demo, 2);
     let first = bytes(1, CHUNK);
     let o = s.command(0, &write10(0, 128), &first, 0).expect("write");
