@@ -360,6 +360,53 @@ struct Report {
     error: Option<String>,
 }
 
+impl Report {
+    /// Write `seq` of `n` blocks at `lba` got no GOOD: it may or may not have landed.
+    fn uncertain(&mut self, lba: u64, n: u64, seq: u64) {
+        for i in 0..n {
+            self.model.uncertain(lba + i, seq);
+        }
+        self.uncertain_writes += 1;
+    }
+
+    /// Read `n` blocks at `lba` and check each against the model: `wrong` describes a block
+    /// that fails (a short read is an error of the model's check). A GOOD answer is counted
+    /// in `count`, a retryable one in `retryable` (as a read). Whether the connection was
+    /// lost; or why the check failed (a wrong block, or an answer that is neither).
+    fn check_read(
+        &mut self,
+        s: &mut Session,
+        lun: u8,
+        lba: u64,
+        n: u64,
+        count: fn(&mut Report) -> &mut u64,
+        wrong: impl Fn(&Result<Verdict, String>) -> Option<String>,
+    ) -> Result<bool, String> {
+        let Ok(o) = read(s, lun, lba, n as u16) else {
+            return Ok(true);
+        };
+        match classify(&o) {
+            Answer::Good => {
+                *count(self) += 1;
+                for i in 0..n {
+                    let b = o.data.get((i as usize) * BS..(i as usize + 1) * BS);
+                    let v = b
+                        .ok_or_else(|| format!("short read: {} bytes", o.data.len()))
+                        .and_then(|b| self.model.check(lba + i, b));
+                    if let Some(why) = wrong(&v) {
+                        return Err(why);
+                    }
+                }
+            }
+            Answer::Retry(why) => {
+                *self.retryable.entry(format!("{why} (read)")).or_default() += 1;
+            }
+            Answer::Bad(why) => return Err(why),
+        }
+        Ok(false)
+    }
+}
+
 fn since(kill: Option<Kill>) -> String {
     match kill {
         Some(k) => format!("{:.2} s after the kill", k.sent.elapsed().as_secs_f64()),
@@ -451,53 +498,31 @@ fn writer(
                         }
                     }
                     // Read it back at once: exactly what was acknowledged.
-                    match read(s, lun, lba, n as u16) {
-                        Ok(o) => match classify(&o) {
-                            Answer::Good => {
-                                r.readbacks += 1;
-                                for i in 0..n {
-                                    let b = o.data.get((i as usize) * BS..(i as usize + 1) * BS);
-                                    let v = b
-                                        .ok_or_else(|| {
-                                            format!("short read: {} bytes", o.data.len())
-                                        })
-                                        .and_then(|b| r.model.check(lba + i, b));
-                                    if v != Ok(Verdict::Exact) {
-                                        r.error = Some(format!(
-                                            "read-back of write #{seq} (lba {lba}+{n}) through {via}, {}: {v:?}",
-                                            since(kill)
-                                        ));
-                                        return r;
-                                    }
-                                }
-                            }
-                            Answer::Retry(why) => {
-                                *r.retryable.entry(format!("{why} (read)")).or_default() += 1;
-                            }
-                            Answer::Bad(why) => {
-                                r.error = Some(format!(
-                                    "read-back of write #{seq} (lba {lba}+{n}) through {via}, {}: {why}",
-                                    since(kill)
-                                ));
-                                return r;
-                            }
-                        },
-                        Err(_) => lost = true,
+                    match r.check_read(
+                        s,
+                        lun,
+                        lba,
+                        n,
+                        |r| &mut r.readbacks,
+                        |v| (*v != Ok(Verdict::Exact)).then(|| format!("{v:?}")),
+                    ) {
+                        Ok(l) => lost = l,
+                        Err(why) => {
+                            r.error = Some(format!(
+                                "read-back of write #{seq} (lba {lba}+{n}) through {via}, {}: {why}",
+                                since(kill)
+                            ));
+                            return r;
+                        }
                     }
                 }
                 Answer::Retry(why) => {
-                    for i in 0..n {
-                        r.model.uncertain(lba + i, seq);
-                    }
-                    r.uncertain_writes += 1;
+                    r.uncertain(lba, n, seq);
                     *r.retryable.entry(why).or_default() += 1;
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Answer::Bad(why) => {
-                    for i in 0..n {
-                        r.model.uncertain(lba + i, seq);
-                    }
-                    r.uncertain_writes += 1;
+                    r.uncertain(lba, n, seq);
                     r.error = Some(format!(
                         "write #{seq} (lba {lba}+{n}) through {via}, {}: {why}",
                         since(kill)
@@ -506,46 +531,23 @@ fn writer(
                 }
             },
             Err(_) => {
-                for i in 0..n {
-                    r.model.uncertain(lba + i, seq);
-                }
-                r.uncertain_writes += 1;
+                r.uncertain(lba, n, seq);
                 lost = true;
             }
         }
-        // Now and then, an earlier range: whatever the model allows.
+        // Now and then, an earlier range.
         if !lost && iteration.is_multiple_of(8) {
             let at = REGION_START + xorshift(&mut rng) % (REGION_LEN - 8);
-            match read(s, lun, at, 8) {
-                Ok(o) => match classify(&o) {
-                    Answer::Good => {
-                        r.spot_checks += 1;
-                        for i in 0..8u64 {
-                            let b = o.data.get((i as usize) * BS..(i as usize + 1) * BS);
-                            let v = b
-                                .ok_or_else(|| format!("short read: {} bytes", o.data.len()))
-                                .and_then(|b| r.model.check(at + i, b));
-                            if let Err(e) = v {
-                                r.error = Some(format!(
-                                    "spot check of lba {at}+8 through {via}, {}: {e}",
-                                    since(kill)
-                                ));
-                                return r;
-                            }
-                        }
-                    }
-                    Answer::Retry(why) => {
-                        *r.retryable.entry(format!("{why} (read)")).or_default() += 1;
-                    }
-                    Answer::Bad(why) => {
-                        r.error = Some(format!(
-                            "spot check of lba {at}+8 through {via}, {}: {why}",
-                            since(kill)
-                        ));
-                        return r;
-                    }
-                },
-                Err(_) => lost = true,
+            // Whatever the model allows.
+            match r.check_read(s, lun, at, 8, |r| &mut r.spot_checks, |v| v.clone().err()) {
+                Ok(l) => lost = l,
+                Err(why) => {
+                    r.error = Some(format!(
+                        "spot check of lba {at}+8 through {via}, {}: {why}",
+                        since(kill)
+                    ));
+                    return r;
+                }
             }
         }
         if lost {
