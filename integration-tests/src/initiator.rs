@@ -113,6 +113,14 @@ impl Session {
         Ok(s)
     }
 
+    /// [`Session::login`], then TEST UNIT READY on LUN 0 (unit attentions consumed, its
+    /// status not checked): a session ready for commands. Panics if either fails.
+    pub fn open(portal: SocketAddr, initiator: &str, target: &str, isid: [u8; 6]) -> Self {
+        let mut s = Self::login(portal, initiator, target, isid).expect("login");
+        s.ready(0).expect("TEST UNIT READY");
+        s
+    }
+
     fn send(&mut self, bhs: Bhs, data: Bytes) -> std::io::Result<()> {
         let mut q = TxQueue::new();
         q.push_pdu(bhs, data, false, false);

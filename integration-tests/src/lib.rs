@@ -78,6 +78,25 @@ pub fn url_encode(s: &str) -> String {
         .collect()
 }
 
+/// The last `n` lines of `log`, in order: what a failure message shows of a process's log.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The arguments of `tessera demo` for an erasure-coded 4+2 volume, then `more`.
+pub fn ec_4_2<'a>(more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--backend", "ec", "--ec", "4+2"];
+    args.extend_from_slice(more);
+    args
+}
+
+/// The arguments of `tessera demo` for an erasure-coded 4+2 volume of `size` over eight
+/// storage nodes (two more than a stripe is wide: spares to move positions to).
+pub fn ec_4_2_on_eight_nodes(size: &str) -> Vec<&str> {
+    ec_4_2(&["--nodes", "8", "--size", size])
+}
+
 /// The seed of a randomised test: `TESSERA_SEED` when set (to replay a failure), else one
 /// from the clock. Printed either way, with how to replay it.
 pub fn seed(test: &str) -> u64 {
@@ -219,13 +238,9 @@ impl Demo {
         let json_path = d.dir.path().join("demo.json");
         loop {
             if let Ok(Some(st)) = d.child.try_wait() {
-                let log =
-                    std::fs::read_to_string(d.dir.path().join("demo.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
                 panic!(
                     "tessera demo exited early: {st}; the end of its log:\n{}",
-                    tail.join("\n")
+                    tail(&d.log(), 20)
                 );
             }
             if json_path.exists() && TcpStream::connect(portal).is_ok() {
@@ -271,6 +286,31 @@ impl Demo {
     /// What the demo and its processes logged (stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("demo.log")).unwrap_or_default()
+    }
+
+    /// The metrics addresses (`ip:port`) demo.json lists for the processes of `role`
+    /// (`gateway`, `node`), in its order.
+    pub fn metrics_addrs(&self, role: &str) -> Vec<String> {
+        self.json["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .filter(|p| p["role"] == role)
+            .map(|p| {
+                p["metrics"]
+                    .as_str()
+                    .expect("processes[].metrics")
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// The gateway's metrics (`GET /metrics`, which must answer 200).
+    pub fn gateway_metrics(&self) -> String {
+        let addr = self.metrics_addrs("gateway").remove(0);
+        let (code, body) = http_get(&addr, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        body
     }
 
     /// `iscsi://[auth@]portal/iqn/lun`.
@@ -491,8 +531,26 @@ pub struct Gateway {
 impl Gateway {
     /// Write the configuration, start the gateway, wait for its portal.
     pub fn start(config: &str) -> Self {
+        Self::launch([127, 0, 0, 1], free_port(), config, "warn")
+    }
+
+    /// Like [`Gateway::start`], but `{PORT}` is a free port on the loopback address `ip`
+    /// (127.0.0.N: each gateway of a cluster test on an address of its own), and the portal
+    /// waited for is `ip:{PORT}`. Logs at info level for the gateway crate (`RUST_LOG`
+    /// overrides), to `gateway.log` in its directory.
+    pub fn start_on(ip: [u8; 4], config: &str) -> Self {
+        let port = TcpListener::bind(SocketAddr::from((ip, 0)))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind a free port");
+        Self::launch(ip, port, config, "warn,tessera=info")
+    }
+
+    /// Write the configuration (`{PORT}` is `port`, `{DIR}` a new directory of its own) and
+    /// start `tessera gateway` with it, logging JSON lines to `gateway.log` at `RUST_LOG`, else
+    /// `log_level`; wait (30 s at most) until `ip:port` accepts connections.
+    fn launch(ip: [u8; 4], port: u16, config: &str, log_level: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
         let text = config
             .replace("{PORT}", &port.to_string())
             .replace("{DIR}", &dir.path().to_string_lossy());
@@ -507,12 +565,12 @@ impl Gateway {
             .arg("json")
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| log_level.into()),
             )
             .stderr(log)
             .spawn()
             .expect("start tessera gateway");
-        let portal: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let portal = SocketAddr::from((ip, port));
         let mut g = Self {
             child: std::sync::Mutex::new(child),
             dir,
@@ -521,11 +579,12 @@ impl Gateway {
         let start = Instant::now();
         while TcpStream::connect(portal).is_err() {
             if let Ok(Some(st)) = g.child.get_mut().expect("child").try_wait() {
-                panic!("tessera gateway exited early: {st}");
+                panic!("tessera gateway exited early: {st}\n{}", g.log());
             }
             assert!(
                 start.elapsed() < Duration::from_secs(30),
-                "gateway did not start"
+                "gateway on {portal} did not start\n{}",
+                g.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -585,6 +644,86 @@ pub fn guest_cache() -> PathBuf {
     std::env::var_os("GUEST_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/guest-cache"))
+}
+
+/// The guest harness's `run-guest.sh`, once it is known that qemu is installed, the harness
+/// is there and the guest is built (each a failure otherwise, saying what to do).
+pub fn guest_script() -> PathBuf {
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let script = guest_dir().join("run-guest.sh");
+    assert!(
+        script.exists(),
+        "guest harness not found at {}",
+        script.display()
+    );
+    assert!(
+        guest_cache().join("initramfs.img").exists(),
+        "guest not built in {}: run make guest-build",
+        guest_cache().display()
+    );
+    script
+}
+
+/// The project's own guest tests (`tests/guest`), for `run-guest.sh --test-dir`.
+pub fn project_guest_tests() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/guest")
+}
+
+/// Follow `child` (started with its stdout and stderr piped) line by line, both streams as
+/// the lines come, until both are closed: each line is handed to `on_line` with the time
+/// since following began. Fails if they are not closed after `limit` (the child is killed
+/// then). Its exit status and every line.
+pub fn follow_output(
+    mut child: Child,
+    limit: Duration,
+    mut on_line: impl FnMut(&str, Duration),
+) -> (std::process::ExitStatus, Vec<String>) {
+    use std::io::{BufRead, BufReader};
+    use std::sync::mpsc;
+    let (tx, rx) = mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.stdout.take().expect("stdout piped")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().expect("stderr piped")),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut child = Started(child);
+    let start = Instant::now();
+    let mut out = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => {
+                on_line(&line, start.elapsed());
+                out.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => assert!(
+                start.elapsed() < limit,
+                "the guest did not finish:\n{}",
+                out.join("\n")
+            ),
+        }
+    }
+    let status = child.0.wait().expect("the child's exit status");
+    (status, out)
+}
+
+/// Print the lines of `lines` that contain any of `needles` (a guest run's milestones).
+pub fn print_matching(lines: &[String], needles: &[&str]) {
+    let shown: Vec<&str> = lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| needles.iter().any(|n| l.contains(n)))
+        .collect();
+    println!("{}", shown.join("\n"));
 }
 
 /// Disk images through `qemu-img` (raw files against `iscsi://` URLs).
@@ -647,56 +786,6 @@ pub mod images {
 }
 
 impl Gateway {
-    /// Like [`Gateway::start`], but `{PORT}` is a free port on the loopback address `ip`
-    /// (127.0.0.N: each gateway of a cluster test on an address of its own), and the portal
-    /// waited for is `ip:{PORT}`. Logs at info level for the gateway crate (`RUST_LOG`
-    /// overrides), to `gateway.log` in its directory.
-    pub fn start_on(ip: [u8; 4], config: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = TcpListener::bind(SocketAddr::from((ip, 0)))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind a free port");
-        let text = config
-            .replace("{PORT}", &port.to_string())
-            .replace("{DIR}", &dir.path().to_string_lossy());
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, text).expect("write config");
-        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
-        let child = Command::new(tessera_bin())
-            .arg("gateway")
-            .arg("--config")
-            .arg(&path)
-            .arg("--log-format")
-            .arg("json")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,tessera=info".into()),
-            )
-            .stderr(log)
-            .spawn()
-            .expect("start tessera gateway");
-        let portal = SocketAddr::from((ip, port));
-        let mut g = Self {
-            child: std::sync::Mutex::new(child),
-            dir,
-            portal,
-        };
-        let start = Instant::now();
-        while TcpStream::connect(portal).is_err() {
-            if let Ok(Some(st)) = g.child.get_mut().expect("child").try_wait() {
-                panic!("tessera gateway exited early: {st}\n{}", g.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "gateway on {portal} did not start\n{}",
-                g.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        g
-    }
-
     /// Its PID.
     pub fn pid(&self) -> u32 {
         self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
@@ -881,4 +970,70 @@ pub fn tessera_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     );
     println!("{text}");
     (out.status.success(), text)
+}
+
+/// Open volume `v` as `map` places it, straight on its storage nodes (RPC calls bounded by
+/// `timeout`), at owner epoch `epoch` (`None`: unfenced): a data path of the test's own,
+/// outside any gateway. Call it within a [`tokio::task::LocalSet`].
+pub async fn open_volume(
+    v: &tessera_cluster::VolumeRecord,
+    map: &tessera_cluster::PgMapRecord,
+    epoch: Option<u64>,
+    timeout: Duration,
+) -> Result<tessera_volume::EcVolume, tessera_volume::OpenError> {
+    let addrs: Vec<SocketAddr> = map
+        .nodes
+        .iter()
+        .map(|n| n.address.parse().expect("node address"))
+        .collect();
+    let spec = tessera_volume::VolumeSpec {
+        id: v.id,
+        name: v.name.clone(),
+        size: v.size,
+        block_size: v.block_size,
+        profile: v.profile().expect("the volume's profile"),
+        pgs: v.pgs,
+        write_quorum: v.write_quorum,
+        region_stripes: 1024,
+        clear_after: tessera_volume::CLEAR_AFTER,
+        map: map.map.clone(),
+        node_names: map.nodes.iter().map(|n| n.id.clone()).collect(),
+        epoch,
+    };
+    let connector: std::sync::Arc<dyn tessera_volume::nodes::Connector> =
+        std::sync::Arc::new(tessera_volume::nodes::RpcConnector::new(addrs, timeout));
+    tessera_volume::EcVolume::open(spec, connector).await
+}
+
+/// Three etcd members, `e1` to `e3` on 127.0.0.1, .2 and .3 (their data and logs in `dir`),
+/// started and ready: the members and their client URLs.
+pub fn start_three_etcds(dir: &Path) -> (Vec<tessera_cluster::process::Etcd>, Vec<String>) {
+    use tessera_cluster::process::{free_port, Etcd, Member};
+    let members: Vec<Member> = (1..=3u8)
+        .map(|i| {
+            let ip = [127, 0, 0, i];
+            Member {
+                name: format!("e{i}"),
+                client: SocketAddr::from((ip, free_port(ip).unwrap())),
+                peer: SocketAddr::from((ip, free_port(ip).unwrap())),
+            }
+        })
+        .collect();
+    let mut etcds: Vec<Etcd> = members
+        .iter()
+        .map(|m| {
+            Etcd::start(
+                m,
+                &members,
+                &dir.join(&m.name),
+                &dir.join(format!("{}.log", m.name)),
+            )
+            .expect("start etcd")
+        })
+        .collect();
+    for e in &mut etcds {
+        e.wait_ready(Duration::from_secs(30)).unwrap();
+    }
+    let urls = members.iter().map(Member::client_url).collect();
+    (etcds, urls)
 }

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use tessera_integration_tests::initiator::{Answer, Session};
-use tessera_integration_tests::{http_get, seed, Demo, Rng};
+use tessera_integration_tests::{ec_4_2, seed, Demo, Rng};
 use tessera_proto::iscsi::pdu::tmf;
 
 const BLOCK: usize = 4096;
@@ -45,17 +45,8 @@ fn write16(first: usize, n: usize) -> [u8; 16] {
 
 /// SCSI commands the gateway is executing now (its `tessera_scsi_commands_in_flight`).
 fn executing(demo: &Demo) -> i64 {
-    let addr = demo.json["processes"]
-        .as_array()
-        .expect("processes")
-        .iter()
-        .find(|p| p["role"] == "gateway")
-        .and_then(|p| p["metrics"].as_str())
-        .expect("the gateway's metrics address")
-        .to_string();
-    let (code, body) = http_get(&addr, "/metrics");
-    assert_eq!(code, 200);
-    body.lines()
+    demo.gateway_metrics()
+        .lines()
         .filter(|l| l.starts_with("tessera_scsi_commands_in_flight{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
         .sum()
@@ -104,22 +95,9 @@ struct Counts {
 fn aborts_resets_and_dropped_connections_during_overlapping_writes_lose_nothing() {
     let seed = seed("aborts");
     let mut rng = Rng::new(seed);
-    let demo = Demo::start(&[
-        "--backend",
-        "ec",
-        "--ec",
-        "4+2",
-        "--size",
-        "16MiB",
-        "--block-size",
-        "4096",
-    ]);
+    let demo = Demo::start(&ec_4_2(&["--size", "16MiB", "--block-size", "4096"]));
     let isids = [[0x80, 0, 0, 0, 0xab, 1], [0x80, 0, 0, 0, 0xab, 2]];
-    let login = |i: usize| {
-        let mut s = Session::login(demo.portal, INITIATOR, &demo.iqn, isids[i]).expect("login");
-        s.ready(0).expect("test unit ready");
-        s
-    };
+    let login = |i: usize| Session::open(demo.portal, INITIATOR, &demo.iqn, isids[i]);
     let mut sessions = vec![login(0), login(1)];
     let mut state = read_region(&mut sessions[0]);
     let mut next_id = 1u64;
@@ -313,9 +291,7 @@ fn a_waiting_task_management_function_blocks_nothing_else() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let demo = Demo::start(&["--backend", "ec", "--ec", "4+2", "--size", "16MiB"]);
-    let mut s =
-        Session::login(demo.portal, INITIATOR, &demo.iqn, [0x80, 0, 0, 0, 0xac, 1]).expect("login");
-    s.ready(0).expect("test unit ready");
+    let mut s = Session::open(demo.portal, INITIATOR, &demo.iqn, [0x80, 0, 0, 0, 0xac, 1]);
     // A first write, so that the volume knows how fast its nodes answer.
     let o = s
         .command(0, &write16(0, 1), &block(1, 0), 0)

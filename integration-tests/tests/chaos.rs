@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tessera_cluster::process::{free_port, Etcd};
 use tessera_integration_tests::initiator::{cdb10, Session};
-use tessera_integration_tests::{seed, tessera_bin, Gateway, Rng};
+use tessera_integration_tests::{open_volume, seed, tessera_bin, Gateway, Rng};
 
 const TARGET: &str = "iqn.2024-01.io.tessera:cluster";
 const INITIATOR: &str = "iqn.2024-01.io.tessera:chaos";
@@ -678,34 +678,12 @@ fn scrub(
     v: &tessera_cluster::VolumeRecord,
     map: &tessera_cluster::PgMapRecord,
 ) -> tessera_volume::ScrubStats {
-    let addrs: Vec<SocketAddr> = map
-        .nodes
-        .iter()
-        .map(|n| n.address.parse().expect("node address"))
-        .collect();
-    let spec = tessera_volume::VolumeSpec {
-        id: v.id,
-        name: v.name.clone(),
-        size: v.size,
-        block_size: v.block_size,
-        profile: v.profile().unwrap(),
-        pgs: v.pgs,
-        write_quorum: v.write_quorum,
-        region_stripes: 1024,
-        clear_after: tessera_volume::CLEAR_AFTER,
-        map: map.map.clone(),
-        node_names: map.nodes.iter().map(|n| n.id.clone()).collect(),
-        epoch: None,
-    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     tokio::task::LocalSet::new().block_on(&rt, async move {
-        let c: Arc<dyn tessera_volume::nodes::Connector> = Arc::new(
-            tessera_volume::nodes::RpcConnector::new(addrs, Duration::from_secs(10)),
-        );
-        let vol = tessera_volume::EcVolume::open(spec, c)
+        let vol = open_volume(v, map, None, Duration::from_secs(10))
             .await
             .expect("open the volume");
         // What the last owner's intent log still names is checked first.

@@ -235,14 +235,12 @@ fn with_etcd_gone_the_owner_stops_writing_within_its_lease_and_recovers_when_it_
         .find(|p| p["role"] == "etcd")
         .expect("etcd in demo.json")
         .clone();
-    let mut s = Session::login(
+    let mut s = Session::open(
         demo.portal,
         "iqn.2024-01.test:etcd-gone",
         &demo.iqn,
         [0x80, 0, 0, 0, 0, 3],
-    )
-    .expect("login");
-    s.ready(0).unwrap();
+    );
     // GOOD (0), BUSY (8), or CHECK CONDITION with its sense key (2 << 8 | key).
     let write = |s: &mut Session, lba: u8, fill: u8| -> u16 {
         let cdb = [0x2a, 0, 0, 0, 0, lba, 0, 0, 1, 0];
@@ -351,37 +349,12 @@ fn with_etcd_gone_the_owner_stops_writing_within_its_lease_and_recovers_when_it_
 
 #[test]
 fn losing_one_of_three_etcd_members_under_load_costs_no_io_error() {
-    use tessera_cluster::process::{free_port, Etcd, Member};
+    use tessera_cluster::process::free_port;
     use tessera_integration_tests::initiator::Session;
-    use tessera_integration_tests::Gateway;
+    use tessera_integration_tests::{start_three_etcds, Gateway};
     let dir = tempfile::tempdir().unwrap();
     // Three members on three loopback addresses.
-    let members: Vec<Member> = (1..=3u8)
-        .map(|i| {
-            let ip = [127, 0, 0, i];
-            Member {
-                name: format!("e{i}"),
-                client: std::net::SocketAddr::from((ip, free_port(ip).unwrap())),
-                peer: std::net::SocketAddr::from((ip, free_port(ip).unwrap())),
-            }
-        })
-        .collect();
-    let mut etcds: Vec<Etcd> = members
-        .iter()
-        .map(|m| {
-            Etcd::start(
-                m,
-                &members,
-                &dir.path().join(&m.name),
-                &dir.path().join(format!("{}.log", m.name)),
-            )
-            .expect("start etcd")
-        })
-        .collect();
-    for e in &mut etcds {
-        e.wait_ready(Duration::from_secs(30)).unwrap();
-    }
-    let urls: Vec<String> = members.iter().map(Member::client_url).collect();
+    let (mut etcds, urls) = start_three_etcds(dir.path());
     // The member killed below is made the raft leader first: the worst case (a leader
     // election while the gateway's keep-alive stream, which starts on the first endpoint,
     // has to move).
@@ -462,14 +435,12 @@ fn losing_one_of_three_etcd_members_under_load_costs_no_io_error() {
         "[gateway]\nportals = [\"127.0.0.1:{{PORT}}\"]\n\n[cluster]\netcd = [{}]\ngateway_id = \"gw-a\"\n",
         etcd_list.join(", ")
     ));
-    let mut s = Session::login(
+    let mut s = Session::open(
         gw.portal,
         "iqn.2024-01.test:three-members",
         "iqn.2024-01.io.tessera:cluster",
         [0x80, 0, 0, 0, 0, 4],
-    )
-    .expect("login");
-    s.ready(0).unwrap();
+    );
     // Writes for longer than the lease TTL (the default, 10 s); one member is killed a
     // second in.
     let start = Instant::now();

@@ -1,27 +1,33 @@
 //! Every example in `target-config/` passes `tessera config check`, and a broken file is
 //! reported with its file, line and key.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use tessera_integration_tests::{run, tessera_bin};
 
+/// `tessera config check FILE` (30 s at most).
+fn config_check(file: &Path) -> Output {
+    run(
+        Command::new(tessera_bin())
+            .arg("config")
+            .arg("check")
+            .arg(file),
+        Duration::from_secs(30),
+    )
+}
+
 #[test]
 fn every_example_config_checks() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target-config");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target-config");
     let mut n = 0;
     for e in std::fs::read_dir(&dir).expect("target-config/") {
         let p = e.expect("entry").path();
         if p.extension().and_then(|x| x.to_str()) != Some("toml") {
             continue;
         }
-        let out = run(
-            Command::new(tessera_bin())
-                .arg("config")
-                .arg("check")
-                .arg(&p),
-            Duration::from_secs(30),
-        );
+        let out = config_check(&p);
         println!("{}", String::from_utf8_lossy(&out.stdout).trim());
         assert!(
             out.status.success(),
@@ -43,13 +49,7 @@ fn a_bad_file_names_file_line_and_key() {
         "[[target]]\niqn = \"iqn.2024-01.io.tessera:x\"\n[[target.lun]]\nid = 0\nbackend = \"mem\"\nsize = \"1GiB\"\nblock_size = 520\n",
     )
     .unwrap();
-    let out = run(
-        Command::new(tessera_bin())
-            .arg("config")
-            .arg("check")
-            .arg(&p),
-        Duration::from_secs(30),
-    );
+    let out = config_check(&p);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tessera_integration_tests::images::{compare, convert, random_file};
 use tessera_integration_tests::initiator::Session;
-use tessera_integration_tests::{require_tool, seed, Demo};
+use tessera_integration_tests::{open_volume, require_tool, seed, Demo};
 
 fn qemu() {
     require_tool("qemu-img", "qemu-utils and qemu-block-extra");
@@ -191,14 +191,12 @@ fn bit_rot_on_a_node_is_read_around_counted_and_repaired() {
 fn a_gateway_with_an_older_epoch_is_refused() {
     use tessera_proto::block::BlockDevice;
     let demo = Demo::start(&["--backend", "ec", "--ec", "2+1", "--size", "64MiB"]);
-    let mut a = Session::login(
+    let mut a = Session::open(
         demo.portal,
         "iqn.2024-01.test:fence",
         &demo.iqn,
         [0x80, 0, 0, 0, 0, 1],
-    )
-    .expect("login to the gateway");
-    a.ready(0).unwrap();
+    );
     let w10 = [0x2a, 0, 0, 0, 0, 8, 0, 0, 1, 0];
     assert_eq!(a.command(0, &w10, &[0x11; 512], 0).unwrap().status, 0);
     // A second gateway's data path holds the volume at the current epoch, as a gateway does
@@ -219,30 +217,7 @@ fn a_gateway_with_an_older_epoch_is_refused() {
         let v = c.volume("demo").await.unwrap().expect("the demo volume");
         let map = c.pg_map(v.id).await.unwrap().expect("its map");
         let before = c.epoch(v.id).await.unwrap();
-        let spec = tessera_volume::VolumeSpec {
-            id: v.id,
-            name: v.name.clone(),
-            size: v.size,
-            block_size: v.block_size,
-            profile: v.profile().unwrap(),
-            pgs: v.pgs,
-            write_quorum: v.write_quorum,
-            region_stripes: 1024,
-            clear_after: tessera_volume::CLEAR_AFTER,
-            map: map.map.clone(),
-            node_names: map.nodes.iter().map(|n| n.id.clone()).collect(),
-            epoch: Some(before),
-        };
-        let addrs = map
-            .nodes
-            .iter()
-            .map(|n| n.address.parse().unwrap())
-            .collect();
-        let connector = std::sync::Arc::new(tessera_volume::nodes::RpcConnector::new(
-            addrs,
-            Duration::from_secs(2),
-        ));
-        let cut_off = tessera_volume::EcVolume::open(spec, connector)
+        let cut_off = open_volume(&v, &map, Some(before), Duration::from_secs(2))
             .await
             .expect("open at the current epoch");
         c.meta().delete(c.key("owners/"), true).await.unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tessera_integration_tests::faultyfs::FaultyMount;
 use tessera_integration_tests::initiator::{cdb10, Session};
-use tessera_integration_tests::{http_get, Demo, Rng};
+use tessera_integration_tests::{ec_4_2_on_eight_nodes, http_get, tail, Demo, Rng};
 
 const INITIATOR: &str = "iqn.2024-01.io.tessera:failed-sync-test";
 const BLOCK: usize = 512;
@@ -58,11 +58,6 @@ fn read_all(s: &mut Session, model: &[u8], when: &str) {
     }
 }
 
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
 #[test]
 fn a_node_whose_disk_fails_a_sync_says_so_and_is_rebuilt_elsewhere() {
     assert!(
@@ -77,19 +72,7 @@ fn a_node_whose_disk_fails_a_sync_says_so_and_is_rebuilt_elsewhere() {
     let fs = FaultyMount::mount(&mnt, &dir.path().join("node-2.backing"))
         .expect("mount the test's FUSE file system (needs root and /dev/fuse)");
     std::os::unix::fs::symlink(fs.file(), nodes.join("node-2.store")).unwrap();
-    let demo = Demo::start_in(
-        dir,
-        &[
-            "--backend",
-            "ec",
-            "--ec",
-            "4+2",
-            "--nodes",
-            "8",
-            "--size",
-            "64MiB",
-        ],
-    );
+    let demo = Demo::start_in(dir, &ec_4_2_on_eight_nodes("64MiB"));
     let mut s =
         Session::login(demo.portal, INITIATOR, &demo.iqn, [0x80, 0, 0, 0, 0x5f, 1]).expect("login");
     s.set_timeout(Duration::from_secs(40)).unwrap();
@@ -116,15 +99,7 @@ fn a_node_whose_disk_fails_a_sync_says_so_and_is_rebuilt_elsewhere() {
     );
     // The node says so: `tessera node stats`, its metric (refreshed every second), its
     // state in etcd.
-    let metrics = demo.json["processes"]
-        .as_array()
-        .expect("processes")
-        .iter()
-        .filter(|p| p["role"] == "node")
-        .nth(2)
-        .and_then(|p| p["metrics"].as_str())
-        .expect("node-2's metrics address")
-        .to_string();
+    let metrics = demo.metrics_addrs("node").remove(2);
     let start = Instant::now();
     loop {
         let (_, body) = http_get(&metrics, "/metrics");
@@ -156,7 +131,7 @@ fn a_node_whose_disk_fails_a_sync_says_so_and_is_rebuilt_elsewhere() {
         assert!(
             start.elapsed() < Duration::from_secs(180),
             "node-2's fragments were not rebuilt elsewhere:\n{st}\n{}",
-            tail(&demo.log())
+            tail(&demo.log(), 40)
         );
         std::thread::sleep(Duration::from_millis(500));
     }

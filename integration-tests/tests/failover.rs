@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tessera_cluster::process::{free_port, Etcd, Member};
+use tessera_cluster::process::free_port;
 use tessera_cluster::{Cluster, OwnerRecord};
-use tessera_integration_tests::initiator::{Outcome, Session};
+use tessera_integration_tests::initiator::{cdb10, Outcome, Session};
 use tessera_integration_tests::Started;
-use tessera_integration_tests::{tessera_bin, Gateway};
+use tessera_integration_tests::{start_three_etcds, tessera_bin, Gateway};
 
 const TARGET: &str = "iqn.2024-01.io.tessera:cluster";
 /// The gateways' lease TTL (`lease_ttl_secs`).
@@ -187,66 +187,49 @@ fn classify(o: &Outcome) -> Answer {
     }
 }
 
+/// WRITE(10) of `data` at `lba`.
 fn write(s: &mut Session, lun: u8, lba: u64, data: &[u8]) -> std::io::Result<Outcome> {
-    let l = (lba as u32).to_be_bytes();
     let n = (data.len() / BS) as u16;
-    let cdb = [
-        0x2a,
-        0,
-        l[0],
-        l[1],
-        l[2],
-        l[3],
-        0,
-        (n >> 8) as u8,
-        n as u8,
-        0,
-    ];
-    s.command(lun, &cdb, data, 0)
+    s.command(lun, &cdb10(0x2a, lba, n), data, 0)
 }
 
+/// READ(10) of `n` blocks at `lba`.
 fn read(s: &mut Session, lun: u8, lba: u64, n: u16) -> std::io::Result<Outcome> {
-    let l = (lba as u32).to_be_bytes();
-    let cdb = [
-        0x28,
-        0,
-        l[0],
-        l[1],
-        l[2],
-        l[3],
-        0,
-        (n >> 8) as u8,
-        n as u8,
-        0,
-    ];
-    s.command(lun, &cdb, &[], u32::from(n) * BS as u32)
+    s.command(lun, &cdb10(0x28, lba, n), &[], u32::from(n) * BS as u32)
+}
+
+/// Issue a command with `issue` again while its answer is retryable, for [`PATIENCE`] at
+/// most; its GOOD outcome, or why not (prefixed by `what`).
+fn retrying(
+    what: &str,
+    mut issue: impl FnMut() -> std::io::Result<Outcome>,
+) -> Result<Outcome, String> {
+    let start = Instant::now();
+    loop {
+        let o = issue().map_err(|e| format!("{what}: {e}"))?;
+        match classify(&o) {
+            Answer::Good => return Ok(o),
+            Answer::Retry(_) if start.elapsed() < PATIENCE => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Answer::Retry(why) => return Err(format!("{what}: still {why} after {PATIENCE:?}")),
+            Answer::Bad(why) => return Err(format!("{what}: {why}")),
+        }
+    }
 }
 
 /// READ, retrying retryable answers for a while; the data.
 fn read_retrying(s: &mut Session, lun: u8, lba: u64, n: u16, via: &str) -> Result<Vec<u8>, String> {
-    let start = Instant::now();
-    loop {
-        let o = read(s, lun, lba, n).map_err(|e| format!("READ {lba}+{n} through {via}: {e}"))?;
-        match classify(&o) {
-            Answer::Good if o.data.len() == usize::from(n) * BS => return Ok(o.data),
-            Answer::Good => {
-                return Err(format!(
-                    "READ {lba}+{n} through {via}: {} bytes of data, not {}",
-                    o.data.len(),
-                    usize::from(n) * BS
-                ))
-            }
-            Answer::Retry(_) if start.elapsed() < PATIENCE => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Answer::Retry(why) => {
-                return Err(format!(
-                    "READ {lba}+{n} through {via}: still {why} after {PATIENCE:?}"
-                ))
-            }
-            Answer::Bad(why) => return Err(format!("READ {lba}+{n} through {via}: {why}")),
-        }
+    let what = format!("READ {lba}+{n} through {via}");
+    let o = retrying(&what, || read(s, lun, lba, n))?;
+    if o.data.len() != usize::from(n) * BS {
+        return Err(format!(
+            "{what}: {} bytes of data, not {}",
+            o.data.len(),
+            usize::from(n) * BS
+        ));
     }
+    Ok(o.data)
 }
 
 /// WRITE, retrying retryable answers for a while (phase 1: no failover going on).
@@ -257,24 +240,11 @@ fn write_retrying(
     data: &[u8],
     via: &str,
 ) -> Result<(), String> {
-    let start = Instant::now();
     let n = data.len() / BS;
-    loop {
-        let o =
-            write(s, lun, lba, data).map_err(|e| format!("WRITE {lba}+{n} through {via}: {e}"))?;
-        match classify(&o) {
-            Answer::Good => return Ok(()),
-            Answer::Retry(_) if start.elapsed() < PATIENCE => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Answer::Retry(why) => {
-                return Err(format!(
-                    "WRITE {lba}+{n} through {via}: still {why} after {PATIENCE:?}"
-                ))
-            }
-            Answer::Bad(why) => return Err(format!("WRITE {lba}+{n} through {via}: {why}")),
-        }
-    }
+    retrying(&format!("WRITE {lba}+{n} through {via}"), || {
+        write(s, lun, lba, data)
+    })?;
+    Ok(())
 }
 
 /// Log in and wait (TEST UNIT READY) until the LUN answers GOOD.
@@ -287,26 +257,11 @@ fn open(
 ) -> Result<Session, String> {
     let mut s = Session::login(portal, initiator, TARGET, isid)
         .map_err(|e| format!("login to {via} ({portal}): {e}"))?;
-    let start = Instant::now();
-    loop {
-        let o = s
-            .command(lun, &[0; 6], &[], 0)
-            .map_err(|e| format!("TEST UNIT READY through {via}: {e}"))?;
-        match classify(&o) {
-            Answer::Good => return Ok(s),
-            Answer::Retry(_) if start.elapsed() < PATIENCE => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Answer::Retry(why) => {
-                return Err(format!(
-                    "TEST UNIT READY through {via}: still {why} after {PATIENCE:?}"
-                ))
-            }
-            Answer::Bad(why) => {
-                return Err(format!("TEST UNIT READY of LUN {lun} through {via}: {why}"))
-            }
-        }
-    }
+    retrying(
+        &format!("TEST UNIT READY of LUN {lun} through {via}"),
+        || s.command(lun, &[0; 6], &[], 0),
+    )?;
+    Ok(s)
 }
 
 /// Contiguous runs (at most `max` long) of the sorted lbas.
@@ -358,6 +313,53 @@ struct Report {
     /// The first GOOD write issued after the owner was gone: when, and through which gateway.
     first_good: Option<(Instant, String)>,
     error: Option<String>,
+}
+
+impl Report {
+    /// Write `seq` of `n` blocks at `lba` got no GOOD: it may or may not have landed.
+    fn uncertain(&mut self, lba: u64, n: u64, seq: u64) {
+        for i in 0..n {
+            self.model.uncertain(lba + i, seq);
+        }
+        self.uncertain_writes += 1;
+    }
+
+    /// Read `n` blocks at `lba` and check each against the model: `wrong` describes a block
+    /// that fails (a short read is an error of the model's check). A GOOD answer is counted
+    /// in `count`, a retryable one in `retryable` (as a read). Whether the connection was
+    /// lost; or why the check failed (a wrong block, or an answer that is neither).
+    fn check_read(
+        &mut self,
+        s: &mut Session,
+        lun: u8,
+        lba: u64,
+        n: u64,
+        count: fn(&mut Report) -> &mut u64,
+        wrong: impl Fn(&Result<Verdict, String>) -> Option<String>,
+    ) -> Result<bool, String> {
+        let Ok(o) = read(s, lun, lba, n as u16) else {
+            return Ok(true);
+        };
+        match classify(&o) {
+            Answer::Good => {
+                *count(self) += 1;
+                for i in 0..n {
+                    let b = o.data.get((i as usize) * BS..(i as usize + 1) * BS);
+                    let v = b
+                        .ok_or_else(|| format!("short read: {} bytes", o.data.len()))
+                        .and_then(|b| self.model.check(lba + i, b));
+                    if let Some(why) = wrong(&v) {
+                        return Err(why);
+                    }
+                }
+            }
+            Answer::Retry(why) => {
+                *self.retryable.entry(format!("{why} (read)")).or_default() += 1;
+            }
+            Answer::Bad(why) => return Err(why),
+        }
+        Ok(false)
+    }
 }
 
 fn since(kill: Option<Kill>) -> String {
@@ -451,53 +453,31 @@ fn writer(
                         }
                     }
                     // Read it back at once: exactly what was acknowledged.
-                    match read(s, lun, lba, n as u16) {
-                        Ok(o) => match classify(&o) {
-                            Answer::Good => {
-                                r.readbacks += 1;
-                                for i in 0..n {
-                                    let b = o.data.get((i as usize) * BS..(i as usize + 1) * BS);
-                                    let v = b
-                                        .ok_or_else(|| {
-                                            format!("short read: {} bytes", o.data.len())
-                                        })
-                                        .and_then(|b| r.model.check(lba + i, b));
-                                    if v != Ok(Verdict::Exact) {
-                                        r.error = Some(format!(
-                                            "read-back of write #{seq} (lba {lba}+{n}) through {via}, {}: {v:?}",
-                                            since(kill)
-                                        ));
-                                        return r;
-                                    }
-                                }
-                            }
-                            Answer::Retry(why) => {
-                                *r.retryable.entry(format!("{why} (read)")).or_default() += 1;
-                            }
-                            Answer::Bad(why) => {
-                                r.error = Some(format!(
-                                    "read-back of write #{seq} (lba {lba}+{n}) through {via}, {}: {why}",
-                                    since(kill)
-                                ));
-                                return r;
-                            }
-                        },
-                        Err(_) => lost = true,
+                    match r.check_read(
+                        s,
+                        lun,
+                        lba,
+                        n,
+                        |r| &mut r.readbacks,
+                        |v| (*v != Ok(Verdict::Exact)).then(|| format!("{v:?}")),
+                    ) {
+                        Ok(l) => lost = l,
+                        Err(why) => {
+                            r.error = Some(format!(
+                                "read-back of write #{seq} (lba {lba}+{n}) through {via}, {}: {why}",
+                                since(kill)
+                            ));
+                            return r;
+                        }
                     }
                 }
                 Answer::Retry(why) => {
-                    for i in 0..n {
-                        r.model.uncertain(lba + i, seq);
-                    }
-                    r.uncertain_writes += 1;
+                    r.uncertain(lba, n, seq);
                     *r.retryable.entry(why).or_default() += 1;
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Answer::Bad(why) => {
-                    for i in 0..n {
-                        r.model.uncertain(lba + i, seq);
-                    }
-                    r.uncertain_writes += 1;
+                    r.uncertain(lba, n, seq);
                     r.error = Some(format!(
                         "write #{seq} (lba {lba}+{n}) through {via}, {}: {why}",
                         since(kill)
@@ -506,46 +486,23 @@ fn writer(
                 }
             },
             Err(_) => {
-                for i in 0..n {
-                    r.model.uncertain(lba + i, seq);
-                }
-                r.uncertain_writes += 1;
+                r.uncertain(lba, n, seq);
                 lost = true;
             }
         }
-        // Now and then, an earlier range: whatever the model allows.
+        // Now and then, an earlier range.
         if !lost && iteration.is_multiple_of(8) {
             let at = REGION_START + xorshift(&mut rng) % (REGION_LEN - 8);
-            match read(s, lun, at, 8) {
-                Ok(o) => match classify(&o) {
-                    Answer::Good => {
-                        r.spot_checks += 1;
-                        for i in 0..8u64 {
-                            let b = o.data.get((i as usize) * BS..(i as usize + 1) * BS);
-                            let v = b
-                                .ok_or_else(|| format!("short read: {} bytes", o.data.len()))
-                                .and_then(|b| r.model.check(at + i, b));
-                            if let Err(e) = v {
-                                r.error = Some(format!(
-                                    "spot check of lba {at}+8 through {via}, {}: {e}",
-                                    since(kill)
-                                ));
-                                return r;
-                            }
-                        }
-                    }
-                    Answer::Retry(why) => {
-                        *r.retryable.entry(format!("{why} (read)")).or_default() += 1;
-                    }
-                    Answer::Bad(why) => {
-                        r.error = Some(format!(
-                            "spot check of lba {at}+8 through {via}, {}: {why}",
-                            since(kill)
-                        ));
-                        return r;
-                    }
-                },
-                Err(_) => lost = true,
+            // Whatever the model allows.
+            match r.check_read(s, lun, at, 8, |r| &mut r.spot_checks, |v| v.clone().err()) {
+                Ok(l) => lost = l,
+                Err(why) => {
+                    r.error = Some(format!(
+                        "spot check of lba {at}+8 through {via}, {}: {why}",
+                        since(kill)
+                    ));
+                    return r;
+                }
             }
         }
         if lost {
@@ -602,32 +559,7 @@ fn failover(how: Stop) {
         .unwrap();
 
     // Three etcd members on 127.0.0.1, .2 and .3.
-    let members: Vec<Member> = (1..=3u8)
-        .map(|i| {
-            let ip = [127, 0, 0, i];
-            Member {
-                name: format!("e{i}"),
-                client: SocketAddr::from((ip, free_port(ip).unwrap())),
-                peer: SocketAddr::from((ip, free_port(ip).unwrap())),
-            }
-        })
-        .collect();
-    let mut etcds: Vec<Etcd> = members
-        .iter()
-        .map(|m| {
-            Etcd::start(
-                m,
-                &members,
-                &dir.path().join(&m.name),
-                &dir.path().join(format!("{}.log", m.name)),
-            )
-            .expect("start etcd")
-        })
-        .collect();
-    for e in &mut etcds {
-        e.wait_ready(Duration::from_secs(30)).unwrap();
-    }
-    let urls: Vec<String> = members.iter().map(Member::client_url).collect();
+    let (etcds, urls) = start_three_etcds(dir.path());
 
     // Eight storage nodes, each on an address (and host label) of its own.
     let mut nodes = Vec::new();
@@ -779,14 +711,12 @@ fn failover(how: Stop) {
         next_seq: 1,
         ..Report::default()
     };
-    let mut s1 = open(
-        fwd_portal,
-        "iqn.2024-01.test:failover-1",
-        [0x80, 0, 0, 0, 1, 1],
-        lun,
-        &fwd_via,
-    )
-    .unwrap_or_else(|e| fail(e));
+    // Initiator `iqn.2024-01.test:failover-N`, ISID ending in N.
+    let open_as = |n: u8, portal: SocketAddr, via: &str| {
+        let initiator = format!("iqn.2024-01.test:failover-{n}");
+        open(portal, &initiator, [0x80, 0, 0, 0, 1, n], lun, via).unwrap_or_else(|e| fail(e))
+    };
+    let mut s1 = open_as(1, fwd_portal, &fwd_via);
     let phase1 = Instant::now();
     for w in 0..PHASE1_BLOCKS / 8 {
         let lba = w * 8;
@@ -798,14 +728,7 @@ fn failover(how: Stop) {
             r.model.acked(lba + i, seq);
         }
     }
-    let mut s0 = open(
-        owner_portal,
-        "iqn.2024-01.test:failover-0",
-        [0x80, 0, 0, 0, 1, 0],
-        lun,
-        &own_via,
-    )
-    .unwrap_or_else(|e| fail(e));
+    let mut s0 = open_as(0, owner_portal, &own_via);
     for (via, s) in [(&own_via, &mut s0), (&fwd_via, &mut s1)] {
         let mut lba = 0;
         while lba < PHASE1_BLOCKS {

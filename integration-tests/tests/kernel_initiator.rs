@@ -7,22 +7,12 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_integration_tests::{guest_cache, guest_dir};
-use tessera_integration_tests::{require_tool, run, Demo};
+use tessera_integration_tests::Demo;
+use tessera_integration_tests::{ec_4_2_on_eight_nodes, follow_output, guest_cache};
+use tessera_integration_tests::{guest_script, print_matching, project_guest_tests, run, tail};
 
-fn guest(demo: &Demo, test: &str, settings: &[String]) {
-    require_tool("qemu-system-x86_64", "qemu-system-x86");
-    let script = guest_dir().join("run-guest.sh");
-    assert!(
-        script.exists(),
-        "guest harness not found at {}",
-        script.display()
-    );
-    assert!(
-        guest_cache().join("initramfs.img").exists(),
-        "guest not built in {}: run make guest-build",
-        guest_cache().display()
-    );
+fn guest(demo: &Demo, test: &str, settings: &[&str]) {
+    let script = guest_script();
     let mut cmd = Command::new(&script);
     cmd.arg("--cache")
         .arg(guest_cache())
@@ -54,40 +44,42 @@ fn guest(demo: &Demo, test: &str, settings: &[String]) {
     );
 }
 
+/// Start `tessera demo` with `args`, run guest test `test` against it (open-iscsi
+/// `settings`), and stop the demo, which must exit cleanly.
+fn on_a_new_demo(args: &[&str], test: &str, settings: &[&str]) {
+    let demo = Demo::start(args);
+    guest(&demo, test, settings);
+    assert!(demo.stop());
+}
+
 #[test]
 fn ext4_over_chap() {
-    let demo = Demo::start(&["--size", "256MiB", "--chap", "guestuser:guest-secret-0123"]);
-    guest(
-        &demo,
+    on_a_new_demo(
+        &["--size", "256MiB", "--chap", "guestuser:guest-secret-0123"],
         "iscsi-ext4",
         &[
-            "node.session.auth.authmethod=CHAP".into(),
-            "node.session.auth.username=guestuser".into(),
-            "node.session.auth.password=guest-secret-0123".into(),
+            "node.session.auth.authmethod=CHAP",
+            "node.session.auth.username=guestuser",
+            "node.session.auth.password=guest-secret-0123",
         ],
     );
-    assert!(demo.stop());
 }
 
 #[test]
 fn ext4_with_crc32c_digests() {
-    let demo = Demo::start(&["--size", "256MiB"]);
-    guest(
-        &demo,
+    on_a_new_demo(
+        &["--size", "256MiB"],
         "iscsi-ext4",
         &[
-            "node.conn[0].iscsi.HeaderDigest=CRC32C".into(),
-            "node.conn[0].iscsi.DataDigest=CRC32C".into(),
+            "node.conn[0].iscsi.HeaderDigest=CRC32C",
+            "node.conn[0].iscsi.DataDigest=CRC32C",
         ],
     );
-    assert!(demo.stop());
 }
 
 #[test]
 fn fio_verify() {
-    let demo = Demo::start(&["--size", "256MiB"]);
-    guest(&demo, "iscsi-fio", &[]);
-    assert!(demo.stop());
+    on_a_new_demo(&["--size", "256MiB"], "iscsi-fio", &[]);
 }
 
 /// The ext4 cycle and fio's verified random writes on an erasure-coded volume (4+2 over six
@@ -114,88 +106,35 @@ fn ec_volume_ext4_and_fio() {
 /// dead nodes' positions in the PGs left below their write quorum at once.
 #[test]
 fn ec_volume_fio_while_two_nodes_die() {
-    use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    use std::sync::mpsc;
-    use std::time::Instant;
     const MARK: &str = "NODELOSS-KILL-TWO";
-    require_tool("qemu-system-x86_64", "qemu-system-x86");
-    assert!(
-        guest_cache().join("initramfs.img").exists(),
-        "guest not built in {}: run make guest-build",
-        guest_cache().display()
-    );
-    let demo = Demo::start(&[
-        "--backend",
-        "ec",
-        "--ec",
-        "4+2",
-        "--nodes",
-        "8",
-        "--size",
-        "128MiB",
-    ]);
-    let tests = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/guest");
-    let mut cmd = Command::new(guest_dir().join("run-guest.sh"));
+    let script = guest_script();
+    let demo = Demo::start(&ec_4_2_on_eight_nodes("128MiB"));
+    let mut cmd = Command::new(script);
     cmd.arg("--cache")
         .arg(guest_cache())
         .arg("--test-dir")
-        .arg(&tests)
+        .arg(project_guest_tests())
         .args(["--test", "iscsi-fio-nodeloss", "--iqn", &demo.iqn])
         .args(["--iscsi-port", &demo.portal.port().to_string()])
         .args(["--size-mb", "64", "--timeout", "400"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run-guest.sh");
-    let (tx, rx) = mpsc::channel::<String>();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
-    let mut guest = tessera_integration_tests::Started(child);
-    let start = Instant::now();
-    let mut out = Vec::new();
+    let child = cmd.spawn().expect("run-guest.sh");
     let mut killed = false;
-    loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(line) => {
-                if line.trim_end().ends_with(MARK) && !killed {
-                    demo.kill_node(1);
-                    demo.kill_node(2);
-                    killed = true;
-                    println!(
-                        "host: killed node-1 and node-2 {:.1} s into the run, as the guest asked",
-                        start.elapsed().as_secs_f64()
-                    );
-                }
-                out.push(line);
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => assert!(
-                start.elapsed() < Duration::from_secs(440),
-                "the guest did not finish:\n{}",
-                out.join("\n")
-            ),
+    let (status, out) = follow_output(child, Duration::from_secs(440), |line, elapsed| {
+        if line.trim_end().ends_with(MARK) && !killed {
+            demo.kill_node(1);
+            demo.kill_node(2);
+            killed = true;
+            println!(
+                "host: killed node-1 and node-2 {:.1} s into the run, as the guest asked",
+                elapsed.as_secs_f64()
+            );
         }
-    }
-    let status = guest.0.wait().expect("run-guest.sh status");
+    });
     let text = out.join("\n");
-    let shown: Vec<&str> = out
-        .iter()
-        .map(String::as_str)
-        .filter(|l| l.contains("HARNESS-RESULT") || l.contains("phase"))
-        .collect();
-    println!("{}", shown.join("\n"));
+    print_matching(&out, &["HARNESS-RESULT", "phase"]);
     assert!(
         killed,
         "the guest never asked for the nodes to die:\n{text}"
@@ -203,12 +142,7 @@ fn ec_volume_fio_while_two_nodes_die() {
     assert!(
         status.success(),
         "guest test iscsi-fio-nodeloss failed:\n{text}\n--- gateway log tail:\n{}",
-        demo.log()
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .join("\n")
+        tail(&demo.log(), 40)
     );
     let moved = demo.cluster(async |c| {
         let v = c.volumes().await.unwrap().remove(0);

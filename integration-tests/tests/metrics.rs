@@ -55,32 +55,15 @@ fn has(m: &HashMap<String, f64>, name: &str) -> bool {
         .any(|k| k == name || k.starts_with(&format!("{name}{{")))
 }
 
-/// The metrics addresses demo.json lists for the processes of `role`.
-fn metrics_of(demo: &Demo, role: &str) -> Vec<String> {
-    demo.json["processes"]
-        .as_array()
-        .expect("processes")
-        .iter()
-        .filter(|p| p["role"] == role)
-        .map(|p| {
-            p["metrics"]
-                .as_str()
-                .expect("processes[].metrics")
-                .to_string()
-        })
-        .collect()
-}
-
 #[test]
 fn gateway_and_node_metrics_exist_and_move_with_io() {
     require_tool("qemu-img", "qemu-utils and qemu-block-extra");
     let demo = Demo::start(&["--backend", "ec", "--ec", "4+2", "--size", "32MiB"]);
-    let addr_of = |role: &str| metrics_of(&demo, role);
-    let gw = addr_of("gateway").remove(0);
-    let nodes = addr_of("node");
+    let gw = demo.metrics_addrs("gateway").remove(0);
+    let nodes = demo.metrics_addrs("node");
     assert_eq!(nodes.len(), 6);
     assert_eq!(
-        addr_of("etcd").len(),
+        demo.metrics_addrs("etcd").len(),
         1,
         "etcd's metrics address is listed too"
     );
@@ -266,8 +249,8 @@ fn a_prometheus_server_scrapes_the_gateway_and_a_node() {
     require_tool("qemu-img", "qemu-utils and qemu-block-extra");
     let demo = Demo::start(&["--backend", "ec", "--ec", "4+2", "--size", "32MiB"]);
     let (gw, node) = (
-        metrics_of(&demo, "gateway").remove(0),
-        metrics_of(&demo, "node").remove(0),
+        demo.metrics_addrs("gateway").remove(0),
+        demo.metrics_addrs("node").remove(0),
     );
 
     // promtool's linter on both expositions (names, units, help, types).

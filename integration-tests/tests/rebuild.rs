@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use tessera_integration_tests::images::{compare, convert, random_file};
-use tessera_integration_tests::{require_tool, Demo};
+use tessera_integration_tests::{ec_4_2_on_eight_nodes, require_tool, tail, Demo};
 
 fn tessera(demo: &Demo, args: &[&str]) -> (bool, String) {
     demo.tessera(args)
@@ -33,30 +33,16 @@ fn wait_log(demo: &Demo, line: &str, before: usize, limit: Duration, what: &str)
         assert!(
             start.elapsed() < limit,
             "{what}: no {line:?} in {limit:?}; log tail:\n{}",
-            tail(&demo.log())
+            tail(&demo.log(), 40)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
 #[test]
 fn a_lost_node_is_rebuilt_elsewhere_and_two_more_losses_cost_nothing() {
     require_tool("qemu-img", "qemu-utils and qemu-block-extra");
-    let demo = Demo::start(&[
-        "--backend",
-        "ec",
-        "--ec",
-        "4+2",
-        "--nodes",
-        "8",
-        "--size",
-        "64MiB",
-    ]);
+    let demo = Demo::start(&ec_4_2_on_eight_nodes("64MiB"));
     assert_eq!(demo.nodes().len(), 8);
     let url = demo.url(0);
     let dir = demo.dir.path().to_path_buf();
@@ -146,7 +132,7 @@ fn a_lost_node_is_rebuilt_elsewhere_and_two_more_losses_cost_nothing() {
         assert!(
             t.elapsed() < Duration::from_secs(180),
             "the rebuild did not finish; status:\n{st}\nlog tail:\n{}",
-            tail(&demo.log())
+            tail(&demo.log(), 40)
         );
         std::thread::sleep(Duration::from_millis(300));
     };

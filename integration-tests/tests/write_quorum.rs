@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use tessera_integration_tests::initiator::{cdb10, Outcome, Session};
-use tessera_integration_tests::{http_get, Demo, Rng};
+use tessera_integration_tests::{ec_4_2, ec_4_2_on_eight_nodes, tail, Demo, Rng};
 
 const INITIATOR: &str = "iqn.2024-01.io.tessera:write-quorum-test";
 
@@ -56,30 +56,11 @@ fn status(demo: &Demo) -> String {
     text
 }
 
-fn gateway_metrics(demo: &Demo) -> String {
-    let addr = demo.json["processes"]
-        .as_array()
-        .expect("processes")
-        .iter()
-        .find(|p| p["role"] == "gateway")
-        .and_then(|p| p["metrics"].as_str())
-        .expect("the gateway's metrics address")
-        .to_string();
-    let (code, body) = http_get(&addr, "/metrics");
-    assert_eq!(code, 200, "{body}");
-    body
-}
-
 /// The value of the first sample of `name` (any labels).
 fn sample(body: &str, name: &str) -> Option<f64> {
     body.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 const BLOCK: usize = 512;
@@ -88,16 +69,7 @@ const CHUNK: usize = 64 << 10;
 
 #[test]
 fn two_nodes_lost_with_spares_writes_go_on_and_the_pgs_move_at_once() {
-    let demo = Demo::start(&[
-        "--backend",
-        "ec",
-        "--ec",
-        "4+2",
-        "--nodes",
-        "8",
-        "--size",
-        "64MiB",
-    ]);
+    let demo = Demo::start(&ec_4_2_on_eight_nodes("64MiB"));
     let mut s = login(&demo, 1);
     let size: usize = 64 << 20;
     let mut model = vec![0u8; size];
@@ -148,7 +120,7 @@ fn two_nodes_lost_with_spares_writes_go_on_and_the_pgs_move_at_once() {
     assert!(
         !quorum.is_empty(),
         "no position moved for quorum: {moves:?}\n{}",
-        tail(&demo.log())
+        tail(&demo.log(), 40)
     );
     assert!(
         quorum
@@ -172,7 +144,7 @@ fn two_nodes_lost_with_spares_writes_go_on_and_the_pgs_move_at_once() {
         assert!(
             start.elapsed() < Duration::from_secs(180),
             "the moved positions were not rebuilt:\n{st}\n{}",
-            tail(&demo.log())
+            tail(&demo.log(), 40)
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -208,7 +180,7 @@ fn two_nodes_lost_with_spares_writes_go_on_and_the_pgs_move_at_once() {
     demo.restart_node(2);
     let start = Instant::now();
     let (trimmed, used) = loop {
-        let m = gateway_metrics(&demo);
+        let m = demo.gateway_metrics();
         let trimmed = m
             .lines()
             .find(|l| l.contains("event=\"trimmed_fragment\""))
@@ -222,7 +194,7 @@ fn two_nodes_lost_with_spares_writes_go_on_and_the_pgs_move_at_once() {
             start.elapsed() < Duration::from_secs(120),
             "back for {:?}: {trimmed} fragments trimmed, the two nodes hold {used} positions (after the move: {held_after_move})\n{}",
             start.elapsed(),
-            tail(&demo.log())
+            tail(&demo.log(), 40)
         );
         std::thread::sleep(Duration::from_millis(500));
     };
@@ -237,16 +209,12 @@ fn two_nodes_lost_with_spares_writes_go_on_and_the_pgs_move_at_once() {
 
 #[test]
 fn two_nodes_lost_without_spares_writes_fail_as_not_ready_then_resume() {
-    let mut demo = Demo::start(&[
-        "--backend",
-        "ec",
-        "--ec",
-        "4+2",
+    let mut demo = Demo::start(&ec_4_2(&[
         "--size",
         "16MiB",
         "--write-quorum-wait-ms",
         "2000",
-    ]);
+    ]));
     let mut s = login(&demo, 2);
     let first = bytes(1, CHUNK);
     let o = s.command(0, &write10(0, 128), &first, 0).expect("write");
@@ -301,7 +269,7 @@ fn two_nodes_lost_without_spares_writes_fail_as_not_ready_then_resume() {
         line.contains("node-0") && line.contains("node-3"),
         "the reason names the nodes: {line}"
     );
-    let m = gateway_metrics(&demo);
+    let m = demo.gateway_metrics();
     let pgs = sample(&m, "tessera_volume_write_suspended_pgs").unwrap_or(0.0);
     assert!(pgs > 0.0, "write-suspended PGs not in the metrics");
     let failed = m
@@ -322,7 +290,7 @@ fn two_nodes_lost_without_spares_writes_fail_as_not_ready_then_resume() {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "writes did not resume with node 3 back: {o:?}\n{}",
-            tail(&demo.log())
+            tail(&demo.log(), 40)
         );
     }
     println!(

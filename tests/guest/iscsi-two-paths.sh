@@ -41,6 +41,20 @@ readback() {
         [ "$(wc -c < /tmp/rb)" -eq $((CHUNK_KB * 1024)) ]
 }
 
+# fail_over_or_retry WHAT WHATS: after WHAT of chunk $i failed through $dev: through the
+# owner ($A), carry on through $B; through $B (the takeover in progress), try again a second
+# later, 90 tries at most
+fail_over_or_retry() {
+    if [ "$dev" = "$A" ]; then
+        log "chunk $i: $1 through the owner ($A) failed: carrying on through $B"
+        dev=$B
+    else
+        tries=$((tries + 1))
+        [ $tries -lt 90 ] || fail "chunk $i: $2 through $B still fail after $tries tries"
+        sleep 1
+    fi
+}
+
 iscsi_start
 iscsi_discover
 iscsi_node
@@ -76,14 +90,7 @@ while [ $i -lt $CHUNKS ]; do
         # Acknowledged: it must read back at once (through the other path if the owner
         # died in between).
         until readback "$dev" $i; do
-            if [ "$dev" = "$A" ]; then
-                log "chunk $i: reading back through the owner ($A) failed: carrying on through $B"
-                dev=$B
-            else
-                tries=$((tries + 1))
-                [ $tries -lt 90 ] || fail "chunk $i: reads through $B still fail after $tries tries"
-                sleep 1
-            fi
+            fail_over_or_retry "reading back" reads
         done
         [ "$(md5 < /tmp/rb)" = "$(dd if=/tmp/p2 bs=${CHUNK_KB}k skip=$i count=1 2>/dev/null | md5)" ] ||
             fail "acknowledged chunk $i reads back different through $dev"
@@ -95,13 +102,8 @@ while [ $i -lt $CHUNKS ]; do
             # Give the host a moment to act before the owner is asked for more.
             sleep 2
         fi
-    elif [ "$dev" = "$A" ]; then
-        log "chunk $i: the write through the owner ($A) failed: carrying on through $B"
-        dev=$B
     else
-        tries=$((tries + 1))
-        [ $tries -lt 90 ] || fail "chunk $i: writes through $B still fail after $tries tries"
-        sleep 1
+        fail_over_or_retry "the write" writes
     fi
 done
 [ "$dev" = "$B" ] || fail "every write through the owner succeeded: it was never killed"

@@ -209,14 +209,12 @@ fn main() {
     let demo = Demo::start_in(dir, &["--backend", "ec", "--ec", &a.ec, "--size", &a.size]);
     let node = demo.nodes()[a.node].clone();
     let pids = demo.process_pids();
-    let mut s = Session::login(
+    let mut s = Session::open(
         demo.portal,
         "iqn.2024-01.io.tessera:bench",
         &demo.iqn,
         [0x80, 0, 0, 0, 0, 7],
-    )
-    .expect("login");
-    s.ready(0).expect("test unit ready");
+    );
     eprintln!("[hung_node] filling {} with random bytes", a.size);
     let t = Instant::now();
     fill(&mut s, size, &demo);

@@ -353,6 +353,18 @@ impl PrState {
         self.registrations.iter().find(|r| r.id.matches(p))
     }
 
+    /// Make a reservation of type `kind` through `p` with reservation key `key`: held by
+    /// `p`'s registration, or, for all-registrants types, by every registrant (key 0, no
+    /// holder).
+    fn reserve_for(&mut self, p: &Port<'_>, kind: PrType, key: u64) {
+        let all = kind.all_registrants();
+        let holder = (!all)
+            .then(|| self.registration(p).map(|r| r.id.clone()))
+            .flatten();
+        let key = if all { 0 } else { key };
+        self.reservation = Some(Reservation { kind, key, holder });
+    }
+
     /// True when `p` holds the reservation (for all-registrants types: is registered).
     pub fn is_holder(&self, p: &Port<'_>) -> bool {
         match &self.reservation {
@@ -555,15 +567,7 @@ impl PrState {
         let kind = Self::check_scope_type(scope, kind)?;
         match &self.reservation {
             None => {
-                let holder = (!kind.all_registrants())
-                    .then(|| self.registration(p).map(|r| r.id.clone()))
-                    .flatten();
-                let key = if kind.all_registrants() {
-                    0
-                } else {
-                    params.key
-                };
-                self.reservation = Some(Reservation { kind, key, holder });
+                self.reserve_for(p, kind, params.key);
                 Ok(())
             }
             Some(r) if r.kind == kind && self.is_holder(p) => Ok(()),
@@ -625,15 +629,7 @@ impl PrState {
             Some(res) if res.kind.all_registrants() && sa_key == 0 => {
                 // Preempt an all-registrants reservation: everybody else goes.
                 remove_with_key(self, ua, None);
-                let holder = (!kind.all_registrants())
-                    .then(|| self.registration(p).map(|r| r.id.clone()))
-                    .flatten();
-                let key = if kind.all_registrants() {
-                    0
-                } else {
-                    params.key
-                };
-                self.reservation = Some(Reservation { kind, key, holder });
+                self.reserve_for(p, kind, params.key);
             }
             Some(res) if !res.kind.all_registrants() && res.key == sa_key => {
                 // Preempt the holder: release, remove the registrations with that key, and

@@ -357,31 +357,39 @@ fn scrub_progress_follows_a_running_scrub_and_scrubs_run_one_at_a_time() {
     });
 }
 
+/// Where in the store file the copy of version `version` of fragment (`stripe`, `index`)
+/// of `v` starts.
+fn slot_offset(s: &FragmentStore, v: &VolumeCtx, stripe: u64, index: u8, version: u64) -> u64 {
+    let loc = locate(v, &key(stripe, index));
+    let e = s.extent(&loc.key).unwrap();
+    let slot = (0..2)
+        .find(|&i| FragmentStore::slots(&e, loc.pair)[i].version == version)
+        .unwrap();
+    e.rec.slot_offset(loc.pair, slot)
+}
+
+/// Overwrite the store file at `path` with `bytes` at `at` (damage, or a torn write).
+fn overwrite(path: &Path, at: u64, bytes: &[u8]) {
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
 #[test]
 fn torn_writes_keep_the_previous_copy() {
     let dir = tmpdir(false);
     let path = dir.path().join("store");
     let v = vol(4096);
     let a = pattern(10, 4096);
-    let (off, slot_off) = run(async {
+    let off = run(async {
         let s = FragmentStore::open(&path, &opts()).unwrap();
         s.write(&v, vec![item(0, 0, 1, &a)]).await.unwrap();
         s.write(&v, vec![item(0, 0, 2, &pattern(11, 4096))])
             .await
             .unwrap();
-        let loc = locate(&v, &key(0, 0));
-        let e = s.extent(&loc.key).unwrap();
-        let slot = (0..2)
-            .find(|&i| FragmentStore::slots(&e, loc.pair)[i].version == 2)
-            .unwrap();
-        (e.rec.slot_offset(loc.pair, slot), slot)
+        slot_offset(&s, &v, 0, 0, 2)
     });
-    let _ = slot_off;
     // A crash mid-write of version 2: its header landed, half its data did not.
-    let f = OpenOptions::new().write(true).open(&path).unwrap();
-    f.write_all_at(&vec![0u8; 2048], off + BLOCK as u64 + 2048)
-        .unwrap();
-    drop(f);
+    overwrite(&path, off + BLOCK as u64 + 2048, &[0u8; 2048]);
     run(async {
         let s = FragmentStore::open(&path, &opts()).unwrap();
         let r = read1(&s, &v, 0, 0, Want::Latest).await;
@@ -389,9 +397,7 @@ fn torn_writes_keep_the_previous_copy() {
         let r = read1(&s, &v, 0, 0, Want::Version(1)).await;
         assert_eq!((r.status, &r.data[..]), (Status::OK, &a[..]));
         // And a crash that tore the header: the slot is empty, version 1 is the latest.
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xffu8; 64], off + 100).unwrap();
-        drop(f);
+        overwrite(&path, off + 100, &[0xffu8; 64]);
     });
     run(async {
         let s = FragmentStore::open(&path, &opts()).unwrap();
@@ -557,18 +563,10 @@ fn partial_writes_case(shm: bool) {
             read1(&s, &v, 4, 1, Want::Version(1)).await.status,
             Status::NOT_FOUND
         );
-        let loc = locate(&v, &key(4, 1));
-        let e = s.extent(&loc.key).unwrap();
-        let slot = (0..2)
-            .find(|&i| FragmentStore::slots(&e, loc.pair)[i].version == 3)
-            .unwrap();
-        e.rec.slot_offset(loc.pair, slot)
+        slot_offset(&s, &v, 4, 1, 3)
     });
     // Damage block 0 of version 3's copy.
-    let f = OpenOptions::new().write(true).open(&path).unwrap();
-    f.write_all_at(&[0xee; 8], slot_of + BLOCK as u64 + 10)
-        .unwrap();
-    drop(f);
+    overwrite(&path, slot_of + BLOCK as u64 + 10, &[0xee; 8]);
     run(async {
         let s = FragmentStore::open(&path, &opts()).unwrap();
         let range = |offset: u32, len: u32| ReadItem {
@@ -696,18 +694,10 @@ fn swaps_write_a_range_on_the_newest_copy_and_return_what_it_replaced() {
         // A swap must build on a copy: a whole-chunk one is refused.
         let out = s.swap(&v, vec![item(6, 4, 4, &a)]).await.unwrap();
         assert_eq!(out[0].0, Status::BAD_REQUEST);
-        let loc = locate(&v, &key(6, 4));
-        let e = s.extent(&loc.key).unwrap();
-        let slot = (0..2)
-            .find(|&i| FragmentStore::slots(&e, loc.pair)[i].version == 2)
-            .unwrap();
-        e.rec.slot_offset(loc.pair, slot)
+        slot_offset(&s, &v, 6, 4, 2)
     });
     // Damage block 0 of version 2's copy.
-    let f = OpenOptions::new().write(true).open(&path).unwrap();
-    f.write_all_at(&[0xee; 8], slot_of + BLOCK as u64 + 10)
-        .unwrap();
-    drop(f);
+    overwrite(&path, slot_of + BLOCK as u64 + 10, &[0xee; 8]);
     run(async {
         let s = FragmentStore::open(&path, &opts()).unwrap();
         let before = s.stats().checksum_errors;

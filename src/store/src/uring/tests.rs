@@ -22,6 +22,34 @@ fn open(path: &std::path::Path, direct: bool) -> SharedFd {
     SharedFd::from(oo.open(path).expect("open test file"))
 }
 
+/// Run `test` with an engine of each mode (io_uring, then the synchronous fallback), each on
+/// a thread of its own (the engine is per thread); a mode `engine` cannot give is skipped.
+fn in_each_mode(test: fn(Uring)) {
+    for mode in [EngineMode::Uring, EngineMode::Sync] {
+        std::thread::spawn(move || {
+            let Some(ring) = engine(mode) else { return };
+            test(ring);
+        })
+        .join()
+        .expect("test thread");
+    }
+}
+
+/// Write block `i` (4 KiB of `pattern(i, 4096)` at `i * 4096`) through `ring`; the count
+/// written.
+async fn write_block(ring: &Uring, fd: &SharedFd, i: u64) -> usize {
+    let data = AlignedBuf::copy_from_slice(&pattern(i, 4096));
+    let (r, _) = ring.write_at(fd, data, i * 4096, RwFlags::NONE).await;
+    r.expect("write")
+}
+
+/// Read block `i` back through `ring`: what [`write_block`] wrote.
+async fn check_block(ring: &Uring, fd: &SharedFd, i: u64) {
+    let (r, buf) = ring.read_at(fd, AlignedBuf::new(4096), i * 4096).await;
+    r.expect("read");
+    assert_eq!(&buf[..], &pattern(i, 4096)[..]);
+}
+
 /// Write, fsync, read back through `ring`, at 4 KiB-aligned offsets.
 async fn roundtrip(ring: &Uring, fd: &SharedFd) {
     for i in 0..8u64 {
@@ -108,116 +136,100 @@ fn read_after_write_sync_fallback() {
 
 #[test]
 fn vectored_io() {
-    for mode in [EngineMode::Uring, EngineMode::Sync] {
-        // Each mode needs its own thread: the engine is per thread.
-        std::thread::spawn(move || {
-            let Some(ring) = engine(mode) else { return };
-            let dir = tmpdir(false);
-            let fd = open(&dir.path().join("v"), true);
-            run(async {
-                let bufs = vec![
-                    AlignedBuf::copy_from_slice(&pattern(1, 4096)),
-                    AlignedBuf::copy_from_slice(&pattern(2, 8192)),
-                ];
-                let (r, _) = ring.write_vectored_at(&fd, bufs, 4096, RwFlags::NONE).await;
-                assert_eq!(r.expect("writev"), 12288);
-                let (r, bufs) = ring
-                    .read_vectored_at(
-                        &fd,
-                        vec![AlignedBuf::new(8192), AlignedBuf::new(4096)],
-                        4096,
-                    )
-                    .await;
-                assert_eq!(r.expect("readv"), 12288);
-                let mut all = bufs[0].to_vec();
-                all.extend_from_slice(&bufs[1]);
-                let mut want = pattern(1, 4096);
-                want.extend(pattern(2, 8192));
-                assert_eq!(all, want);
-            });
-        })
-        .join()
-        .expect("test thread");
-    }
+    in_each_mode(|ring| {
+        let dir = tmpdir(false);
+        let fd = open(&dir.path().join("v"), true);
+        run(async {
+            let bufs = vec![
+                AlignedBuf::copy_from_slice(&pattern(1, 4096)),
+                AlignedBuf::copy_from_slice(&pattern(2, 8192)),
+            ];
+            let (r, _) = ring.write_vectored_at(&fd, bufs, 4096, RwFlags::NONE).await;
+            assert_eq!(r.expect("writev"), 12288);
+            let (r, bufs) = ring
+                .read_vectored_at(
+                    &fd,
+                    vec![AlignedBuf::new(8192), AlignedBuf::new(4096)],
+                    4096,
+                )
+                .await;
+            assert_eq!(r.expect("readv"), 12288);
+            let mut all = bufs[0].to_vec();
+            all.extend_from_slice(&bufs[1]);
+            let mut want = pattern(1, 4096);
+            want.extend(pattern(2, 8192));
+            assert_eq!(all, want);
+        });
+    });
 }
 
 #[test]
 fn fallocate_punch_and_zero() {
-    for mode in [EngineMode::Uring, EngineMode::Sync] {
-        std::thread::spawn(move || {
-            let Some(ring) = engine(mode) else { return };
-            for shm in [false, true] {
-                let dir = tmpdir(shm);
-                let fd = open(&dir.path().join("p"), false);
-                run(async {
-                    ring.fallocate(&fd, FallocateMode::ALLOCATE, 0, 65536)
-                        .await
-                        .expect("allocate");
-                    let (r, _) = ring
-                        .write_at(&fd, pattern(3, 65536), 0, RwFlags::NONE)
-                        .await;
-                    r.expect("write");
-                    let punch = FallocateMode::PUNCH_HOLE | FallocateMode::KEEP_SIZE;
-                    ring.fallocate(&fd, punch, 8192, 16384)
-                        .await
-                        .expect("punch");
-                    let zero = FallocateMode::ZERO_RANGE | FallocateMode::KEEP_SIZE;
-                    match ring.fallocate(&fd, zero, 40960, 4096).await {
-                        Ok(()) => {}
-                        // tmpfs has no ZERO_RANGE.
-                        Err(e) if shm && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                            let (r, _) = ring
-                                .write_at(&fd, vec![0u8; 4096], 40960, RwFlags::NONE)
-                                .await;
-                            r.expect("zero write");
-                        }
-                        Err(e) => panic!("zero range: {e}"),
+    in_each_mode(|ring| {
+        for shm in [false, true] {
+            let dir = tmpdir(shm);
+            let fd = open(&dir.path().join("p"), false);
+            run(async {
+                ring.fallocate(&fd, FallocateMode::ALLOCATE, 0, 65536)
+                    .await
+                    .expect("allocate");
+                let (r, _) = ring
+                    .write_at(&fd, pattern(3, 65536), 0, RwFlags::NONE)
+                    .await;
+                r.expect("write");
+                let punch = FallocateMode::PUNCH_HOLE | FallocateMode::KEEP_SIZE;
+                ring.fallocate(&fd, punch, 8192, 16384)
+                    .await
+                    .expect("punch");
+                let zero = FallocateMode::ZERO_RANGE | FallocateMode::KEEP_SIZE;
+                match ring.fallocate(&fd, zero, 40960, 4096).await {
+                    Ok(()) => {}
+                    // tmpfs has no ZERO_RANGE.
+                    Err(e) if shm && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        let (r, _) = ring
+                            .write_at(&fd, vec![0u8; 4096], 40960, RwFlags::NONE)
+                            .await;
+                        r.expect("zero write");
                     }
-                    let (r, buf) = ring.read_at(&fd, vec![1u8; 65536], 0).await;
-                    assert_eq!(r.expect("read"), 65536);
-                    let mut want = pattern(3, 65536);
-                    want[8192..24576].fill(0);
-                    want[40960..45056].fill(0);
-                    assert!(buf == want, "punched/zeroed ranges read back wrong");
-                });
-            }
-        })
-        .join()
-        .expect("test thread");
-    }
+                    Err(e) => panic!("zero range: {e}"),
+                }
+                let (r, buf) = ring.read_at(&fd, vec![1u8; 65536], 0).await;
+                assert_eq!(r.expect("read"), 65536);
+                let mut want = pattern(3, 65536);
+                want[8192..24576].fill(0);
+                want[40960..45056].fill(0);
+                assert!(buf == want, "punched/zeroed ranges read back wrong");
+            });
+        }
+    });
 }
 
 #[test]
 fn errors_carry_errno() {
-    for mode in [EngineMode::Uring, EngineMode::Sync] {
-        std::thread::spawn(move || {
-            let Some(ring) = engine(mode) else { return };
-            let dir = tmpdir(false);
-            let path = dir.path().join("ro");
-            std::fs::write(&path, [0u8; 4096]).expect("create");
-            let ro = SharedFd::from(File::open(&path).expect("open ro"));
-            run(async {
-                let (r, _) = ring.write_at(&ro, vec![0u8; 512], 0, RwFlags::NONE).await;
-                assert_eq!(
-                    r.expect_err("write to O_RDONLY").raw_os_error(),
-                    Some(libc::EBADF)
-                );
-                let (r, _) = ring.read_at(&ro, vec![0u8; 512], u64::MAX).await;
-                assert_eq!(r.expect_err("offset -1").raw_os_error(), Some(libc::EINVAL));
-                let fd = open(&dir.path().join("d"), true);
-                // O_DIRECT with a misaligned offset.
-                let (r, _) = ring
-                    .write_at(&fd, AlignedBuf::new(4096), 1, RwFlags::NONE)
-                    .await;
-                assert_eq!(
-                    r.expect_err("misaligned O_DIRECT").raw_os_error(),
-                    Some(libc::EINVAL)
-                );
-            });
-        })
-        .join()
-        .expect("test thread");
-    }
+    in_each_mode(|ring| {
+        let dir = tmpdir(false);
+        let path = dir.path().join("ro");
+        std::fs::write(&path, [0u8; 4096]).expect("create");
+        let ro = SharedFd::from(File::open(&path).expect("open ro"));
+        run(async {
+            let (r, _) = ring.write_at(&ro, vec![0u8; 512], 0, RwFlags::NONE).await;
+            assert_eq!(
+                r.expect_err("write to O_RDONLY").raw_os_error(),
+                Some(libc::EBADF)
+            );
+            let (r, _) = ring.read_at(&ro, vec![0u8; 512], u64::MAX).await;
+            assert_eq!(r.expect_err("offset -1").raw_os_error(), Some(libc::EINVAL));
+            let fd = open(&dir.path().join("d"), true);
+            // O_DIRECT with a misaligned offset.
+            let (r, _) = ring
+                .write_at(&fd, AlignedBuf::new(4096), 1, RwFlags::NONE)
+                .await;
+            assert_eq!(
+                r.expect_err("misaligned O_DIRECT").raw_os_error(),
+                Some(libc::EINVAL)
+            );
+        });
+    });
 }
 
 /// 256 writes issued from one LocalSet in one tick reach the kernel in a handful of
@@ -234,17 +246,7 @@ fn many_concurrent_ops_are_batched() {
         let handles: Vec<_> = (0..256u64)
             .map(|i| {
                 let (ring, fd) = (ring.clone(), fd.clone());
-                tokio::task::spawn_local(async move {
-                    let (r, _) = ring
-                        .write_at(
-                            &fd,
-                            AlignedBuf::copy_from_slice(&pattern(i, 4096)),
-                            i * 4096,
-                            RwFlags::NONE,
-                        )
-                        .await;
-                    r.expect("write")
-                })
+                tokio::task::spawn_local(async move { write_block(&ring, &fd, i).await })
             })
             .collect();
         for h in handles {
@@ -263,9 +265,7 @@ fn many_concurrent_ops_are_batched() {
             .map(|i| {
                 let (ring, fd) = (ring.clone(), fd.clone());
                 tokio::task::spawn_local(async move {
-                    let (r, buf) = ring.read_at(&fd, AlignedBuf::new(4096), i * 4096).await;
-                    r.expect("read");
-                    assert_eq!(&buf[..], &pattern(i, 4096)[..]);
+                    check_block(&ring, &fd, i).await;
                 })
             })
             .collect();
@@ -467,18 +467,8 @@ fn engine_flag_variants_work() {
                     .map(|i| {
                         let (ring, fd) = (ring.clone(), fd.clone());
                         tokio::task::spawn_local(async move {
-                            let (r, _) = ring
-                                .write_at(
-                                    &fd,
-                                    AlignedBuf::copy_from_slice(&pattern(i, 4096)),
-                                    i * 4096,
-                                    RwFlags::NONE,
-                                )
-                                .await;
-                            r.expect("write");
-                            let (r, b) = ring.read_at(&fd, AlignedBuf::new(4096), i * 4096).await;
-                            r.expect("read");
-                            assert_eq!(&b[..], &pattern(i, 4096)[..]);
+                            write_block(&ring, &fd, i).await;
+                            check_block(&ring, &fd, i).await;
                         })
                     })
                     .collect();
