@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+    LeaseKeeper, PutOptions, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
 use tokio::time::Instant;
 
-use crate::meta::{renew_period, Changes, Cmp, Kv, Meta, Op, TxnResult};
+use crate::meta::{renew_period, Changes, Cmp, Kv, Meta, Op, Txn, TxnResult};
 use crate::{ClusterError, Result};
 
 /// A connection to etcd.
@@ -251,17 +251,12 @@ impl Meta for Etcd {
         .boxed()
     }
 
-    fn txn(
-        &self,
-        when: Vec<Cmp>,
-        then: Vec<Op>,
-        otherwise: Vec<Op>,
-    ) -> BoxFuture<'_, Result<TxnResult>> {
+    fn txn(&self, t: Txn) -> BoxFuture<'_, Result<TxnResult>> {
         async move {
-            let txn = Txn::new()
-                .when(when.into_iter().map(compare).collect::<Vec<_>>())
-                .and_then(then.into_iter().map(txn_op).collect::<Vec<_>>())
-                .or_else(otherwise.into_iter().map(txn_op).collect::<Vec<_>>());
+            let txn = etcd_client::Txn::new()
+                .when(t.when.into_iter().map(compare).collect::<Vec<_>>())
+                .and_then(t.then.into_iter().map(txn_op).collect::<Vec<_>>())
+                .or_else(t.otherwise.into_iter().map(txn_op).collect::<Vec<_>>());
             let resp = self.client.clone().txn(txn).await?;
             let got = resp
                 .op_responses()

@@ -47,7 +47,7 @@ use tessera_ec::{placement, Profile};
 
 pub use etcd_client;
 pub use memory::Memory;
-pub use meta::{Changes, Cmp, Kv, Meta, Op, TxnResult};
+pub use meta::{Changes, Cmp, Kv, Meta, Op, Txn, TxnResult};
 pub use rebuild::{FillRecord, Move, MoveReason, Settings};
 
 /// The default key prefix.
@@ -410,6 +410,11 @@ impl Cluster {
         format!("{}/{rest}", self.prefix)
     }
 
+    /// Run `then` if every condition of `when` holds; whether they did.
+    async fn guarded(&self, when: Vec<Cmp>, then: Vec<Op>) -> Result<bool> {
+        Ok(self.meta.txn(Txn::new(when, then)).await?.succeeded)
+    }
+
     async fn get_prefix(&self, rest: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let kvs = self.meta.get_prefix(self.key(rest)).await?;
         Ok(kvs.into_iter().map(|kv| (kv.key, kv.value)).collect())
@@ -528,7 +533,7 @@ impl Cluster {
         let key = self.key(&format!("absent/{id}"));
         let put = Op::put(key.clone(), now.to_string());
         let when = vec![Cmp::Absent(key.clone())];
-        if self.meta.txn(when, vec![put], vec![]).await?.succeeded {
+        if self.guarded(when, vec![put]).await? {
             return Ok(now);
         }
         match self.get_one(&key).await? {
@@ -607,7 +612,7 @@ impl Cluster {
                 Op::put(nkey.clone(), next.to_string()),
                 Op::put(ckey.clone(), (next + 1).to_string()),
             ];
-            if self.meta.txn(when, then, vec![]).await?.succeeded {
+            if self.guarded(when, then).await? {
                 return Ok(next as u16);
             }
             // Another gateway took that number, or this one was numbered meanwhile: again.
@@ -729,7 +734,7 @@ impl Cluster {
                 Op::put(vkey.clone(), encode(&rec)),
                 Op::put(ckey.clone(), (lun + 1).to_string()),
             ];
-            if self.meta.txn(when, then, vec![]).await?.succeeded {
+            if self.guarded(when, then).await? {
                 return Ok(rec);
             }
             if self.get_one(&vkey).await?.is_some() {
@@ -780,7 +785,7 @@ impl Cluster {
             v.size = size;
             let when = vec![Cmp::ModRevision(key.clone(), rev)];
             let then = vec![Op::put(key.clone(), encode(&v))];
-            if self.meta.txn(when, then, vec![]).await?.succeeded {
+            if self.guarded(when, then).await? {
                 return Ok(v);
             }
         }
@@ -806,12 +811,7 @@ impl Cluster {
             then.push(Op::Delete(self.key(&format!("{what}/{id}"))));
         }
         then.push(Op::DeletePrefix(self.key(&format!("moves/{id}/"))));
-        if !self
-            .meta
-            .txn(vec![Cmp::Present(vkey)], then, vec![])
-            .await?
-            .succeeded
-        {
+        if !self.guarded(vec![Cmp::Present(vkey)], then).await? {
             return Err(ClusterError::NoVolume(name.to_string()));
         }
         Ok(v)
@@ -879,7 +879,7 @@ impl Cluster {
                 encode(&moves),
             ),
         ];
-        Ok(self.meta.txn(when, then, vec![]).await?.succeeded)
+        self.guarded(when, then).await
     }
 
     /// The moves each map change of a volume made, oldest first, as `(epoch, moves)`.
@@ -954,7 +954,7 @@ impl Cluster {
             None => Op::Delete(key),
         };
         let when = vec![Cmp::Lease(okey, lease)];
-        if self.meta.txn(when, vec![op], vec![]).await?.succeeded {
+        if self.guarded(when, vec![op]).await? {
             Ok(())
         } else {
             Err(ClusterError::Invalid(format!(
@@ -967,12 +967,7 @@ impl Cluster {
         let okey = self.key(&format!("owners/{volume:016x}"));
         let key = self.key(&format!("{what}/{volume:016x}"));
         let when = vec![Cmp::Lease(okey, lease)];
-        if self
-            .meta
-            .txn(when, vec![Op::put(key, v)], vec![])
-            .await?
-            .succeeded
-        {
+        if self.guarded(when, vec![Op::put(key, v)]).await? {
             Ok(())
         } else {
             Err(ClusterError::Invalid(format!(
@@ -1014,7 +1009,7 @@ impl Cluster {
             Cmp::Present(self.key(&format!("volumes/{}", vol.name))),
         ];
         let then = vec![Op::put(key.clone(), encode(&rec))];
-        if self.meta.txn(when, then, vec![]).await?.succeeded {
+        if self.guarded(when, then).await? {
             return Ok(rec);
         }
         self.pg_map(vol.id)
@@ -1067,10 +1062,8 @@ impl Cluster {
                 Op::put_leased(okey.clone(), encode(&rec), lease),
                 Op::put(ekey.clone(), next.to_string()),
             ];
-            let resp = self
-                .meta
-                .txn(when, then, vec![Op::Get(okey.clone())])
-                .await?;
+            let take = Txn::new(when, then).or_else(vec![Op::Get(okey.clone())]);
+            let resp = self.meta.txn(take).await?;
             if resp.succeeded {
                 return Ok(Some(next));
             }
@@ -1097,7 +1090,7 @@ impl Cluster {
         if let Some(o) = self.owner(volume).await? {
             if o.gateway == gateway {
                 let when = vec![Cmp::Lease(okey.clone(), lease)];
-                self.meta.txn(when, vec![Op::Delete(okey)], vec![]).await?;
+                self.guarded(when, vec![Op::Delete(okey)]).await?;
             }
         }
         Ok(())

@@ -17,7 +17,7 @@ use futures_util::FutureExt as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::meta::{renew_period, Changes, Cmp, Kv, Meta, Op, TxnResult};
+use crate::meta::{renew_period, Changes, Cmp, Kv, Meta, Op, Txn, TxnResult};
 use crate::{ClusterError, Result};
 
 /// How often waiting watchers and campaigns look for expired leases.
@@ -331,15 +331,10 @@ impl Meta for Memory {
         async move { r }.boxed()
     }
 
-    fn txn(
-        &self,
-        when: Vec<Cmp>,
-        then: Vec<Op>,
-        otherwise: Vec<Op>,
-    ) -> BoxFuture<'_, Result<TxnResult>> {
+    fn txn(&self, t: Txn) -> BoxFuture<'_, Result<TxnResult>> {
         let r = self.with(|s| {
-            let succeeded = when.iter().all(|c| s.holds(c));
-            let ops = if succeeded { then } else { otherwise };
+            let succeeded = t.when.iter().all(|c| s.holds(c));
+            let ops = if succeeded { t.then } else { t.otherwise };
             // etcd checks every lease before it changes anything.
             for o in &ops {
                 if let Op::Put { lease, .. } = o {
@@ -478,125 +473,99 @@ impl Meta for Memory {
 mod tests {
     use super::*;
 
-    fn run<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap()
-            .block_on(f)
+    #[tokio::test(start_paused = true)]
+    async fn leased_keys_go_when_the_lease_expires_unless_kept_alive() {
+        let m = Memory::new();
+        let a = m.grant(2).await.unwrap();
+        let b = m.grant(2).await.unwrap();
+        m.put("/k/a".into(), b"1".to_vec(), Some(a)).await.unwrap();
+        m.put("/k/b".into(), b"2".to_vec(), Some(b)).await.unwrap();
+        let kept = m.clone();
+        let alive =
+            tokio::spawn(async move { kept.keep_alive(b, 2, Box::new(|_| {})).await.to_string() });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(m.get("/k/a".into()).await.unwrap().is_none(), "a expired");
+        assert!(
+            m.get("/k/b".into()).await.unwrap().is_some(),
+            "b kept alive"
+        );
+        m.expire_lease(b);
+        let why = alive.await.unwrap();
+        assert!(why.contains("expired"), "{why}");
+        assert!(m.get("/k/b".into()).await.unwrap().is_none());
+        assert!(m.put("/k/c".into(), vec![], Some(b)).await.is_err());
     }
 
-    #[test]
-    fn leased_keys_go_when_the_lease_expires_unless_kept_alive() {
-        run(async {
-            let m = Memory::new();
-            let a = m.grant(2).await.unwrap();
-            let b = m.grant(2).await.unwrap();
-            m.put("/k/a".into(), b"1".to_vec(), Some(a)).await.unwrap();
-            m.put("/k/b".into(), b"2".to_vec(), Some(b)).await.unwrap();
-            let kept = m.clone();
-            let alive =
-                tokio::spawn(
-                    async move { kept.keep_alive(b, 2, Box::new(|_| {})).await.to_string() },
-                );
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            assert!(m.get("/k/a".into()).await.unwrap().is_none(), "a expired");
-            assert!(
-                m.get("/k/b".into()).await.unwrap().is_some(),
-                "b kept alive"
-            );
-            m.expire_lease(b);
-            let why = alive.await.unwrap();
-            assert!(why.contains("expired"), "{why}");
-            assert!(m.get("/k/b".into()).await.unwrap().is_none());
-            assert!(m.put("/k/c".into(), vec![], Some(b)).await.is_err());
-        });
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_off_client_fails_and_its_lease_lapses_while_others_go_on() {
+        let m = Memory::new();
+        let other = m.client();
+        let l = m.grant(3).await.unwrap();
+        m.put("/k".into(), b"v".to_vec(), Some(l)).await.unwrap();
+        let kept = m.clone();
+        let alive = tokio::spawn(async move { kept.keep_alive(l, 3, Box::new(|_| {})).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        m.set_reachable(false);
+        assert!(m.get("/k".into()).await.is_err());
+        assert!(other.get("/k".into()).await.unwrap().is_some());
+        alive.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(other.get("/k".into()).await.unwrap().is_none(), "lapsed");
     }
 
-    #[test]
-    fn a_cut_off_client_fails_and_its_lease_lapses_while_others_go_on() {
-        run(async {
-            let m = Memory::new();
-            let other = m.client();
-            let l = m.grant(3).await.unwrap();
-            m.put("/k".into(), b"v".to_vec(), Some(l)).await.unwrap();
-            let kept = m.clone();
-            let alive = tokio::spawn(async move { kept.keep_alive(l, 3, Box::new(|_| {})).await });
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            m.set_reachable(false);
-            assert!(m.get("/k".into()).await.is_err());
-            assert!(other.get("/k".into()).await.unwrap().is_some());
-            alive.await.unwrap();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            assert!(other.get("/k".into()).await.unwrap().is_none(), "lapsed");
-        });
+    #[tokio::test(start_paused = true)]
+    async fn transactions_are_guarded_by_revision_presence_and_lease() {
+        let m = Memory::new();
+        let l = m.grant(10).await.unwrap();
+        let take = Txn::new(
+            vec![Cmp::Absent("/o".into())],
+            vec![Op::put_leased("/o", "x", l), Op::put("/e", "1")],
+        )
+        .or_else(vec![Op::Get("/o".into())]);
+        let r = m.txn(take).await.unwrap();
+        assert!(r.succeeded && r.got.is_empty());
+        let o = m.get("/o".into()).await.unwrap().unwrap();
+        assert_eq!((o.value.as_slice(), o.lease), (&b"x"[..], l));
+        let again = Txn::new(vec![Cmp::Absent("/o".into())], vec![Op::put("/o", "y")])
+            .or_else(vec![Op::Get("/o".into())]);
+        let r = m.txn(again).await.unwrap();
+        assert!(!r.succeeded);
+        assert_eq!(r.got, vec![Some(o.clone())]);
+        let e = m.get("/e".into()).await.unwrap().unwrap();
+        for (c, want) in [
+            (Cmp::ModRevision("/e".into(), e.mod_revision), true),
+            (Cmp::ModRevision("/e".into(), e.mod_revision + 1), false),
+            (Cmp::Lease("/o".into(), l), true),
+            (Cmp::Lease("/o".into(), l + 1), false),
+            (Cmp::Present("/e".into()), true),
+            (Cmp::Present("/none".into()), false),
+        ] {
+            let r = m.txn(Txn::new(vec![c.clone()], vec![])).await.unwrap();
+            assert_eq!(r.succeeded, want, "{c:?}");
+        }
+        m.put("/p/1".into(), vec![], None).await.unwrap();
+        m.put("/p/2".into(), vec![], None).await.unwrap();
+        m.txn(Txn::new(vec![], vec![Op::DeletePrefix("/p/".into())]))
+            .await
+            .unwrap();
+        assert!(m.get_prefix("/p/".into()).await.unwrap().is_empty());
     }
 
-    #[test]
-    fn transactions_are_guarded_by_revision_presence_and_lease() {
-        run(async {
-            let m = Memory::new();
-            let l = m.grant(10).await.unwrap();
-            let r = m
-                .txn(
-                    vec![Cmp::Absent("/o".into())],
-                    vec![Op::put_leased("/o", "x", l), Op::put("/e", "1")],
-                    vec![Op::Get("/o".into())],
-                )
-                .await
-                .unwrap();
-            assert!(r.succeeded && r.got.is_empty());
-            let o = m.get("/o".into()).await.unwrap().unwrap();
-            assert_eq!((o.value.as_slice(), o.lease), (&b"x"[..], l));
-            let r = m
-                .txn(
-                    vec![Cmp::Absent("/o".into())],
-                    vec![Op::put("/o", "y")],
-                    vec![Op::Get("/o".into())],
-                )
-                .await
-                .unwrap();
-            assert!(!r.succeeded);
-            assert_eq!(r.got, vec![Some(o.clone())]);
-            let e = m.get("/e".into()).await.unwrap().unwrap();
-            for (c, want) in [
-                (Cmp::ModRevision("/e".into(), e.mod_revision), true),
-                (Cmp::ModRevision("/e".into(), e.mod_revision + 1), false),
-                (Cmp::Lease("/o".into(), l), true),
-                (Cmp::Lease("/o".into(), l + 1), false),
-                (Cmp::Present("/e".into()), true),
-                (Cmp::Present("/none".into()), false),
-            ] {
-                let r = m.txn(vec![c.clone()], vec![], vec![]).await.unwrap();
-                assert_eq!(r.succeeded, want, "{c:?}");
-            }
-            m.put("/p/1".into(), vec![], None).await.unwrap();
-            m.put("/p/2".into(), vec![], None).await.unwrap();
-            m.txn(vec![], vec![Op::DeletePrefix("/p/".into())], vec![])
-                .await
-                .unwrap();
-            assert!(m.get_prefix("/p/".into()).await.unwrap().is_empty());
-        });
-    }
-
-    #[test]
-    fn watches_wake_on_changes_under_their_prefix_only() {
-        run(async {
-            let m = Memory::new();
-            let mut w = m.watch("/a/".into()).await.unwrap();
-            m.put("/b/x".into(), vec![], None).await.unwrap();
-            assert!(
-                tokio::time::timeout(Duration::from_secs(1), w.changed())
-                    .await
-                    .is_err(),
-                "a change elsewhere does not wake it"
-            );
-            m.put("/a/x".into(), vec![], None).await.unwrap();
+    #[tokio::test(start_paused = true)]
+    async fn watches_wake_on_changes_under_their_prefix_only() {
+        let m = Memory::new();
+        let mut w = m.watch("/a/".into()).await.unwrap();
+        m.put("/b/x".into(), vec![], None).await.unwrap();
+        assert!(
             tokio::time::timeout(Duration::from_secs(1), w.changed())
                 .await
-                .expect("woken")
-                .unwrap();
-        });
+                .is_err(),
+            "a change elsewhere does not wake it"
+        );
+        m.put("/a/x".into(), vec![], None).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), w.changed())
+            .await
+            .expect("woken")
+            .unwrap();
     }
 }

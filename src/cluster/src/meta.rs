@@ -78,6 +78,35 @@ impl Op {
     }
 }
 
+/// A transaction: if every condition of `when` holds, `then` runs, otherwise `otherwise`,
+/// atomically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    /// The conditions.
+    pub when: Vec<Cmp>,
+    /// What runs when they all hold.
+    pub then: Vec<Op>,
+    /// What runs otherwise.
+    pub otherwise: Vec<Op>,
+}
+
+impl Txn {
+    /// `then` if every condition of `when` holds, otherwise nothing.
+    pub fn new(when: Vec<Cmp>, then: Vec<Op>) -> Self {
+        Self {
+            when,
+            then,
+            otherwise: Vec::new(),
+        }
+    }
+
+    /// Run `ops` when a condition fails.
+    pub fn or_else(mut self, ops: Vec<Op>) -> Self {
+        self.otherwise = ops;
+        self
+    }
+}
+
 /// What a transaction did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TxnResult {
@@ -107,13 +136,8 @@ pub trait Meta: Send + Sync {
     fn put(&self, key: String, value: Vec<u8>, lease: Option<i64>) -> BoxFuture<'_, Result<()>>;
     /// Delete a key (or, with `prefix`, every key starting with it).
     fn delete(&self, key: String, prefix: bool) -> BoxFuture<'_, Result<()>>;
-    /// If every condition of `when` holds, run `then`, otherwise `otherwise`: atomically.
-    fn txn(
-        &self,
-        when: Vec<Cmp>,
-        then: Vec<Op>,
-        otherwise: Vec<Op>,
-    ) -> BoxFuture<'_, Result<TxnResult>>;
+    /// Run a transaction.
+    fn txn(&self, t: Txn) -> BoxFuture<'_, Result<TxnResult>>;
     /// Grant a lease of `ttl` seconds; its keys go when it expires or is revoked.
     fn grant(&self, ttl: i64) -> BoxFuture<'_, Result<i64>>;
     /// Revoke a lease (its keys go at once).

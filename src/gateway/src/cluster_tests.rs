@@ -15,15 +15,6 @@ use super::{step, Step, HANDOVER_AFTER, TAKE_ANY_AFTER};
 
 const TTL: i64 = 6;
 
-fn run<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
 fn record(id: &str, weight: u32) -> GatewayRecord {
     GatewayRecord {
         id: id.into(),
@@ -230,139 +221,133 @@ async fn owners_of(c: &Cluster) -> HashMap<u64, OwnerRecord> {
     c.owners().await.unwrap()
 }
 
-#[test]
-fn volumes_spread_over_gateways_by_weight_each_with_one_owner() {
-    run(async {
-        let store = Memory::new();
-        let mut a = Gw::join(&store, "gw-a", 1).await;
-        let mut b = Gw::join(&store, "gw-b", 1).await;
-        let mut c = Gw::join(&store, "gw-c", 2).await;
-        let _alive = [a.keep_alive(), b.keep_alive(), c.keep_alive()];
-        let ids = volumes(&a.c, 64).await;
-        rounds(&mut [&mut a, &mut b, &mut c], 2).await;
-        let owners = owners_of(&a.c).await;
-        let gws = a.c.gateways().await.unwrap();
-        let mut count: HashMap<&str, usize> = HashMap::new();
-        for id in &ids {
-            let o = owners.get(id).expect("every volume owned");
-            let p = tessera_cluster::preferred_owner(*id, &gws).unwrap();
-            assert_eq!(o.gateway, p.id, "owned by the preferred gateway");
-            assert_eq!(o.epoch, 1);
-            *count.entry(o.gateway.as_str()).or_default() += 1;
-        }
-        // Exactly one gateway serves each volume, the one etcd names.
-        for id in &ids {
-            let serving: Vec<&str> = [&a, &b, &c]
-                .iter()
-                .filter(|g| g.served.contains_key(id))
-                .map(|g| g.rec.id.as_str())
-                .collect();
-            assert_eq!(serving, vec![owners[id].gateway.as_str()]);
-        }
-        // Weight 2 of 4: about half (binomial, 64 draws: 20..=44 holds with margin).
-        let c_share = count.get("gw-c").copied().unwrap_or(0);
-        assert!((20..=44).contains(&c_share), "{count:?}");
-        assert!(count.get("gw-a").copied().unwrap_or(0) > 4, "{count:?}");
-        assert!(count.get("gw-b").copied().unwrap_or(0) > 4, "{count:?}");
-    });
+#[tokio::test(start_paused = true)]
+async fn volumes_spread_over_gateways_by_weight_each_with_one_owner() {
+    let store = Memory::new();
+    let mut a = Gw::join(&store, "gw-a", 1).await;
+    let mut b = Gw::join(&store, "gw-b", 1).await;
+    let mut c = Gw::join(&store, "gw-c", 2).await;
+    let _alive = [a.keep_alive(), b.keep_alive(), c.keep_alive()];
+    let ids = volumes(&a.c, 64).await;
+    rounds(&mut [&mut a, &mut b, &mut c], 2).await;
+    let owners = owners_of(&a.c).await;
+    let gws = a.c.gateways().await.unwrap();
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for id in &ids {
+        let o = owners.get(id).expect("every volume owned");
+        let p = tessera_cluster::preferred_owner(*id, &gws).unwrap();
+        assert_eq!(o.gateway, p.id, "owned by the preferred gateway");
+        assert_eq!(o.epoch, 1);
+        *count.entry(o.gateway.as_str()).or_default() += 1;
+    }
+    // Exactly one gateway serves each volume, the one etcd names.
+    for id in &ids {
+        let serving: Vec<&str> = [&a, &b, &c]
+            .iter()
+            .filter(|g| g.served.contains_key(id))
+            .map(|g| g.rec.id.as_str())
+            .collect();
+        assert_eq!(serving, vec![owners[id].gateway.as_str()]);
+    }
+    // Weight 2 of 4: about half (binomial, 64 draws: 20..=44 holds with margin).
+    let c_share = count.get("gw-c").copied().unwrap_or(0);
+    assert!((20..=44).contains(&c_share), "{count:?}");
+    assert!(count.get("gw-a").copied().unwrap_or(0) > 4, "{count:?}");
+    assert!(count.get("gw-b").copied().unwrap_or(0) > 4, "{count:?}");
 }
 
-#[test]
-fn a_gateway_cut_off_loses_its_volumes_to_others_with_higher_epochs_and_is_fenced() {
-    run(async {
-        let store = Memory::new();
-        let mut a = Gw::join(&store, "gw-a", 1).await;
-        let mut b = Gw::join(&store, "gw-b", 1).await;
-        let alive_a = a.keep_alive();
-        let _alive_b = b.keep_alive();
-        let ids = volumes(&a.c, 16).await;
-        rounds(&mut [&mut a, &mut b], 2).await;
-        let before = owners_of(&b.c).await;
-        let of_a: Vec<u64> = ids
-            .iter()
-            .copied()
-            .filter(|id| before[id].gateway == "gw-a")
-            .collect();
-        assert!(!of_a.is_empty(), "gw-a owns some: {before:?}");
-        // gw-a is partitioned from etcd: its keep-alive fails, its lease runs out.
-        a.mem.set_reachable(false);
-        // Meanwhile gw-a still believes it serves them (it fences itself on its own watchdog).
-        assert!(
-            a.round().await.is_empty(),
-            "a partitioned gateway reads nothing"
-        );
-        // While a's lease may still live, b leaves a's volumes alone (forwarding to a).
-        rounds(&mut [&mut b], (TTL as u64) - 2).await;
-        assert_eq!(
-            owners_of(&b.c).await,
-            before,
-            "nothing taken while a's lease lives"
-        );
-        // Then b sees a gone and takes a's volumes: it is the preferred gateway now.
-        rounds(&mut [&mut b], 4).await;
-        tokio::time::timeout(Duration::from_secs(1), alive_a)
-            .await
-            .expect("a's keep-alive gave up once its TTL passed unrenewed")
-            .unwrap();
-        let after = owners_of(&b.c).await;
-        for id in &of_a {
-            let o = &after[id];
-            assert_eq!(o.gateway, "gw-b", "taken over");
-            assert_eq!(o.epoch, before[id].epoch + 1, "with a higher epoch");
-        }
-        // gw-a comes back: the stale lease cannot write as owner, and its next round drops
-        // what it served (fenced) in favour of forwarding to b.
-        a.mem.set_reachable(true);
-        for id in &of_a {
-            let err = a.c.save_reservations(*id, a.lease, b"stale").await;
-            assert!(err.is_err(), "the old owner cannot save reservations");
-            assert_eq!(a.c.acquire(*id, "gw-a", a.lease).await.ok().flatten(), None);
-        }
-        let steps = a.round().await;
-        for id in &of_a {
-            assert_eq!(steps[id], Step::Lost(Some("gw-b".into())));
-            assert!(!a.served.contains_key(id));
-        }
-        assert!(b.c.reservations(of_a[0]).await.unwrap().is_none());
-    });
+#[tokio::test(start_paused = true)]
+async fn a_gateway_cut_off_loses_its_volumes_to_others_with_higher_epochs_and_is_fenced() {
+    let store = Memory::new();
+    let mut a = Gw::join(&store, "gw-a", 1).await;
+    let mut b = Gw::join(&store, "gw-b", 1).await;
+    let alive_a = a.keep_alive();
+    let _alive_b = b.keep_alive();
+    let ids = volumes(&a.c, 16).await;
+    rounds(&mut [&mut a, &mut b], 2).await;
+    let before = owners_of(&b.c).await;
+    let of_a: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|id| before[id].gateway == "gw-a")
+        .collect();
+    assert!(!of_a.is_empty(), "gw-a owns some: {before:?}");
+    // gw-a is partitioned from etcd: its keep-alive fails, its lease runs out.
+    a.mem.set_reachable(false);
+    // Meanwhile gw-a still believes it serves them (it fences itself on its own watchdog).
+    assert!(
+        a.round().await.is_empty(),
+        "a partitioned gateway reads nothing"
+    );
+    // While a's lease may still live, b leaves a's volumes alone (forwarding to a).
+    rounds(&mut [&mut b], (TTL as u64) - 2).await;
+    assert_eq!(
+        owners_of(&b.c).await,
+        before,
+        "nothing taken while a's lease lives"
+    );
+    // Then b sees a gone and takes a's volumes: it is the preferred gateway now.
+    rounds(&mut [&mut b], 4).await;
+    tokio::time::timeout(Duration::from_secs(1), alive_a)
+        .await
+        .expect("a's keep-alive gave up once its TTL passed unrenewed")
+        .unwrap();
+    let after = owners_of(&b.c).await;
+    for id in &of_a {
+        let o = &after[id];
+        assert_eq!(o.gateway, "gw-b", "taken over");
+        assert_eq!(o.epoch, before[id].epoch + 1, "with a higher epoch");
+    }
+    // gw-a comes back: the stale lease cannot write as owner, and its next round drops
+    // what it served (fenced) in favour of forwarding to b.
+    a.mem.set_reachable(true);
+    for id in &of_a {
+        let err = a.c.save_reservations(*id, a.lease, b"stale").await;
+        assert!(err.is_err(), "the old owner cannot save reservations");
+        assert_eq!(a.c.acquire(*id, "gw-a", a.lease).await.ok().flatten(), None);
+    }
+    let steps = a.round().await;
+    for id in &of_a {
+        assert_eq!(steps[id], Step::Lost(Some("gw-b".into())));
+        assert!(!a.served.contains_key(id));
+    }
+    assert!(b.c.reservations(of_a[0]).await.unwrap().is_none());
 }
 
-#[test]
-fn a_joining_gateway_gets_its_share_after_it_settles_and_nothing_else_moves() {
-    run(async {
-        let store = Memory::new();
-        let mut a = Gw::join(&store, "gw-a", 1).await;
-        let mut b = Gw::join(&store, "gw-b", 1).await;
-        let _alive = [a.keep_alive(), b.keep_alive()];
-        let ids = volumes(&a.c, 32).await;
-        rounds(&mut [&mut a, &mut b], 2).await;
-        let before = owners_of(&a.c).await;
-        let mut c = Gw::join(&store, "gw-c", 1).await;
-        let _alive_c = c.keep_alive();
-        // Not before it has been live for HANDOVER_AFTER.
-        rounds(&mut [&mut a, &mut b, &mut c], 1).await;
-        assert_eq!(owners_of(&a.c).await, before, "nothing moves at once");
-        rounds(&mut [&mut a, &mut b, &mut c], HANDOVER_AFTER.as_secs() + 3).await;
-        let after = owners_of(&a.c).await;
-        let gws = a.c.gateways().await.unwrap();
-        let mut moved = 0;
-        for id in &ids {
-            let p = tessera_cluster::preferred_owner(*id, &gws).unwrap();
-            assert_eq!(after[id].gateway, p.id);
-            if after[id].gateway != before[id].gateway {
-                moved += 1;
-                assert_eq!(after[id].gateway, "gw-c", "only to the newcomer");
-                assert_eq!(after[id].epoch, before[id].epoch + 1);
-                assert_eq!(c.served.get(id), Some(&after[id].epoch));
-            } else {
-                assert_eq!(after[id].epoch, before[id].epoch, "untouched");
-            }
+#[tokio::test(start_paused = true)]
+async fn a_joining_gateway_gets_its_share_after_it_settles_and_nothing_else_moves() {
+    let store = Memory::new();
+    let mut a = Gw::join(&store, "gw-a", 1).await;
+    let mut b = Gw::join(&store, "gw-b", 1).await;
+    let _alive = [a.keep_alive(), b.keep_alive()];
+    let ids = volumes(&a.c, 32).await;
+    rounds(&mut [&mut a, &mut b], 2).await;
+    let before = owners_of(&a.c).await;
+    let mut c = Gw::join(&store, "gw-c", 1).await;
+    let _alive_c = c.keep_alive();
+    // Not before it has been live for HANDOVER_AFTER.
+    rounds(&mut [&mut a, &mut b, &mut c], 1).await;
+    assert_eq!(owners_of(&a.c).await, before, "nothing moves at once");
+    rounds(&mut [&mut a, &mut b, &mut c], HANDOVER_AFTER.as_secs() + 3).await;
+    let after = owners_of(&a.c).await;
+    let gws = a.c.gateways().await.unwrap();
+    let mut moved = 0;
+    for id in &ids {
+        let p = tessera_cluster::preferred_owner(*id, &gws).unwrap();
+        assert_eq!(after[id].gateway, p.id);
+        if after[id].gateway != before[id].gateway {
+            moved += 1;
+            assert_eq!(after[id].gateway, "gw-c", "only to the newcomer");
+            assert_eq!(after[id].epoch, before[id].epoch + 1);
+            assert_eq!(c.served.get(id), Some(&after[id].epoch));
+        } else {
+            assert_eq!(after[id].epoch, before[id].epoch, "untouched");
         }
-        assert!(moved > 0 && moved < ids.len(), "a share moved: {moved}");
-        let all: HashSet<u64> = [&a, &b, &c]
-            .iter()
-            .flat_map(|g| g.served.keys().copied())
-            .collect();
-        assert_eq!(all.len(), ids.len(), "every volume served once");
-    });
+    }
+    assert!(moved > 0 && moved < ids.len(), "a share moved: {moved}");
+    let all: HashSet<u64> = [&a, &b, &c]
+        .iter()
+        .flat_map(|g| g.served.keys().copied())
+        .collect();
+    assert_eq!(all.len(), ids.len(), "every volume served once");
 }

@@ -92,6 +92,16 @@ pub fn registered<M: prometheus::core::Collector + Clone + 'static>(r: &Registry
     m
 }
 
+/// A gauge registered in `r`.
+pub fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    registered(r, IntGauge::new(name, help).expect("valid metric"))
+}
+
+/// A counter registered in `r`.
+pub fn int_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    registered(r, IntCounter::new(name, help).expect("valid metric"))
+}
+
 /// A counter family registered in `r`.
 pub fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -120,10 +130,6 @@ pub fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> H
 impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
-        let int_gauge =
-            |n: &str, h: &str| registered(&r, IntGauge::new(n, h).expect("valid metric"));
-        let int_counter =
-            |n: &str, h: &str| registered(&r, IntCounter::new(n, h).expect("valid metric"));
         let lease_age = Gauge::new(
             "tessera_cluster_lease_age_seconds",
             "Seconds since the gateway's cluster lease was last renewed (counted from when the renewal was sent).",
@@ -171,8 +177,8 @@ impl Metrics {
                 "SCSI commands being executed (the queue depth).",
                 &["target", "lun"],
             ),
-            iscsi_sessions: int_gauge("tessera_iscsi_sessions", "Live iSCSI sessions."),
-            iscsi_connections: int_gauge("tessera_iscsi_connections", "Open iSCSI connections."),
+            iscsi_sessions: int_gauge(&r, "tessera_iscsi_sessions", "Live iSCSI sessions."),
+            iscsi_connections: int_gauge(&r, "tessera_iscsi_connections", "Open iSCSI connections."),
             iscsi_login_failures: counter_vec(
                 &r,
                 "tessera_iscsi_login_failures_total",
@@ -180,10 +186,11 @@ impl Metrics {
                 &["reason"],
             ),
             iscsi_digest_errors: int_counter(
+                &r,
                 "tessera_iscsi_digest_errors_total",
                 "PDUs whose header or data digest did not match.",
             ),
-            iscsi_rejects: int_counter("tessera_iscsi_rejects_total", "Reject PDUs sent."),
+            iscsi_rejects: int_counter(&r, "tessera_iscsi_rejects_total", "Reject PDUs sent."),
             volume_events: counter_vec(
                 &r,
                 "tessera_volume_events_total",
@@ -228,15 +235,18 @@ impl Metrics {
                 &["volume"],
             ),
             cluster_lease_held: int_gauge(
+                &r,
                 "tessera_cluster_lease_held",
                 "1 while the gateway holds a cluster lease in etcd.",
             ),
             cluster_lease_age: lease_age,
             cluster_volumes_owned: int_gauge(
+                &r,
                 "tessera_cluster_volumes_owned",
                 "Volumes this gateway owns.",
             ),
             cluster_etcd_reachable: int_gauge(
+                &r,
                 "tessera_cluster_etcd_reachable",
                 "1 while the gateway's last lease renewal with etcd is recent (within two renewal intervals).",
             ),

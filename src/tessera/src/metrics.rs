@@ -14,7 +14,7 @@ use prometheus::{
     Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 pub use tessera_gateway::metrics::catch_up;
-use tessera_gateway::metrics::{counter_vec, gauge_vec, histogram_vec, registered};
+use tessera_gateway::metrics::{counter_vec, gauge_vec, histogram_vec, int_counter, int_gauge};
 use tracing::{info, warn};
 
 /// The storage node's metrics and the process's io_uring counters.
@@ -46,28 +46,29 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
-        let int_gauge =
-            |n: &str, h: &str| registered(&r, IntGauge::new(n, h).expect("valid metric"));
-        let int_counter =
-            |n: &str, h: &str| registered(&r, IntCounter::new(n, h).expect("valid metric"));
         Self {
             uring_submissions: int_counter(
+                &r,
                 "tessera_uring_submissions_total",
                 "Operations queued to the process's io_uring rings.",
             ),
             uring_completions: int_counter(
+                &r,
                 "tessera_uring_completions_total",
                 "Completions reaped from the process's io_uring rings.",
             ),
             uring_enters: int_counter(
+                &r,
                 "tessera_uring_enters_total",
                 "io_uring_enter system calls made to submit or to reap.",
             ),
             uring_sync_ops: int_counter(
+                &r,
                 "tessera_uring_sync_operations_total",
                 "Disk operations done as plain system calls (no ring, or the synchronous fallback).",
             ),
             uring_in_flight: int_gauge(
+                &r,
                 "tessera_uring_operations_in_flight",
                 "io_uring operations submitted and not yet completed (the rings' queue depth).",
             ),
@@ -96,6 +97,7 @@ impl Metrics {
                 &["kind"],
             ),
             node_store_failed: int_gauge(
+                &r,
                 "tessera_node_store_failed",
                 "1 once the node's store failed a write or sync: it refuses writes until restarted and its fragments are rebuilt elsewhere.",
             ),
