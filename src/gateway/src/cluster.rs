@@ -691,7 +691,10 @@ async fn agent(
     let mut logged_down = false;
     loop {
         let session = async {
-            let c = Cluster::connect(&cl.etcd, &cl.prefix).await?;
+            let c = match &gw.cluster_store {
+                Some(meta) => Cluster::new(meta.clone(), &cl.prefix),
+                None => Cluster::connect(&cl.etcd, &cl.prefix).await?,
+            };
             // The lease runs at least its TTL from before it was asked for.
             let asked = tokio::time::Instant::now();
             let lease = c.grant(cl.lease_ttl).await?;

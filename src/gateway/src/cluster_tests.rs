@@ -351,3 +351,97 @@ async fn a_joining_gateway_gets_its_share_after_it_settles_and_nothing_else_move
         .collect();
     assert_eq!(all.len(), ids.len(), "every volume served once");
 }
+
+/// Poll `f` every 100 ms (of tokio's paused clock) until it holds; panics after `secs`.
+async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "not within {secs} s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The real agent loop (`agent`) against the in-memory store: it joins under a lease with a
+/// number, wins the controller election, rejoins with a new lease (same number) after a
+/// partition longer than its TTL, and leaves cleanly (lease revoked) at shutdown.
+#[tokio::test(start_paused = true)]
+async fn the_agent_joins_leads_loses_its_lease_in_a_partition_rejoins_and_leaves() {
+    let store = Memory::new();
+    let mut cfg = crate::config::testing::config(Some("iqn.2024-01.io.tessera:cluster"));
+    let cl = cfg.cluster.as_mut().unwrap();
+    cl.lease_ttl = TTL;
+    let cl = cl.clone();
+    let mut gw = crate::Gateway::build(cfg).unwrap();
+    let agent_side = store.client();
+    gw.use_cluster_store(Arc::new(agent_side.clone()));
+    let gw = Arc::new(gw);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let ready: super::Ready = Arc::default();
+    let c = Cluster::new(Arc::new(store.client()), &cl.prefix);
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let agent = tokio::task::spawn_local(super::agent(
+                gw.clone(),
+                cl.clone(),
+                vec!["127.0.0.1:3260".parse().unwrap()],
+                "127.0.0.1:3261".parse().unwrap(),
+                ready.clone(),
+                stopped,
+            ));
+            let registered = || async { c.gateways().await.unwrap() };
+            eventually(5, "registered", || async { registered().await.len() == 1 }).await;
+            eventually(5, "ready after its first round", || async {
+                *ready.0.lock().unwrap()
+            })
+            .await;
+            let first = registered().await.remove(0);
+            assert_eq!(first.id, "gw-test");
+            assert!(first.number >= 1);
+            assert_eq!(first.forward, "127.0.0.1:3261");
+            let lease_of = || async {
+                let key = format!("{}/gateways/gw-test", cl.prefix);
+                c.meta().get(key).await.unwrap().map(|kv| kv.lease)
+            };
+            let lease1 = lease_of().await.unwrap();
+            eventually(5, "elected", || async {
+                c.controller().await.unwrap().as_deref() == Some("gw-test")
+            })
+            .await;
+            // Cut off from the store past its TTL: its lease lapses and its keys go...
+            agent_side.set_reachable(false);
+            eventually(TTL as u64 + 2, "lease lapsed", || async {
+                registered().await.is_empty()
+            })
+            .await;
+            assert_eq!(c.controller().await.unwrap(), None);
+            assert!(!store.leases().contains(&lease1));
+            // ...and when it can reach the store again it rejoins under a new lease, with
+            // the number it had, and leads again.
+            agent_side.set_reachable(true);
+            eventually(5, "rejoined", || async { registered().await.len() == 1 }).await;
+            let again = registered().await.remove(0);
+            assert_eq!(again.number, first.number, "its number is kept");
+            assert_ne!(lease_of().await, Some(lease1), "a new lease");
+            eventually(5, "elected again", || async {
+                c.controller().await.unwrap().as_deref() == Some("gw-test")
+            })
+            .await;
+            // Shutdown: it revokes its lease, so its keys go at once.
+            stop.send(true).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), agent)
+                .await
+                .expect("the agent stops")
+                .unwrap();
+            assert!(registered().await.is_empty(), "left cleanly");
+            assert_eq!(store.leases(), Vec::<i64>::new());
+        })
+        .await;
+}

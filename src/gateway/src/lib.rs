@@ -60,6 +60,8 @@ pub struct Gateway {
     pub limits: Limits,
     /// Called by each event loop (worker, maintenance) on its own thread as it starts.
     loop_started: LoopHook,
+    /// The cluster's store when it is not the configured etcd ([`Gateway::use_cluster_store`]).
+    cluster_store: Option<Arc<dyn tessera_cluster::Meta>>,
     /// Sessions, for reinstatement.
     pub sessions: SessionRegistry,
     /// Every configured LUN's device (flushed at shutdown).
@@ -337,6 +339,7 @@ impl Gateway {
             limits,
             sessions: SessionRegistry::default(),
             loop_started: Arc::new(|_: &str| {}),
+            cluster_store: None,
             devices: Mutex::new(devices),
             volumes: Mutex::new(volumes),
             next_tsih: AtomicU16::new(1),
@@ -625,6 +628,12 @@ impl Gateway {
     /// Set what runs as each event loop starts ([`LoopHook`]); before [`start`].
     pub fn on_loop_start(&mut self, hook: impl Fn(&str) + Send + Sync + 'static) {
         self.loop_started = Arc::new(hook);
+    }
+
+    /// Keep the cluster's state in `meta` instead of the configured etcd (`[cluster] etcd` is
+    /// then not used): the in-memory store in tests; before [`start`].
+    pub fn use_cluster_store(&mut self, meta: Arc<dyn tessera_cluster::Meta>) {
+        self.cluster_store = Some(meta);
     }
 
     /// Bring what the volumes and the session registry keep into the metrics (the binary
