@@ -394,6 +394,23 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<(PgMapRecord, Vec<Move>), Hold> {
 mod tests {
     use super::*;
 
+    /// No node lost or unreachable, the map filled: the input most tests vary one field of.
+    fn input<'a>(
+        volume: &'a VolumeRecord,
+        map: &'a PgMapRecord,
+        nodes: &'a [NodeRecord],
+    ) -> PlanInput<'a> {
+        static NONE: std::sync::LazyLock<HashSet<String>> = std::sync::LazyLock::new(HashSet::new);
+        PlanInput {
+            volume,
+            map,
+            nodes,
+            lost: &NONE,
+            unreachable: &NONE,
+            filled: true,
+        }
+    }
+
     fn vol(k: u8, m: u8, pgs: u32) -> VolumeRecord {
         VolumeRecord {
             name: "v".into(),
@@ -451,12 +468,8 @@ mod tests {
         let map = first_map(&v, &nodes);
         let lost = HashSet::new();
         let inp = PlanInput {
-            volume: &v,
-            map: &map,
-            nodes: &nodes,
             lost: &lost,
-            unreachable: &HashSet::new(),
-            filled: true,
+            ..input(&v, &map, &nodes)
         };
         assert_eq!(plan(&inp).unwrap_err(), Hold::Settled);
         // n3 unregistered but within grace: nothing moves.
@@ -483,12 +496,8 @@ mod tests {
         let registered: Vec<NodeRecord> = nodes.iter().filter(|n| n.id != "n2").cloned().collect();
         let unreachable: HashSet<String> = ["n5".to_string()].into();
         let (next, moves) = plan(&PlanInput {
-            volume: &v,
-            map: &map,
-            nodes: &registered,
-            lost: &HashSet::new(),
             unreachable: &unreachable,
-            filled: true,
+            ..input(&v, &map, &registered)
         })
         .unwrap();
         let after = ids(&next);
@@ -524,12 +533,9 @@ mod tests {
         // Planned again while that fill runs (not filled): nothing more moves.
         assert_eq!(
             plan(&PlanInput {
-                volume: &v,
-                map: &next,
-                nodes: &registered,
-                lost: &HashSet::new(),
                 unreachable: &unreachable,
                 filled: false,
+                ..input(&v, &next, &registered)
             })
             .unwrap_err(),
             Hold::Filling
@@ -539,23 +545,12 @@ mod tests {
         let map6 = first_map(&v, &six);
         let reg6: Vec<NodeRecord> = six.iter().filter(|n| n.id != "n2").cloned().collect();
         let r = plan(&PlanInput {
-            volume: &v,
-            map: &map6,
-            nodes: &reg6,
-            lost: &HashSet::new(),
             unreachable: &unreachable,
-            filled: true,
+            ..input(&v, &map6, &reg6)
         });
         assert!(r.is_err(), "{r:?}");
         // One silent node only: every PG keeps its quorum; nothing moves before the grace.
-        let r = plan(&PlanInput {
-            volume: &v,
-            map: &map,
-            nodes: &registered,
-            lost: &HashSet::new(),
-            unreachable: &HashSet::new(),
-            filled: true,
-        });
+        let r = plan(&input(&v, &map, &registered));
         assert_eq!(r.unwrap_err(), Hold::Settled);
     }
 
@@ -567,12 +562,8 @@ mod tests {
         let live: Vec<NodeRecord> = nodes.iter().filter(|n| n.id != "n5").cloned().collect();
         let lost: HashSet<String> = ["n5".to_string()].into();
         let (next, moves) = plan(&PlanInput {
-            volume: &v,
-            map: &map,
-            nodes: &live,
             lost: &lost,
-            unreachable: &HashSet::new(),
-            filled: true,
+            ..input(&v, &map, &live)
         })
         .unwrap();
         let (a, b) = (ids(&map), ids(&next));
@@ -602,18 +593,13 @@ mod tests {
         let mut nodes: Vec<NodeRecord> = (0..8).map(|i| node(i, NodeState::Up)).collect();
         let map = first_map(&v, &nodes);
         nodes[3].failed = Some("fdatasync: Input/output error".into());
-        let none = HashSet::new();
         // Mid-fill too: a failed node does not wait for the fill to finish.
         let mut filling = map.clone();
         filling.moving = vec![(0, 0)];
         for (m, filled) in [(&map, true), (&filling, false)] {
             let (next, moves) = plan(&PlanInput {
-                volume: &v,
-                map: m,
-                nodes: &nodes,
-                lost: &none,
-                unreachable: &HashSet::new(),
                 filled,
+                ..input(&v, m, &nodes)
             })
             .unwrap();
             let held = ids(m).iter().flatten().filter(|x| *x == "n3").count();
@@ -636,14 +622,9 @@ mod tests {
         map.moving = vec![(0, 1)];
         let mut drained = nodes.clone();
         drained[2].state = NodeState::Draining;
-        let none = HashSet::new();
         let inp = PlanInput {
-            volume: &v,
-            map: &map,
-            nodes: &drained,
-            lost: &none,
-            unreachable: &HashSet::new(),
             filled: false,
+            ..input(&v, &map, &drained)
         };
         assert_eq!(plan(&inp).unwrap_err(), Hold::Filling);
         // Lost meanwhile: it moves, and the unfinished position stays filling.
@@ -666,17 +647,9 @@ mod tests {
         let mut nodes: Vec<NodeRecord> = (0..8).map(|i| node(i, NodeState::Up)).collect();
         let mut map = first_map(&v, &nodes);
         nodes[6].state = NodeState::Draining;
-        let none = HashSet::new();
         let mut rounds = 0;
         loop {
-            match plan(&PlanInput {
-                volume: &v,
-                map: &map,
-                nodes: &nodes,
-                lost: &none,
-                unreachable: &HashSet::new(),
-                filled: true,
-            }) {
+            match plan(&input(&v, &map, &nodes)) {
                 Ok((next, moves)) => {
                     let per_pg: HashMap<u32, usize> =
                         moves.iter().fold(HashMap::new(), |mut h, m| {
@@ -700,16 +673,7 @@ mod tests {
         let v = vol(4, 2, 256);
         let nodes: Vec<NodeRecord> = (0..8).map(|i| node(i, NodeState::Up)).collect();
         let map = first_map(&v, &nodes[..7]);
-        let none = HashSet::new();
-        let (next, moves) = plan(&PlanInput {
-            volume: &v,
-            map: &map,
-            nodes: &nodes,
-            lost: &none,
-            unreachable: &HashSet::new(),
-            filled: true,
-        })
-        .unwrap();
+        let (next, moves) = plan(&input(&v, &map, &nodes)).unwrap();
         let to_new = moves.iter().filter(|m| m.to == "n7").count();
         // Its share is 256 * 6 / 8 = 192 positions; a good part of it in one change.
         assert!(to_new > 100, "{to_new}");
@@ -727,17 +691,9 @@ mod tests {
         let v = vol(4, 2, 128);
         let nodes: Vec<NodeRecord> = (0..10).map(|i| node(i, NodeState::Up)).collect();
         let mut map = first_map(&v, &nodes[..7]);
-        let none = HashSet::new();
         let mut rounds = 0;
         loop {
-            match plan(&PlanInput {
-                volume: &v,
-                map: &map,
-                nodes: &nodes,
-                lost: &none,
-                unreachable: &HashSet::new(),
-                filled: true,
-            }) {
+            match plan(&input(&v, &map, &nodes)) {
                 Ok((next, _)) => {
                     map = next;
                     rounds += 1;
@@ -769,15 +725,7 @@ mod tests {
         let mut nodes: Vec<NodeRecord> = (0..4).map(|i| node(i, NodeState::Up)).collect();
         let map = first_map(&v, &nodes);
         nodes[0].state = NodeState::Draining;
-        let none = HashSet::new();
-        let r = plan(&PlanInput {
-            volume: &v,
-            map: &map,
-            nodes: &nodes,
-            lost: &none,
-            unreachable: &HashSet::new(),
-            filled: true,
-        });
+        let r = plan(&input(&v, &map, &nodes));
         assert!(
             matches!(&r, Err(Hold::Impossible(why)) if why.contains("no parity")),
             "{r:?}"
@@ -788,12 +736,8 @@ mod tests {
         let lost: HashSet<String> = ["n1".to_string()].into();
         let live: Vec<NodeRecord> = nodes.iter().filter(|n| n.id != "n1").cloned().collect();
         let r = plan(&PlanInput {
-            volume: &v,
-            map: &map,
-            nodes: &live,
             lost: &lost,
-            unreachable: &HashSet::new(),
-            filled: true,
+            ..input(&v, &map, &live)
         });
         assert!(matches!(r, Err(Hold::Impossible(_))), "{r:?}");
     }
