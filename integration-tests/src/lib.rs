@@ -981,25 +981,8 @@ pub async fn open_volume(
     epoch: Option<u64>,
     timeout: Duration,
 ) -> Result<tessera_volume::EcVolume, tessera_volume::OpenError> {
-    let addrs: Vec<SocketAddr> = map
-        .nodes
-        .iter()
-        .map(|n| n.address.parse().expect("node address"))
-        .collect();
-    let spec = tessera_volume::VolumeSpec {
-        id: v.id,
-        name: v.name.clone(),
-        size: v.size,
-        block_size: v.block_size,
-        profile: v.profile().expect("the volume's profile"),
-        pgs: v.pgs,
-        write_quorum: v.write_quorum,
-        region_stripes: 1024,
-        clear_after: tessera_volume::CLEAR_AFTER,
-        map: map.map.clone(),
-        node_names: map.nodes.iter().map(|n| n.id.clone()).collect(),
-        epoch,
-    };
+    let (spec, addrs) =
+        tessera_gateway::volume_spec(v, map, epoch).expect("the volume's spec and node addresses");
     let connector: std::sync::Arc<dyn tessera_volume::nodes::Connector> =
         std::sync::Arc::new(tessera_volume::nodes::RpcConnector::new(addrs, timeout));
     tessera_volume::EcVolume::open(spec, connector).await

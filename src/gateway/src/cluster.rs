@@ -1409,17 +1409,13 @@ fn drop_volume(gw: &Gateway, e: &Exported) {
 
 /// Open a cluster volume with the epoch etcd granted; an interrupted fill of its map
 /// resumes where the last owner reported it.
-async fn open(
-    gw: &Gateway,
-    c: &Cluster,
+/// How volume `v` opens as `map` places it, at owner epoch `epoch` (`None`: unfenced): its
+/// spec, and its nodes' addresses in the map's order.
+pub fn volume_spec(
     v: &VolumeRecord,
     map: &PgMapRecord,
-    epoch: u64,
-) -> anyhow::Result<(
-    tessera_volume::EcVolume,
-    Arc<RpcConnector>,
-    HashMap<String, usize>,
-)> {
+    epoch: Option<u64>,
+) -> anyhow::Result<(tessera_volume::VolumeSpec, Vec<SocketAddr>)> {
     let profile = v.profile()?;
     let mut addrs = Vec::with_capacity(map.nodes.len());
     for n in &map.nodes {
@@ -1429,11 +1425,6 @@ async fn open(
                 .map_err(|_| anyhow::anyhow!("node {} has a bad address {:?}", n.id, n.address))?,
         );
     }
-    let fill = if map.moving.is_empty() {
-        None
-    } else {
-        c.fill(v.id).await?
-    };
     let spec = tessera_volume::VolumeSpec {
         id: v.id,
         name: v.name.clone(),
@@ -1446,8 +1437,28 @@ async fn open(
         clear_after: tessera_volume::CLEAR_AFTER,
         map: map.map.clone(),
         node_names: map.nodes.iter().map(|n| n.id.clone()).collect(),
-        epoch: Some(epoch),
+        epoch,
     };
+    Ok((spec, addrs))
+}
+
+async fn open(
+    gw: &Gateway,
+    c: &Cluster,
+    v: &VolumeRecord,
+    map: &PgMapRecord,
+    epoch: u64,
+) -> anyhow::Result<(
+    tessera_volume::EcVolume,
+    Arc<RpcConnector>,
+    HashMap<String, usize>,
+)> {
+    let fill = if map.moving.is_empty() {
+        None
+    } else {
+        c.fill(v.id).await?
+    };
+    let (spec, addrs) = volume_spec(v, map, Some(epoch))?;
     let connector = Arc::new(
         RpcConnector::new(addrs, Duration::from_millis(gw.cfg.node_timeout_ms))
             .observed(Arc::new(metrics::FragmentCalls)),

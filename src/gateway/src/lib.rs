@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Backend, Config};
 
+pub use cluster::volume_spec;
 pub use reload::Reloaded;
 pub use session::SessionRegistry;
 

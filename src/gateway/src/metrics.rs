@@ -104,27 +104,24 @@ pub fn int_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
 
 /// A counter family registered in `r`.
 pub fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+    registered(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
 }
 
 /// A gauge family registered in `r`.
 pub fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("unique metric");
-    g
+    registered(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
 }
 
 /// A latency histogram family (buckets 50 µs to 10 s) registered in `r`.
 pub fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
-        labels,
-    )
-    .expect("valid metric");
-    r.register(Box::new(h.clone())).expect("unique metric");
-    h
+    let opts = HistogramOpts::new(name, help).buckets(BUCKETS.to_vec());
+    registered(r, HistogramVec::new(opts, labels).expect("valid metric"))
 }
 
 impl Metrics {

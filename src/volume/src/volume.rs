@@ -3947,17 +3947,9 @@ impl BlockDevice for EcVolume {
         &self,
         offset: u64,
         data: Bytes,
-        _fua: bool,
+        fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        // Every acknowledged write is durable on its quorum: FUA asks for nothing more.
-        let v = self.clone();
-        let stripes = self.stripes_of(offset, data.len());
-        let data: Segments = data.into();
-        self.patiently(move || {
-            let (v, data) = (v.clone(), data.clone());
-            v.clone()
-                .write_to_the_end(stripes, async move { v.do_write(offset, data).await })
-        })
+        self.write_segments(offset, data.into(), fua)
     }
 
     fn write_segments(
@@ -3966,6 +3958,7 @@ impl BlockDevice for EcVolume {
         data: Segments,
         _fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        // Every acknowledged write is durable on its quorum: FUA asks for nothing more.
         let v = self.clone();
         let stripes = self.stripes_of(offset, data.len());
         self.patiently(move || {
