@@ -8,6 +8,8 @@
 //! and every command it carries stay on that worker, including the backend's io_uring ring,
 //! so a command's path never crosses cores. Targets and LUNs are shared by all workers.
 
+#![forbid(unsafe_code)]
+
 mod cluster;
 pub mod config;
 pub(crate) mod forward;
