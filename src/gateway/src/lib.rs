@@ -30,8 +30,9 @@ use tessera_proto::block::{BlockDevice, MemDevice};
 use tessera_proto::iscsi::chap::Credentials;
 use tessera_proto::iscsi::keys::Limits;
 use tessera_proto::iscsi::login::{Directory, TargetEntry};
-use tessera_scsi::{FilePrStore, LogicalUnit, LuConfig, PrStore, Target};
-use tessera_store::{DirectMode, FileDevice, FileOptions};
+use tessera_scsi::{
+    DirectMode, FileDevice, FileOptions, FilePrStore, LogicalUnit, LuConfig, PrStore, Target,
+};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
