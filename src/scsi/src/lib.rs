@@ -5,9 +5,9 @@
 //! - [`LogicalUnit`]: command execution, unit attentions, reservations, mode parameters;
 //!   see its module documentation for the processing order and transfer-length rules.
 //! - [`PrStore`] / [`FilePrStore`]: where persistent reservations are kept.
-//! - [`FileDevice`] ([`file`]): the `file` backend, a regular file or a block device served as
-//!   a `BlockDevice` through the io_uring engine (`tessera-uring`). The erasure-coded backend
-//!   is `tessera-volume`'s `EcVolume`.
+//! - [`FileDevice`] ([`file`](mod@file)): the `file` backend, a regular file or a block
+//!   device served as a `BlockDevice` through the io_uring engine (`tessera-uring`). The
+//!   erasure-coded backend is `tessera-volume`'s `EcVolume`.
 //!
 //! Wire formats and pure rules live in `tessera_proto::scsi`; this crate adds state,
 //! concurrency and the backends.
