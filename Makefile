@@ -64,17 +64,17 @@ fmt-check:
 
 lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
-	$(CARGO) clippy -p tessera-store -p tessera-volume --features fault-injection --all-targets \
-	  --locked -- -D warnings
+	$(CARGO) clippy -p tessera-uring -p tessera-store -p tessera-volume --features fault-injection \
+	  --all-targets --locked -- -D warnings
 
-# Unit and property tests of every crate; the store and the volume crates with their fault
-# hooks (the I/O engine's failing writes and syncs, the crash test's fault points: a feature
-# no release build has). io_uring tests fail where io_uring cannot be set up, unless
+# Unit and property tests of every crate; the I/O engine, the store and the volume crates with
+# their fault hooks (the I/O engine's failing writes and syncs, the crash test's fault points:
+# a feature no release build has). io_uring tests fail where io_uring cannot be set up, unless
 # TESSERA_ALLOW_NO_URING=1.
 unit:
 	$(CARGO) test --workspace --locked --exclude tessera-integration-tests --exclude tessera-volume \
-	  --exclude tessera-store
-	$(CARGO) test --locked -p tessera-store --features fault-injection
+	  --exclude tessera-store --exclude tessera-uring
+	$(CARGO) test --locked -p tessera-uring -p tessera-store --features fault-injection
 	$(CARGO) test --locked -p tessera-volume --features fault-injection
 
 # Cross-process tests against the release binary: conformance (libiscsi), bad input,

@@ -1,1 +1,3 @@
 //! Benchmark helpers (the side-by-side scripts live beside this crate).
+
+#![forbid(unsafe_code)]

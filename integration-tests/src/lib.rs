@@ -5,6 +5,8 @@
 //! tool's name and the Debian package that provides it (`make deps` installs them all); tests
 //! never skip silently.
 
+#![forbid(unsafe_code)]
+
 pub mod faultyfs;
 pub mod initiator;
 

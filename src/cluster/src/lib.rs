@@ -33,6 +33,7 @@
 //! read it at start, cache it, and watch it.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod etcd;
 pub mod memory;

@@ -8,6 +8,8 @@
 //! and every command it carries stay on that worker, including the backend's io_uring ring,
 //! so a command's path never crosses cores. Targets and LUNs are shared by all workers.
 
+#![forbid(unsafe_code)]
+
 mod cluster;
 pub mod config;
 pub(crate) mod forward;
@@ -28,8 +30,9 @@ use tessera_proto::block::{BlockDevice, MemDevice};
 use tessera_proto::iscsi::chap::Credentials;
 use tessera_proto::iscsi::keys::Limits;
 use tessera_proto::iscsi::login::{Directory, TargetEntry};
-use tessera_scsi::{FilePrStore, LogicalUnit, LuConfig, PrStore, Target};
-use tessera_store::{DirectMode, FileDevice, FileOptions};
+use tessera_scsi::{
+    DirectMode, FileDevice, FileOptions, FilePrStore, LogicalUnit, LuConfig, PrStore, Target,
+};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 

@@ -1,6 +1,8 @@
 //! The `tessera` command: `gateway`, `node`, `demo`, `config check`, and the cluster commands
 //! (`volume`, `node list|drain|undrain`, `cluster`, `status`).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -110,7 +110,7 @@ impl Metrics {
         if let Some(f) = REFRESH.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             f();
         }
-        let t = tessera_store::engine_totals();
+        let t = tessera_uring::engine_totals();
         catch_up(&self.uring_submissions, t.submitted);
         catch_up(&self.uring_completions, t.completed);
         catch_up(&self.uring_enters, t.enters);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tessera_rpc::{Client, Request, Response};
 use tessera_store::fragment::{FragmentStore, NodeHandler, StoreOptions, SyncMode};
-use tessera_store::{EngineConfig, Uring};
+use tessera_uring::{EngineConfig, Uring};
 use tracing::{info, warn};
 
 use crate::config::NodeConfig;

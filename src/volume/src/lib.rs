@@ -3,8 +3,9 @@
 //! protocol and recovery).
 //!
 //! The volume talks to nodes only through [`nodes::Connector`]: over TCP in the gateway
-//! ([`nodes::RpcConnector`]), in-process in tests ([`testing::LocalNodes`], real fragment
-//! stores with faults on demand).
+//! ([`nodes::RpcConnector`]), in-process in tests (`testing::LocalNodes`, real fragment stores
+//! with faults on demand; behind the `testing` feature, so that only test builds link the
+//! node's fragment store).
 //!
 //! [`BlockDevice`]: tessera_proto::block::BlockDevice
 
@@ -13,6 +14,7 @@
 pub mod fault;
 pub mod locks;
 pub mod nodes;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod volume;
 

@@ -16,7 +16,7 @@ use tessera_rpc::{
     CallError, FragKey, Manifest, ReadItem, Request, Response, SlotInfo, Status, VolumeCtx, Want,
     WriteItem,
 };
-use tessera_store::AlignedBuf;
+use tessera_uring::AlignedBuf;
 use tracing::{debug, error, info, warn};
 
 use crate::fault;

@@ -15,8 +15,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 
-use crate::buf::AlignedBuf;
-use crate::uring::{sys, RwFlags, SharedFd, Uring};
+use tessera_uring::buf::AlignedBuf;
+use tessera_uring::{sys, RwFlags, SharedFd, Uring};
 
 use super::format::{MetaState, Record, BLOCK, META_HALF, META_OFFSET, RECORD_HEADER};
 

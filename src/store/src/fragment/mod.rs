@@ -47,14 +47,14 @@ use tessera_rpc::msg::{
 use tessera_rpc::Refusal;
 use tokio::sync::Notify;
 
-use crate::buf::AlignedBuf;
-use crate::uring::{sys, FallocateMode, RwFlags, SharedFd, Uring};
 use format::{
     pairs_per_extent, ExtentKey, ExtentRec, Record, SlotHeader, Superblock, BLOCK, EXTENT_AREA,
     EXTENT_SIZE, FLAG_VOID, FLAG_ZERO,
 };
 pub use handler::NodeHandler;
 use meta::MetaLog;
+use tessera_uring::buf::AlignedBuf;
+use tessera_uring::{sys, FallocateMode, RwFlags, SharedFd, Uring};
 
 /// How writes become durable before they are acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

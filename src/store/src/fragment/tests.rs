@@ -3,7 +3,7 @@
 use std::os::unix::fs::FileExt;
 
 use super::*;
-use crate::testutil::{pattern, run, tmpdir};
+use tessera_uring::testing::{pattern, run, tmpdir};
 
 fn vol(chunk: u32) -> VolumeCtx {
     VolumeCtx {
@@ -730,7 +730,7 @@ fn swaps_write_a_range_on_the_newest_copy_and_return_what_it_replaced() {
 #[cfg(feature = "fault-injection")]
 mod faults {
     use super::*;
-    use crate::uring::fault::{self, FaultOp};
+    use tessera_uring::fault::{self, FaultOp};
 
     fn refused_io(r: &Result<Vec<Status>, Refusal>) -> bool {
         match r {

@@ -10,8 +10,7 @@ use std::rc::Rc;
 use std::task::Context;
 
 use super::*;
-use crate::buf::AlignedBuf;
-use crate::testutil::{engine, pattern, run, tmpdir};
+use crate::testing::{engine, pattern, run, tmpdir};
 
 fn open(path: &std::path::Path, direct: bool) -> SharedFd {
     let mut oo = OpenOptions::new();
@@ -449,7 +448,7 @@ fn engine_flag_variants_work() {
             };
             let ring = match Uring::init_current(&cfg) {
                 Ok(r) => r,
-                Err(e) if crate::testutil::allow_no_uring() => {
+                Err(e) if testing::allow_no_uring() => {
                     eprintln!("SKIP {cfg:?}: {e} (TESSERA_ALLOW_NO_URING=1)");
                     return;
                 }

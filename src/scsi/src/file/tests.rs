@@ -9,8 +9,8 @@ use std::pin::pin;
 use std::task::{Context, Waker};
 
 use super::*;
-use crate::testutil::{engine, pattern, run, tmpdir};
-use crate::uring::EngineMode;
+use tessera_uring::testing::{engine, pattern, run, tmpdir};
+use tessera_uring::EngineMode;
 
 const MIB: u64 = 1 << 20;
 

@@ -1,4 +1,11 @@
-//! The io_uring engine: asynchronous positional I/O on file descriptors, one ring per thread.
+//! tessera's local I/O: the io_uring engine (asynchronous positional I/O on file descriptors,
+//! one ring per thread: [`Uring`]), owned page-aligned buffers ([`buf`]: [`AlignedBuf`] and the
+//! [`IoBuf`] / [`IoBufMut`] contract the engine needs), and thin wrappers over the raw Linux
+//! calls used outside the ring ([`sys`]). The fragment store (`tessera-store`) and the file LUN
+//! backend (`tessera-scsi`) do their I/O through it.
+//!
+//! All of the project's `unsafe` code lives in this crate (the engine, [`buf`] and [`sys`]);
+//! every block carries a `SAFETY:` comment. The other crates `#![forbid(unsafe_code)]`.
 //!
 //! # Threading model
 //!
@@ -51,10 +58,14 @@
 //! `fallocate`) on the calling thread when the future is first polled. The environment
 //! variable `TESSERA_IO_ENGINE=sync|uring|auto` selects the mode for lazily created engines.
 
-pub(crate) mod sys;
+pub mod buf;
+pub mod sys;
 
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 #[cfg(test)]
 mod tests;
@@ -77,7 +88,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::buf::{IoBuf, IoBufMut};
+pub use buf::{AlignedBuf, BufWith, IoBuf, IoBufMut};
 
 /// An operation's result together with the buffer(s) it was given.
 pub type BufResult<T, B> = (io::Result<T>, B);

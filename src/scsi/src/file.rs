@@ -1,5 +1,5 @@
 //! The `file` backend: a regular file or a block device served as a [`BlockDevice`] through
-//! the per-thread io_uring engine ([`crate::uring`]).
+//! the per-thread io_uring engine ([`tessera_uring`]).
 //!
 //! # I/O path
 //!
@@ -59,9 +59,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tessera_proto::block::{BlockDevice, BlockError, DeviceInfo, Extent, LocalBoxFuture};
 
-use crate::buf::{AlignedBuf, BufWith, PAGE_SIZE};
 use crate::mapped::{MappedChunks, CHUNK_SHIFT};
-use crate::uring::{sys, FallocateMode, RwFlags, SharedFd, Uring};
+use tessera_uring::buf::{AlignedBuf, BufWith, PAGE_SIZE};
+use tessera_uring::{sys, FallocateMode, RwFlags, SharedFd, Uring};
 
 /// Whether to bypass the page cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

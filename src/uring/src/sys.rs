@@ -1,4 +1,4 @@
-//! Thin, safe wrappers over the raw Linux calls the store needs outside io_uring: the
+//! Thin, safe wrappers over the raw Linux calls tessera needs outside io_uring: the
 //! synchronous fallback (`pread`, `pwritev2`, `fdatasync`, `fallocate`), and metadata queries
 //! (`statx` for the direct-I/O alignment, `lseek` SEEK_DATA/SEEK_HOLE, block-device ioctls).
 //!
@@ -29,14 +29,14 @@ fn off(offset: u64) -> io::Result<libc::off_t> {
 }
 
 /// `pread(2)` into `buf`; may return fewer bytes than asked (end of file).
-pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let o = off(offset)?;
     // SAFETY: `buf` is a valid writable region of `buf.len()` bytes for the whole call.
     retry(|| unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), o) as _ })
 }
 
 /// `pwritev2(2)` of one buffer with `RWF_*` flags (0 for a plain `pwrite`).
-pub(crate) fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64, flags: i32) -> io::Result<usize> {
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64, flags: i32) -> io::Result<usize> {
     let o = off(offset)?;
     let iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut _,
@@ -81,7 +81,7 @@ pub(crate) unsafe fn pwritev2(
 }
 
 /// `fsync(2)` or, with `data_only`, `fdatasync(2)`.
-pub(crate) fn fsync(fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
+pub fn fsync(fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
     // SAFETY: plain syscalls on a borrowed, open descriptor.
     retry(|| unsafe {
         (if data_only {
@@ -94,7 +94,7 @@ pub(crate) fn fsync(fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
 }
 
 /// `fallocate(2)`.
-pub(crate) fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     let (o, l) = (off(offset)?, off(len)?);
     // SAFETY: plain syscall on a borrowed, open descriptor; no memory is passed.
     retry(|| unsafe { libc::fallocate(fd.as_raw_fd(), mode, o, l) as _ }).map(drop)
@@ -102,7 +102,7 @@ pub(crate) fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) ->
 
 /// `lseek(2)`; with `SEEK_DATA`/`SEEK_HOLE`, `Ok(None)` stands for `ENXIO` (no data / offset
 /// past the end of the file).
-pub(crate) fn lseek(fd: BorrowedFd<'_>, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+pub fn lseek(fd: BorrowedFd<'_>, offset: u64, whence: i32) -> io::Result<Option<u64>> {
     let o = off(offset)?;
     // SAFETY: plain syscall on a borrowed, open descriptor.
     match retry(|| unsafe { libc::lseek(fd.as_raw_fd(), o, whence) as _ }) {
@@ -114,7 +114,7 @@ pub(crate) fn lseek(fd: BorrowedFd<'_>, offset: u64, whence: i32) -> io::Result<
 
 /// The direct-I/O alignment `statx(2)` reports as `(memory, offset)`, or `None` when the
 /// kernel or file system does not say (`STATX_DIOALIGN` missing or zero).
-pub(crate) fn dio_align(fd: BorrowedFd<'_>) -> io::Result<Option<(u32, u32)>> {
+pub fn dio_align(fd: BorrowedFd<'_>) -> io::Result<Option<(u32, u32)>> {
     // SAFETY: `statx` is plain old data; all-zero is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: the path is a valid NUL-terminated empty string, with AT_EMPTY_PATH the call
@@ -139,7 +139,7 @@ pub(crate) fn dio_align(fd: BorrowedFd<'_>) -> io::Result<Option<(u32, u32)>> {
 const BLKGETSIZE64: u64 = (2 << 30) | ((size_of::<u64>() as u64) << 16) | (0x12 << 8) | 114;
 
 /// Size of a block device in bytes (`BLKGETSIZE64`).
-pub(crate) fn blk_size_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub fn blk_size_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid and writable.
     retry(|| unsafe {
@@ -149,7 +149,7 @@ pub(crate) fn blk_size_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
 }
 
 /// Logical sector size of a block device (`BLKSSZGET`).
-pub(crate) fn blk_logical_block(fd: BorrowedFd<'_>) -> io::Result<u32> {
+pub fn blk_logical_block(fd: BorrowedFd<'_>) -> io::Result<u32> {
     let mut ssz: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which is valid and writable.
     retry(|| unsafe {
@@ -175,7 +175,7 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 const RAMFS_MAGIC: i64 = 0x8584_58f6;
 
 /// True when `fd` lives on tmpfs or ramfs (memory only, no device behind the page cache).
-pub(crate) fn is_memory_fs(fd: BorrowedFd<'_>) -> io::Result<bool> {
+pub fn is_memory_fs(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: `statfs` is plain old data; all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid, writable `struct statfs`.

@@ -7,10 +7,11 @@
 //! that does not move when the owning value is moved, valid for as long as the value lives. The
 //! engine takes buffers *by value* and keeps them until the kernel reports completion, so a
 //! dropped future never frees memory the kernel may still read or write (see
-//! [`crate::uring`]). [`BufWith`] attaches any other value (a range-lock guard, for example) to
+//! [`crate`]). [`BufWith`] attaches any other value (a range-lock guard, for example) to
 //! a buffer so that it, too, lives until completion.
 //!
-//! This module and [`crate::uring`] are the only places in the crate with `unsafe` code.
+//! This module, the engine and [`crate::sys`] are the only places in the project with `unsafe`
+//! code.
 
 use std::alloc::Layout;
 use std::fmt;

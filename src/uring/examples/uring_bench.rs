@@ -5,7 +5,7 @@
 //! Run pinned to one core, in release mode:
 //!
 //! ```text
-//! taskset -c 0 cargo run --release -p tessera-store --example uring_bench
+//! taskset -c 0 cargo run --release -p tessera-uring --example uring_bench
 //! ```
 //!
 //! Environment: `BENCH_SECS` (seconds per cell, default 1), `BENCH_MIB` (file size, default
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use tessera_store::{AlignedBuf, EngineConfig, EngineMode, FlushPolicy, RwFlags, SharedFd, Uring};
+use tessera_uring::{AlignedBuf, EngineConfig, EngineMode, FlushPolicy, RwFlags, SharedFd, Uring};
 
 const BS: u64 = 4096;
 
