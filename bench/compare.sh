@@ -29,14 +29,22 @@
 #   1m-seqread-qd8     qemu-img bench    -d 8 -s 1M
 #   1m-seqwrite-qd8    qemu-img bench -w -d 8 -s 1M
 #
-# and prints one table: the median of each, and the tessera/tgt and tessera/istgt ratios.
+# and prints two tables: the median of each, and the median CPU time the target's processes
+# (all of tessera's for ec: gateway and nodes) spent per I/O (utime + stime from /proc, over
+# the I/Os of that run), each with the tessera/peer ratios.
+#
+# TESSERA_BASE_BIN names another tessera binary (an earlier commit's, built elsewhere): it then
+# runs as one more target, `base`, set up exactly like `tessera` (its own LUN file of the same
+# bytes, its own port), and the tables get tessera/base ratios: a before/after comparison in
+# one run, interleaved with the rest.
 # Environment: ROUNDS (3), SECONDS_PER_RUN (5), BACKINGS ("tmpfs disk-direct disk-buffered ec"),
-# PEERS ("tgt istgt"), EC ("4+2"), TESSERA_BIN.
+# PEERS ("tgt istgt"), EC ("4+2"), TESSERA_BIN, TESSERA_BASE_BIN.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 BIN=${TESSERA_BIN:-$ROOT/target/release/tessera}
+BASE_BIN=${TESSERA_BASE_BIN:-}
 ROUNDS=${ROUNDS:-3}
 SECS=${SECONDS_PER_RUN:-5}
 BACKINGS=${BACKINGS:-"tmpfs disk-direct disk-buffered ec"}
@@ -47,6 +55,7 @@ TGT_PORT=${TGT_PORT:-3290}
 TSR_PORT=${TSR_PORT:-3291}
 IST_PORT=${IST_PORT:-3292}
 IST_UC_PORT=${IST_UC_PORT:-3293}
+BASE_PORT=${BASE_PORT:-3294}
 PEERS=${PEERS:-"tgt istgt"}
 TGT_IQN=iqn.2024-01.io.tessera:bench-tgt
 IST_IQN=iqn.2024-01.io.tessera:bench-istgt
@@ -61,6 +70,7 @@ for t in tgtd tgtadm istgt iscsi-perf qemu-img taskset; do
     command -v $t >/dev/null || die "$t missing (make deps installs it)"
 done
 [ -x "$BIN" ] || die "no tessera binary at $BIN (make build)"
+[ -z "$BASE_BIN" ] || [ -x "$BASE_BIN" ] || die "no tessera binary at TESSERA_BASE_BIN=$BASE_BIN"
 qemu-img --help | grep -qw iscsi || die "qemu-img lacks the iscsi driver (qemu-block-extra)"
 
 stop_all() {
@@ -148,11 +158,12 @@ EOF
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$IST_PORT) 2>/dev/null && break; sleep 0.1; done
 }
 
-start_tessera() { # backing-file direct-mode
-    cat > "$WORK/gateway.toml" <<EOF
+start_tessera() { # backing-file direct-mode binary port name
+    local bin=$3 port=$4 name=$5
+    cat > "$WORK/$name.toml" <<EOF
 [gateway]
-portals = ["127.0.0.1:$TSR_PORT"]
-state_dir = "$WORK/state"
+portals = ["127.0.0.1:$port"]
+state_dir = "$WORK/state-$name"
 [[target]]
 iqn = "$TSR_IQN"
 [[target.lun]]
@@ -162,31 +173,32 @@ path = "$1"
 block_size = 512
 direct = "$2"
 EOF
-    RUST_LOG=warn "$BIN" gateway --config "$WORK/gateway.toml" >"$WORK/tessera.log" 2>&1 &
+    RUST_LOG=warn "$bin" gateway --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
     TSR_PID=$!
     PIDS+=("$TSR_PID")
-    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$TSR_PORT) 2>/dev/null && break; sleep 0.1; done
+    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 }
 
-start_tessera_ec() { # source-image: prints nothing; sets TSR_PID (all pids) and TSR_URL
-    local d=$SHM/ec
+start_tessera_ec() { # source-image binary port name: sets TSR_PID (all pids) and TSR_URL
+    local bin=$2 port=$3 name=$4
+    local d=$SHM/ec-$name
     rm -rf "$d"
     mkdir -p "$d"
-    RUST_LOG=warn "$BIN" demo --dir "$d" --portal 127.0.0.1:$TSR_PORT --backend ec --ec "$EC" \
-        --size ${SIZE_MB}MiB >"$WORK/tessera-ec.log" 2>&1 &
+    RUST_LOG=warn "$bin" demo --dir "$d" --portal 127.0.0.1:$port --backend ec --ec "$EC" \
+        --size ${SIZE_MB}MiB >"$WORK/$name-ec.log" 2>&1 &
     PIDS+=("$!")
     for _ in $(seq 300); do
-        [ -f "$d/demo.json" ] && (exec 3<>/dev/tcp/127.0.0.1/$TSR_PORT) 2>/dev/null && break
+        [ -f "$d/demo.json" ] && (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
         sleep 0.1
     done
-    [ -f "$d/demo.json" ] || die "tessera demo --backend ec did not start (see $WORK/tessera-ec.log)"
+    [ -f "$d/demo.json" ] || die "tessera demo --backend ec did not start (see $WORK/$name-ec.log)"
     TSR_PID=$(python3 -c 'import json,sys; print(" ".join(str(p["pid"]) for p in json.load(open(sys.argv[1]))["processes"]))' "$d/demo.json")
     # shellcheck disable=SC2206
     PIDS+=($TSR_PID)
     local iqn
     iqn=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["iqn"])' "$d/demo.json")
-    TSR_URL=iscsi://127.0.0.1:$TSR_PORT/$iqn/0
-    say "filling the ec volume ($EC, processes $TSR_PID) with $SIZE_MB MiB of random data"
+    TSR_URL=iscsi://127.0.0.1:$port/$iqn/0
+    say "filling the $name ec volume ($EC, processes $TSR_PID) with $SIZE_MB MiB of random data"
     qemu-img convert -n -f raw -O raw "$1" "$TSR_URL"
 }
 
@@ -208,32 +220,58 @@ measure() { # workload url target-pid
         4k-randread-qd1)
             pin "$pid" 0
             out=$(client iscsi-perf -m 1 -b 8 -r -t "$SECS" "$url" 2>&1 | tr '\r' '\n')
-            echo "$out" | awk '/iops average/ {v=$3} END {print v, "IOPS"}' ;;
+            echo "$out" | awk -v s="$SECS" '/iops average/ {v=$3} END {print v, "IOPS", v*s}' ;;
         4k-randread-qd32)
             pin "$pid" 1
             out=$(client iscsi-perf -m 32 -b 8 -r -t "$SECS" "$url" 2>&1 | tr '\r' '\n')
-            echo "$out" | awk '/iops average/ {v=$3} END {print v, "IOPS"}' ;;
+            echo "$out" | awk -v s="$SECS" '/iops average/ {v=$3} END {print v, "IOPS", v*s}' ;;
         4k-write-qd1|4k-write-qd32)
             local d=1 c=20000 cpu=0
             [ "$w" = 4k-write-qd32 ] && { d=32; c=100000; cpu=1; }
             pin "$pid" $cpu
             out=$(client qemu-img bench -f raw -w --pattern=165 -c $c -d $d -s 4096 -S 409612288 "$url" 2>&1)
-            echo "$out" | awk -v c=$c '/Run completed in/ {printf "%.0f IOPS\n", c/$4}' ;;
+            echo "$out" | awk -v c=$c '/Run completed in/ {printf "%.0f IOPS %d\n", c/$4, c}' ;;
         1m-seqread-qd8|1m-seqwrite-qd8)
             local wflag="" c=3000
             [ "$w" = 1m-seqwrite-qd8 ] && wflag=-w
             pin "$pid" 1
             out=$(client qemu-img bench -f raw $wflag --pattern=165 -c $c -d 8 -s 1048576 "$url" 2>&1)
-            echo "$out" | awk -v c=$c '/Run completed in/ {printf "%.0f MB/s\n", c*1.048576/$4}' ;;
+            echo "$out" | awk -v c=$c '/Run completed in/ {printf "%.0f MB/s %d\n", c*1.048576/$4, c}' ;;
     esac
+}
+
+# CPU time (clock ticks, user + system, every thread) the processes have used so far.
+ticks() { # "pid..."
+    local p t=0
+    for p in $1; do
+        # Fields 14 and 15 of /proc/PID/stat, counted after the command name's ')'.
+        t=$((t + $(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
+}
+HZ=$(getconf CLK_TCK)
+
+# One measurement with its CPU cost: prints "value unit cpu-microseconds-per-I/O".
+measure_cpu() { # workload url target-pids
+    local before after v unit ops
+    before=$(ticks "$3")
+    read -r v unit ops < <(measure "$1" "$2" "$3")
+    after=$(ticks "$3")
+    echo "$v $unit $(awk -v d=$((after - before)) -v hz="$HZ" -v n="${ops:-0}" \
+        'BEGIN { if (n > 0) printf "%.1f", d * 1e6 / hz / n; else print 0 }')"
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 WORKLOADS="4k-randread-qd1 4k-randread-qd32 4k-write-qd1 4k-write-qd32 1m-seqread-qd8 1m-seqwrite-qd8"
 TARGETS="$PEERS tessera"
+[ -n "$BASE_BIN" ] && TARGETS="$TARGETS base"
+# The targets tessera's figures are divided by.
+VERSUS="$PEERS"
+[ -n "$BASE_BIN" ] && VERSUS="$VERSUS base"
 RESULTS=()
-declare -A URL=() PID=() VALS=() M=()
+CPU_RESULTS=()
+declare -A URL=() PID=() VALS=() CPUS=() M=()
 for backing in $BACKINGS; do
     case $backing in
         tmpfs) dir=$SHM; tgt_flags=""; tsr_direct=auto ;;
@@ -254,54 +292,66 @@ for backing in $BACKINGS; do
                  URL[tgt]=iscsi://127.0.0.1:$TGT_PORT/$TGT_IQN/1; PID[tgt]=$TGT_PID ;;
             istgt) start_istgt "$dir/istgt.img"
                  URL[istgt]=iscsi://127.0.0.1:$IST_PORT/$IST_IQN/0; PID[istgt]=$IST_PID ;;
-            tessera)
+            tessera|base)
+                bin=$BIN port=$TSR_PORT
+                [ "$t" = base ] && { bin=$BASE_BIN; port=$BASE_PORT; }
                 if [ "$tsr_direct" = ec ]; then
-                    start_tessera_ec "$dir/tessera.img"
-                    URL[tessera]=$TSR_URL
+                    start_tessera_ec "$dir/$t.img" "$bin" "$port" "$t"
+                    URL[$t]=$TSR_URL
                 else
-                    start_tessera "$dir/tessera.img" "$tsr_direct"
-                    URL[tessera]=iscsi://127.0.0.1:$TSR_PORT/$TSR_IQN/0
+                    start_tessera "$dir/$t.img" "$tsr_direct" "$bin" "$port" "$t"
+                    URL[$t]=iscsi://127.0.0.1:$port/$TSR_IQN/0
                 fi
-                PID[tessera]=$TSR_PID ;;
+                PID[$t]=$TSR_PID ;;
             *) die "unknown peer $t" ;;
         esac
     done
     for w in $WORKLOADS; do
         VALS=()
+        CPUS=()
         unit=""
         for r in $(seq "$ROUNDS"); do
             line="$backing $w round $r:"
             for t in $TARGETS; do
-                read -r v unit < <(measure "$w" "${URL[$t]}" "${PID[$t]}")
+                read -r v unit cpu < <(measure_cpu "$w" "${URL[$t]}" "${PID[$t]}")
                 VALS[$t]="${VALS[$t]:-} $v"
-                line="$line $t $v"
+                CPUS[$t]="${CPUS[$t]:-} $cpu"
+                line="$line $t $v ($cpu us CPU/IO)"
             done
             say "$line $unit"
         done
         row="$w|$backing|$unit"
+        cpu_row="$w|$backing|us/IO"
         for t in $TARGETS; do
             # shellcheck disable=SC2086
             row="$row|$(printf '%s\n' ${VALS[$t]} | median)"
+            # shellcheck disable=SC2086
+            cpu_row="$cpu_row|$(printf '%s\n' ${CPUS[$t]} | median)"
         done
         RESULTS+=("$row")
+        CPU_RESULTS+=("$cpu_row")
     done
     stop_all
 done
 
 ratio() { awk -v s="$1" -v t="$2" 'BEGIN { if (t > 0) printf "%.2f", s/t; else print "n/a" }'; }
-header="| workload | backing | unit |"
-rule="|---|---|---|"
-for t in $TARGETS; do header="$header $t |"; rule="$rule---:|"; done
-for p in $PEERS; do header="$header tessera/$p |"; rule="$rule---:|"; done
-printf '\n%s\n%s\n' "$header" "$rule"
-for row in "${RESULTS[@]}"; do
-    IFS='|' read -r -a f <<<"$row"
-    M=()
-    i=3
-    for t in $TARGETS; do M[$t]=${f[$i]}; i=$((i + 1)); done
-    line="| ${f[0]} | ${f[1]} | ${f[2]} |"
-    for t in $TARGETS; do line="$line ${M[$t]} |"; done
-    for p in $PEERS; do line="$line $(ratio "${M[tessera]}" "${M[$p]}") |"; done
-    printf '%s\n' "$line"
-done
+table() { # title rows...
+    local title=$1 header="| workload | backing | unit |" rule="|---|---|---|" row t p i line
+    shift
+    for t in $TARGETS; do header="$header $t |"; rule="$rule---:|"; done
+    for p in $VERSUS; do header="$header tessera/$p |"; rule="$rule---:|"; done
+    printf '\n%s\n\n%s\n%s\n' "$title" "$header" "$rule"
+    for row in "$@"; do
+        IFS='|' read -r -a f <<<"$row"
+        M=()
+        i=3
+        for t in $TARGETS; do M[$t]=${f[$i]}; i=$((i + 1)); done
+        line="| ${f[0]} | ${f[1]} | ${f[2]} |"
+        for t in $TARGETS; do line="$line ${M[$t]} |"; done
+        for p in $VERSUS; do line="$line $(ratio "${M[tessera]}" "${M[$p]}") |"; done
+        printf '%s\n' "$line"
+    done
+}
+table "Throughput (medians; higher is better)" "${RESULTS[@]}"
+table "CPU time per I/O, all of the target's processes (medians; lower is better)" "${CPU_RESULTS[@]}"
 printf '\n%s rounds, medians; %s s per iscsi-perf run; load average at start %s\n' "$ROUNDS" "$SECS" "$load"
