@@ -4,7 +4,6 @@
 use std::sync::atomic::Ordering;
 
 use super::*;
-use crate::LuConfig;
 
 const ILLEGAL: u8 = 0x5;
 
@@ -99,8 +98,7 @@ fn mode_sense6(dbd: bool, pc: u8, page: u8, sub: u8, alloc: u8) -> Vec<u8> {
 #[tokio::test(flavor = "current_thread")]
 async fn mode_sense_pages_and_residuals() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let r = run(&lu, &n, &mode_sense6(false, 0, 0x3F, 0, 255), &[]).await;
     assert_good(&r);
     assert_eq!(r.data_in[0] as usize, r.data_in.len() - 1);
@@ -153,10 +151,7 @@ fn mode_select6(page: &[u8]) -> (Vec<u8>, Vec<u8>) {
 #[tokio::test(flavor = "current_thread")]
 async fn swp_write_protects_and_tells_other_nexuses() {
     let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (a, b) = fresh_pair(&lu).await;
     let mut page = control_page(&lu, &a).await;
     page[4] |= 0x08;
     let (cdb, data) = mode_select6(&page);
@@ -174,8 +169,7 @@ async fn swp_write_protects_and_tells_other_nexuses() {
     );
     assert_good(&run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await);
     // b hears about it once.
-    assert_check(&run(&lu, &b, &[0; 6], &[]).await, 0x6, 0x2A, 0x01);
-    assert_good(&run(&lu, &b, &[0; 6], &[]).await);
+    assert_ua_once(&lu, &b, 0x2A, 0x01).await;
     page[4] &= !0x08;
     let (cdb, data) = mode_select6(&page);
     assert_good(&run(&lu, &a, &cdb, &data).await);
@@ -185,8 +179,7 @@ async fn swp_write_protects_and_tells_other_nexuses() {
 #[tokio::test(flavor = "current_thread")]
 async fn d_sense_switches_to_descriptor_format() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let mut page = control_page(&lu, &n).await;
     page[2] |= 0x04;
     let (cdb, data) = mode_select6(&page);
@@ -199,8 +192,7 @@ async fn d_sense_switches_to_descriptor_format() {
 #[tokio::test(flavor = "current_thread")]
 async fn wce_off_forces_fua() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let r = run(&lu, &n, &mode_sense6(true, 0, 0x08, 0, 255), &[]).await;
     let mut page = r.data_in[4..24].to_vec();
     assert_eq!(page[2] & 0x04, 0x04);
@@ -214,8 +206,7 @@ async fn wce_off_forces_fua() {
 #[tokio::test(flavor = "current_thread")]
 async fn mode_select_rejects_what_is_not_changeable() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let mut page = control_page(&lu, &n).await;
     page[3] ^= 0x06; // QERR
     let (cdb, data) = mode_select6(&page);
@@ -259,8 +250,7 @@ async fn request_sense_reports_and_clears_the_unit_attention() {
 #[tokio::test(flavor = "current_thread")]
 async fn unknown_opcodes_and_bad_control_bytes() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     for op in [0x02u8, 0x04, 0x3B, 0x48, 0x7F, 0xC0, 0xFF] {
         let r = run(&lu, &n, &[op, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
         assert_check(&r, ILLEGAL, 0x20, 0);
@@ -294,8 +284,7 @@ fn rsoc(rctd: bool, options: u8, op: u8, sa: u16, alloc: u32) -> Vec<u8> {
 #[tokio::test(flavor = "current_thread")]
 async fn report_supported_operation_codes() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let r = run(&lu, &n, &rsoc(false, 0, 0, 0, 65535), &[]).await;
     assert_good(&r);
     let d = &r.data_in;
@@ -426,15 +415,13 @@ async fn a_taken_over_unit_greets_new_nexuses_with_state_changed() {
     let (lu, _) = setup();
     lu.set_first_unit_attention(tessera_proto::scsi::Sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
     let a = nexus("a", 1);
-    assert_check(&run(&lu, &a, &[0; 6], &[]).await, 0x6, 0x2A, 0x06);
-    assert_good(&run(&lu, &a, &[0; 6], &[]).await);
+    assert_ua_once(&lu, &a, 0x2A, 0x06).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn start_stop_unit_on_fixed_media() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let r = run(&lu, &n, &[0x1B, 0, 0, 0, 0x02, 0], &[]).await;
     assert_check(&r, ILLEGAL, 0x24, 0);
     assert_eq!(sks(&r), [0xC9, 0, 4]);
@@ -454,17 +441,8 @@ async fn start_stop_unit_on_fixed_media() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn prevent_blocks_eject_for_every_nexus_until_allowed() {
-    let (lu, _) = setup_with(
-        LuConfig {
-            removable: true,
-            ..LuConfig::default()
-        },
-        TestDevice::new(1 << 20),
-    );
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (lu, _) = setup_removable();
+    let (a, b) = fresh_pair(&lu).await;
     let inq = run(&lu, &a, &inquiry(false, 0, 36), &[]).await;
     assert_eq!(inq.data_in[1], 0x80, "RMB");
     assert_good(&run(&lu, &a, &[0x1E, 0, 0, 0, 1, 0], &[]).await);
@@ -491,21 +469,13 @@ async fn prevent_blocks_eject_for_every_nexus_until_allowed() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn prevent_is_cleared_by_nexus_loss_and_reset() {
-    let (lu, _) = setup_with(
-        LuConfig {
-            removable: true,
-            ..LuConfig::default()
-        },
-        TestDevice::new(1 << 20),
-    );
-    let a = nexus("a", 1);
-    fresh(&lu, &a).await;
+    let (lu, _) = setup_removable();
+    let a = fresh_nexus(&lu, "a", 1).await;
     let eject = [0x1B, 0, 0, 0, 0x02, 0];
     let load = [0x1B, 0, 0, 0, 0x03, 0];
     assert_good(&run(&lu, &a, &[0x1E, 0, 0, 0, 1, 0], &[]).await);
     lu.nexus_gone(&a);
-    let a2 = nexus("a", 3);
-    fresh(&lu, &a2).await;
+    let a2 = fresh_nexus(&lu, "a", 3).await;
     assert_good(&run(&lu, &a2, &eject, &[]).await);
     assert_good(&run(&lu, &a2, &load, &[]).await);
     assert_good(&run(&lu, &a2, &[0x1E, 0, 0, 0, 1, 0], &[]).await);
@@ -518,8 +488,7 @@ async fn prevent_is_cleared_by_nexus_loss_and_reset() {
 #[tokio::test(flavor = "current_thread")]
 async fn mode_select_ten_with_block_descriptor() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     // MODE SENSE(10) of the caching page with its block descriptor, sent back with WCE off.
     let r = run(&lu, &n, &[0x5A, 0, 0x08, 0, 0, 0, 0, 0, 255, 0], &[]).await;
     assert_good(&r);

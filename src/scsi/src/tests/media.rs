@@ -15,8 +15,7 @@ const ILLEGAL: u8 = 0x5;
 #[tokio::test(flavor = "current_thread")]
 async fn write_then_read_back_through_every_cdb_size() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     write_blocks(&lu, &n, 10, &blocks(2, 0xAB)).await;
     let r = run(&lu, &n, &rw16(READ16, 10, 2, 0), &[]).await;
     assert_good(&r);
@@ -44,8 +43,7 @@ async fn write_then_read_back_through_every_cdb_size() {
 #[tokio::test(flavor = "current_thread")]
 async fn zero_blocks_is_good_without_data() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let r = run(&lu, &n, &rw10(READ10, 0, 0, 0), &[]).await;
     assert_good(&r);
     assert!(r.data_in.is_empty());
@@ -63,8 +61,7 @@ async fn zero_blocks_is_good_without_data() {
 #[tokio::test(flavor = "current_thread")]
 async fn beyond_end_of_medium_is_lba_out_of_range() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     for (lba, count) in [(2047u64, 2u32), (2048, 1), (1 << 63, 1), (u64::MAX, 1)] {
         assert_check(
             &run(&lu, &n, &rw16(READ16, lba, count, 0), &[]).await,
@@ -96,8 +93,7 @@ async fn beyond_end_of_medium_is_lba_out_of_range() {
 #[tokio::test(flavor = "current_thread")]
 async fn rdprotect_and_wrprotect_are_invalid_fields() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     for p in 1..8u8 {
         let r = run(&lu, &n, &rw10(READ10, 0, 1, p << 5), &[]).await;
         assert_check(&r, ILLEGAL, 0x24, 0);
@@ -114,8 +110,7 @@ async fn rdprotect_and_wrprotect_are_invalid_fields() {
 #[tokio::test(flavor = "current_thread")]
 async fn dpo_is_accepted_and_fua_reaches_the_device() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     assert_good(&run(&lu, &n, &rw10(READ10, 0, 1, 0x18), &[]).await);
     assert_good(&run(&lu, &n, &rw10(WRITE10, 0, 1, 0x08), &blocks(1, 1)).await);
     assert!(dev.last_fua.load(Ordering::SeqCst));
@@ -132,8 +127,7 @@ async fn read_only_logical_unit_rejects_writes() {
         },
         TestDevice::new(1 << 20),
     );
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     assert_check(
         &run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(1, 1)).await,
         0x7,
@@ -148,8 +142,7 @@ async fn read_only_logical_unit_rejects_writes() {
 #[tokio::test(flavor = "current_thread")]
 async fn transfer_length_above_the_block_limit_is_invalid() {
     let (lu, _) = setup_with(LuConfig::default(), TestDevice::new(64 << 20));
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let max = (16u32 << 20) / 512;
     let r = run(&lu, &n, &rw16(READ16, 0, max + 1, 0), &[]).await;
     assert_check(&r, ILLEGAL, 0x24, 0);
@@ -160,8 +153,7 @@ async fn transfer_length_above_the_block_limit_is_invalid() {
 #[tokio::test(flavor = "current_thread")]
 async fn write_residuals_follow_the_shorter_length() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     // Data-Out longer than the CDB: only the CDB's block is written.
     write_blocks(&lu, &n, 0, &blocks(2, b'a')).await;
     let r = run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(2, b'b')).await;
@@ -196,8 +188,7 @@ async fn write_residuals_follow_the_shorter_length() {
 #[tokio::test(flavor = "current_thread")]
 async fn verify_medium_bytchk_and_single_block_compare() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     write_blocks(&lu, &n, 4, &blocks(4, 7)).await;
     assert_good(&run(&lu, &n, &rw10(0x2F, 4, 4, 0x10), &[]).await);
     let r = run(&lu, &n, &rw10(0x2F, 4, 4, 0x02), &blocks(4, 7)).await;
@@ -242,8 +233,7 @@ async fn verify_medium_bytchk_and_single_block_compare() {
 #[tokio::test(flavor = "current_thread")]
 async fn write_and_verify_writes_through() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     for (op, cdb) in [
         (0x2E, rw10(0x2E, 3, 2, 0x02)),
         (0xAE, rw12(0xAE, 3, 2, 0)),
@@ -281,8 +271,7 @@ fn caw(lba: u64, n: u8, flags: u8) -> Vec<u8> {
 #[tokio::test(flavor = "current_thread")]
 async fn compare_and_write_success_and_miscompare() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     write_blocks(&lu, &n, 8, &blocks(2, b'A')).await;
     let data = [blocks(2, b'A'), blocks(2, b'B')].concat();
     let r = run(&lu, &n, &caw(8, 2, 0x18), &data).await;
@@ -302,8 +291,7 @@ async fn compare_and_write_success_and_miscompare() {
 #[tokio::test(flavor = "current_thread")]
 async fn compare_and_write_checks_length_range_and_protect() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     // Data-Out of 4 blocks for 1 or 3 blocks, or a zero-length CDB with data: invalid.
     for count in [1u8, 3] {
         let r = run(&lu, &n, &caw(0, count, 0), &blocks(4, 0)).await;
@@ -340,10 +328,7 @@ fn compare_and_write_is_atomic_against_concurrent_writes() {
         let mut dev = TestDevice::new(1 << 20);
         dev.yields = true;
         let (lu, _) = setup_with(LuConfig::default(), dev);
-        let a = nexus("a", 1);
-        let b = nexus("b", 2);
-        fresh(&lu, &a).await;
-        fresh(&lu, &b).await;
+        let (a, b) = fresh_pair(&lu).await;
         for round in 0..50u8 {
             write_blocks(&lu, &a, 0, &blocks(1, b'A')).await;
             let (l1, l2) = (lu.clone(), lu.clone());
@@ -406,8 +391,7 @@ fn compare_and_write_increments_never_lose_updates() {
         for t in tasks {
             t.await.unwrap();
         }
-        let n = nexus("check", 99);
-        fresh(&lu, &n).await;
+        let n = fresh_nexus(&lu, "check", 99).await;
         let cur = read_blocks(&lu, &n, 5, 1).await;
         assert_eq!(u64::from_be_bytes(cur[..8].try_into().unwrap()), 40);
     });
@@ -424,8 +408,7 @@ fn ws16(lba: u64, n: u32, flags: u8) -> Vec<u8> {
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_replicates_the_block() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let mut block = blocks(1, 0);
     block[0] = 0x5A;
     block[511] = 0xA5;
@@ -454,8 +437,7 @@ async fn write_same_replicates_the_block() {
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_zero_length_runs_to_the_end_within_the_limit() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     assert_good(&run(&lu, &n, &ws10(2000, 0, 0), &blocks(1, 9)).await);
     assert_eq!(
         &read_blocks(&lu, &n, 2000, 48).await[..],
@@ -479,8 +461,7 @@ async fn write_same_zero_length_runs_to_the_end_within_the_limit() {
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_unmap_deallocates_zero_data() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     write_blocks(&lu, &n, 0, &blocks(16, 0xFF)).await;
     let writes = dev.writes.load(Ordering::SeqCst);
     assert_good(&run(&lu, &n, &ws16(0, 16, 0x08), &blocks(1, 0)).await);
@@ -506,8 +487,7 @@ async fn write_same_unmap_deallocates_zero_data() {
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_field_errors() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     // ANCHOR (with or without UNMAP): ANC_SUP = 0.
     assert_check(
         &run(&lu, &n, &ws10(0, 1, 0x10), &blocks(1, 0)).await,
@@ -578,8 +558,7 @@ fn unmap_cdb(len: u16, anchor: bool) -> Vec<u8> {
 #[tokio::test(flavor = "current_thread")]
 async fn unmap_deallocates_every_descriptor() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     write_blocks(&lu, &n, 0, &blocks(32, 0xEE)).await;
     let list = unmap_list(&[(0, 8), (16, 16), (2048, 0)]);
     let r = run(&lu, &n, &unmap_cdb(list.len() as u16, false), &list).await;
@@ -600,8 +579,7 @@ async fn unmap_deallocates_every_descriptor() {
 #[tokio::test(flavor = "current_thread")]
 async fn unmap_errors() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let list = unmap_list(&[(2040, 9)]);
     assert_check(
         &run(&lu, &n, &unmap_cdb(list.len() as u16, false), &list).await,
@@ -649,8 +627,7 @@ fn get_lba_status(lba: u64, alloc: u32) -> Vec<u8> {
 #[tokio::test(flavor = "current_thread")]
 async fn get_lba_status_reports_mapped_and_deallocated() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     write_blocks(&lu, &n, 8, &blocks(8, 1)).await; // one 4 KiB page mapped: LBAs 8..16
     let r = run(&lu, &n, &get_lba_status(0, 1024), &[]).await;
     assert_good(&r);
@@ -688,8 +665,7 @@ async fn get_lba_status_reports_mapped_and_deallocated() {
 #[tokio::test(flavor = "current_thread")]
 async fn synchronize_cache_flushes_and_checks_range() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     assert_good(&run(&lu, &n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
     assert_good(&run(&lu, &n, &rw16(0x91, 100, 10, 0x02), &[]).await);
     assert_eq!(dev.flushes.load(Ordering::SeqCst), 2);
@@ -704,8 +680,7 @@ async fn synchronize_cache_flushes_and_checks_range() {
 #[tokio::test(flavor = "current_thread")]
 async fn pre_fetch_is_good_and_range_checked() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     assert_good(&run(&lu, &n, &rw10(0x34, 0, 256, 0x02), &[]).await);
     assert_good(&run(&lu, &n, &rw16(0x90, 2047, 1, 0), &[]).await);
     assert_good(&run(&lu, &n, &rw10(0x34, 0, 0, 0), &[]).await);
@@ -726,8 +701,7 @@ async fn pre_fetch_is_good_and_range_checked() {
 #[tokio::test(flavor = "current_thread")]
 async fn read_capacity_ten_and_sixteen() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let r = run(&lu, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
     assert_good(&r);
     assert_eq!(&r.data_in[..], &[0, 0, 0x07, 0xFF, 0, 0, 2, 0]);
@@ -763,8 +737,7 @@ async fn four_k_logical_units() {
         },
         TestDevice::new(1 << 20),
     );
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let r = run(&lu, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
     assert_eq!(&r.data_in[..], &[0, 0, 0, 255, 0, 0, 0x10, 0]);
     assert_good(&run(&lu, &n, &rw10(WRITE10, 255, 1, 0), &vec![4; 4096]).await);
@@ -790,8 +763,7 @@ async fn four_k_logical_units() {
 #[tokio::test(flavor = "current_thread")]
 async fn backend_errors_map_through_the_sense_table() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     *dev.fail.lock().unwrap() = Some(BlockError::Medium);
     assert_check(
         &run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await,
@@ -816,15 +788,8 @@ async fn backend_errors_map_through_the_sense_table() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn ejected_medium_is_not_ready() {
-    let (lu, _) = setup_with(
-        LuConfig {
-            removable: true,
-            ..LuConfig::default()
-        },
-        TestDevice::new(1 << 20),
-    );
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, _) = setup_removable();
+    let n = fresh_nexus(&lu, "a", 1).await;
     let eject = [0x1B, 1, 0, 0, 0x02, 0];
     let load = [0x1B, 1, 0, 0, 0x03, 0];
     assert_good(&run(&lu, &n, &eject, &[]).await);

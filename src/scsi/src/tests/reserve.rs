@@ -22,10 +22,7 @@ async fn release6(lu: &LogicalUnit, n: &Nexus) -> ScsiResult {
 #[tokio::test(flavor = "current_thread")]
 async fn reserve6_excludes_other_initiators() {
     let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (a, b) = fresh_pair(&lu).await;
     assert_good(&reserve6(&lu, &a).await);
     assert_good(&reserve6(&lu, &a).await);
     assert_eq!(reserve6(&lu, &b).await.status, CONFLICT);
@@ -54,16 +51,12 @@ async fn reserve6_excludes_other_initiators() {
 #[tokio::test(flavor = "current_thread")]
 async fn reserve6_is_dropped_by_nexus_loss_and_resets() {
     let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (a, b) = fresh_pair(&lu).await;
     assert_good(&reserve6(&lu, &a).await);
     lu.nexus_gone(&a);
     assert_good(&reserve6(&lu, &b).await);
     lu.reset(Sense::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
-    let c = nexus("c", 3);
-    fresh(&lu, &c).await;
+    let c = fresh_nexus(&lu, "c", 3).await;
     assert_good(&reserve6(&lu, &c).await);
     // Third-party reservations are not supported.
     let r = run(&lu, &c, &[0x56, 0x10, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
@@ -105,8 +98,7 @@ fn keys(r: &ScsiResult) -> Vec<u64> {
 #[tokio::test(flavor = "current_thread")]
 async fn register_read_keys_and_truncation() {
     let (lu, _) = setup();
-    let a = nexus("a", 1);
-    fresh(&lu, &a).await;
+    let a = fresh_nexus(&lu, "a", 1).await;
     let r = pr_out(&lu, &a, 6, 0, 0, 0xABCD).await;
     assert_good(&r);
     assert_eq!(r.transfer_len, 24);
@@ -135,8 +127,7 @@ async fn register_read_keys_and_truncation() {
 #[tokio::test(flavor = "current_thread")]
 async fn parameter_list_length_must_be_24() {
     let (lu, _) = setup();
-    let a = nexus("a", 1);
-    fresh(&lu, &a).await;
+    let a = fresh_nexus(&lu, "a", 1).await;
     let (mut c, d) = prout(6, 0, 0, 1, 0);
     c[8] = 20;
     assert_check(&run(&lu, &a, &c, &d[..20]).await, 0x5, 0x1A, 0);
@@ -166,10 +157,7 @@ async fn reservation_types_gate_reads_and_writes() {
     ];
     for (kind, rr, rw, ur, uw) in table {
         let (lu, _) = setup();
-        let a = nexus("a", 1);
-        let b = nexus("b", 2);
-        fresh(&lu, &a).await;
-        fresh(&lu, &b).await;
+        let (a, b) = fresh_pair(&lu).await;
         assert_good(&pr_out(&lu, &a, 6, 0, 0, 0xA).await);
         assert_good(&pr_out(&lu, &b, 6, 0, 0, 0xB).await);
         assert_good(&pr_out(&lu, &a, 1, kind, 0xA, 0).await);
@@ -195,10 +183,7 @@ async fn reservation_types_gate_reads_and_writes() {
 async fn holder_unregistering_raises_no_unit_attention_for_itself() {
     for kind in [3u8, 1, 6, 5] {
         let (lu, _) = setup();
-        let a = nexus("a", 1);
-        let b = nexus("b", 2);
-        fresh(&lu, &a).await;
-        fresh(&lu, &b).await;
+        let (a, b) = fresh_pair(&lu).await;
         assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
         assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
         assert_good(&pr_out(&lu, &a, 1, kind, 1, 0).await);
@@ -220,10 +205,7 @@ async fn holder_unregistering_raises_no_unit_attention_for_itself() {
 #[tokio::test(flavor = "current_thread")]
 async fn preempt_removes_registration_and_tells_the_victim() {
     let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (a, b) = fresh_pair(&lu).await;
     assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
     assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
     let gen = u32::from_be_bytes(
@@ -245,10 +227,7 @@ async fn preempt_removes_registration_and_tells_the_victim() {
 #[tokio::test(flavor = "current_thread")]
 async fn clear_wipes_everything_and_tells_the_others() {
     let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (a, b) = fresh_pair(&lu).await;
     assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
     assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
     assert_good(&pr_out(&lu, &a, 1, 3, 1, 0).await);
@@ -271,10 +250,7 @@ async fn clear_wipes_everything_and_tells_the_others() {
 #[tokio::test(flavor = "current_thread")]
 async fn unit_attention_waits_for_a_disconnected_registrant() {
     let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (a, b) = fresh_pair(&lu).await;
     assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
     assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
     lu.nexus_gone(&a);
@@ -303,8 +279,7 @@ async fn failed_persistence_fails_the_command_and_changes_nothing() {
         Some(Box::new(FailingStore)),
     )
     .unwrap();
-    let a = nexus("a", 1);
-    fresh(&lu, &a).await;
+    let a = fresh_nexus(&lu, "a", 1).await;
     assert_check(&pr_out(&lu, &a, 6, 0, 0, 1).await, 0x4, 0x44, 0);
     assert!(lu.pr_state().is_empty());
 }

@@ -28,10 +28,7 @@ async fn inquiry_report_luns_and_request_sense_are_not_blocked() {
 #[tokio::test(flavor = "current_thread")]
 async fn logical_unit_reset_reaches_every_nexus_including_the_issuer() {
     let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (a, b) = fresh_pair(&lu).await;
     // Warm the fast-path cache on both.
     assert_good(&run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await);
     assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
@@ -55,8 +52,7 @@ async fn logical_unit_reset_reaches_every_nexus_including_the_issuer() {
 #[tokio::test(flavor = "current_thread")]
 async fn capacity_change_is_announced() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     lu.capacity_changed();
     assert_check(
         &run(&lu, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await,
@@ -70,36 +66,29 @@ async fn capacity_change_is_announced() {
 #[tokio::test(flavor = "current_thread")]
 async fn nexus_gone_forgets_its_queue() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     lu.capacity_changed();
     lu.nexus_gone(&n);
     // Logging in again is a new nexus: it sees power-on, not the old condition.
     let again = nexus("a", 1);
-    assert_check(&run(&lu, &again, &[0; 6], &[]).await, 0x6, 0x29, 0x00);
-    assert_good(&run(&lu, &again, &[0; 6], &[]).await);
+    assert_ua_once(&lu, &again, 0x29, 0x00).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn unit_attentions_are_reported_in_order_without_duplicates() {
     let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     lu.capacity_changed();
     lu.capacity_changed();
     lu.unit_attention_all(Sense::REPORTED_LUNS_DATA_HAS_CHANGED);
     assert_check(&run(&lu, &n, &[0; 6], &[]).await, 0x6, 0x2A, 0x09);
-    assert_check(&run(&lu, &n, &[0; 6], &[]).await, 0x6, 0x3F, 0x0E);
-    assert_good(&run(&lu, &n, &[0; 6], &[]).await);
+    assert_ua_once(&lu, &n, 0x3F, 0x0E).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn cached_admission_sees_a_new_reservation() {
     let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (a, b) = fresh_pair(&lu).await;
     // b's reads are admitted from the per-core cache...
     for _ in 0..3 {
         assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
