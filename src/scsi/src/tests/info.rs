@@ -97,8 +97,7 @@ fn mode_sense6(dbd: bool, pc: u8, page: u8, sub: u8, alloc: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn mode_sense_pages_and_residuals() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     let r = run(&lu, &n, &mode_sense6(false, 0, 0x3F, 0, 255), &[]).await;
     assert_good(&r);
     assert_eq!(r.data_in[0] as usize, r.data_in.len() - 1);
@@ -178,8 +177,7 @@ async fn swp_write_protects_and_tells_other_nexuses() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn d_sense_switches_to_descriptor_format() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     let mut page = control_page(&lu, &n).await;
     page[2] |= 0x04;
     let (cdb, data) = mode_select6(&page);
@@ -205,8 +203,7 @@ async fn wce_off_forces_fua() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn mode_select_rejects_what_is_not_changeable() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     let mut page = control_page(&lu, &n).await;
     page[3] ^= 0x06; // QERR
     let (cdb, data) = mode_select6(&page);
@@ -249,8 +246,7 @@ async fn request_sense_reports_and_clears_the_unit_attention() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn unknown_opcodes_and_bad_control_bytes() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     for op in [0x02u8, 0x04, 0x3B, 0x48, 0x7F, 0xC0, 0xFF] {
         let r = run(&lu, &n, &[op, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
         assert_check(&r, ILLEGAL, 0x20, 0);
@@ -283,8 +279,7 @@ fn rsoc(rctd: bool, options: u8, op: u8, sa: u16, alloc: u32) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn report_supported_operation_codes() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     let r = run(&lu, &n, &rsoc(false, 0, 0, 0, 65535), &[]).await;
     assert_good(&r);
     let d = &r.data_in;
@@ -487,8 +482,7 @@ async fn prevent_is_cleared_by_nexus_loss_and_reset() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn mode_select_ten_with_block_descriptor() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     // MODE SENSE(10) of the caching page with its block descriptor, sent back with WCE off.
     let r = run(&lu, &n, &[0x5A, 0, 0x08, 0, 0, 0, 0, 0, 255, 0], &[]).await;
     assert_good(&r);

@@ -14,8 +14,7 @@ const ILLEGAL: u8 = 0x5;
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_then_read_back_through_every_cdb_size() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     write_blocks(&lu, &n, 10, &blocks(2, 0xAB)).await;
     let r = run(&lu, &n, &rw16(READ16, 10, 2, 0), &[]).await;
     assert_good(&r);
@@ -42,8 +41,7 @@ async fn write_then_read_back_through_every_cdb_size() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn zero_blocks_is_good_without_data() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     let r = run(&lu, &n, &rw10(READ10, 0, 0, 0), &[]).await;
     assert_good(&r);
     assert!(r.data_in.is_empty());
@@ -60,8 +58,7 @@ async fn zero_blocks_is_good_without_data() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn beyond_end_of_medium_is_lba_out_of_range() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     for (lba, count) in [(2047u64, 2u32), (2048, 1), (1 << 63, 1), (u64::MAX, 1)] {
         assert_check(
             &run(&lu, &n, &rw16(READ16, lba, count, 0), &[]).await,
@@ -92,8 +89,7 @@ async fn beyond_end_of_medium_is_lba_out_of_range() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn rdprotect_and_wrprotect_are_invalid_fields() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     for p in 1..8u8 {
         let r = run(&lu, &n, &rw10(READ10, 0, 1, p << 5), &[]).await;
         assert_check(&r, ILLEGAL, 0x24, 0);
@@ -152,8 +148,7 @@ async fn transfer_length_above_the_block_limit_is_invalid() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_residuals_follow_the_shorter_length() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     // Data-Out longer than the CDB: only the CDB's block is written.
     write_blocks(&lu, &n, 0, &blocks(2, b'a')).await;
     let r = run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(2, b'b')).await;
@@ -187,8 +182,7 @@ async fn write_residuals_follow_the_shorter_length() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn verify_medium_bytchk_and_single_block_compare() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     write_blocks(&lu, &n, 4, &blocks(4, 7)).await;
     assert_good(&run(&lu, &n, &rw10(0x2F, 4, 4, 0x10), &[]).await);
     let r = run(&lu, &n, &rw10(0x2F, 4, 4, 0x02), &blocks(4, 7)).await;
@@ -270,8 +264,7 @@ fn caw(lba: u64, n: u8, flags: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn compare_and_write_success_and_miscompare() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     write_blocks(&lu, &n, 8, &blocks(2, b'A')).await;
     let data = [blocks(2, b'A'), blocks(2, b'B')].concat();
     let r = run(&lu, &n, &caw(8, 2, 0x18), &data).await;
@@ -290,8 +283,7 @@ async fn compare_and_write_success_and_miscompare() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn compare_and_write_checks_length_range_and_protect() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     // Data-Out of 4 blocks for 1 or 3 blocks, or a zero-length CDB with data: invalid.
     for count in [1u8, 3] {
         let r = run(&lu, &n, &caw(0, count, 0), &blocks(4, 0)).await;
@@ -407,8 +399,7 @@ fn ws16(lba: u64, n: u32, flags: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_replicates_the_block() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     let mut block = blocks(1, 0);
     block[0] = 0x5A;
     block[511] = 0xA5;
@@ -436,8 +427,7 @@ async fn write_same_replicates_the_block() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_zero_length_runs_to_the_end_within_the_limit() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     assert_good(&run(&lu, &n, &ws10(2000, 0, 0), &blocks(1, 9)).await);
     assert_eq!(
         &read_blocks(&lu, &n, 2000, 48).await[..],
@@ -486,8 +476,7 @@ async fn write_same_unmap_deallocates_zero_data() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_field_errors() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     // ANCHOR (with or without UNMAP): ANC_SUP = 0.
     assert_check(
         &run(&lu, &n, &ws10(0, 1, 0x10), &blocks(1, 0)).await,
@@ -578,8 +567,7 @@ async fn unmap_deallocates_every_descriptor() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn unmap_errors() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     let list = unmap_list(&[(2040, 9)]);
     assert_check(
         &run(&lu, &n, &unmap_cdb(list.len() as u16, false), &list).await,
@@ -626,8 +614,7 @@ fn get_lba_status(lba: u64, alloc: u32) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn get_lba_status_reports_mapped_and_deallocated() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     write_blocks(&lu, &n, 8, &blocks(8, 1)).await; // one 4 KiB page mapped: LBAs 8..16
     let r = run(&lu, &n, &get_lba_status(0, 1024), &[]).await;
     assert_good(&r);
@@ -679,8 +666,7 @@ async fn synchronize_cache_flushes_and_checks_range() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn pre_fetch_is_good_and_range_checked() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     assert_good(&run(&lu, &n, &rw10(0x34, 0, 256, 0x02), &[]).await);
     assert_good(&run(&lu, &n, &rw16(0x90, 2047, 1, 0), &[]).await);
     assert_good(&run(&lu, &n, &rw10(0x34, 0, 0, 0), &[]).await);
@@ -700,8 +686,7 @@ async fn pre_fetch_is_good_and_range_checked() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn read_capacity_ten_and_sixteen() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     let r = run(&lu, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
     assert_good(&r);
     assert_eq!(&r.data_in[..], &[0, 0, 0x07, 0xFF, 0, 0, 2, 0]);

@@ -210,6 +210,13 @@ pub(crate) async fn fresh_pair(lu: &LogicalUnit) -> (Nexus, Nexus) {
     (a, b)
 }
 
+/// [`setup`]'s logical unit with nexus `a` (1) made fresh on it.
+pub(crate) async fn setup_fresh() -> (Arc<LogicalUnit>, Nexus) {
+    let (lu, _) = setup();
+    let n = fresh_nexus(&lu, "a", 1).await;
+    (lu, n)
+}
+
 /// A 1 MiB removable logical unit (default identity) over a thin `TestDevice`.
 pub(crate) fn setup_removable() -> (Arc<LogicalUnit>, Arc<TestDevice>) {
     setup_with(

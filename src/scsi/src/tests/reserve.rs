@@ -83,6 +83,11 @@ async fn pr_out(
     run(lu, n, &c, &d).await
 }
 
+/// REGISTER AND IGNORE EXISTING KEY `key` for `n`, which must succeed.
+async fn register(lu: &LogicalUnit, n: &Nexus, key: u64) {
+    assert_good(&pr_out(lu, n, 6, 0, 0, key).await);
+}
+
 async fn pr_in(lu: &LogicalUnit, n: &Nexus, sa: u8, alloc: u16) -> ScsiResult {
     let a = alloc.to_be_bytes();
     run(lu, n, &[0x5E, sa, 0, 0, 0, 0, 0, a[0], a[1], 0], &[]).await
@@ -97,8 +102,7 @@ fn keys(r: &ScsiResult) -> Vec<u64> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn register_read_keys_and_truncation() {
-    let (lu, _) = setup();
-    let a = fresh_nexus(&lu, "a", 1).await;
+    let (lu, a) = setup_fresh().await;
     let r = pr_out(&lu, &a, 6, 0, 0, 0xABCD).await;
     assert_good(&r);
     assert_eq!(r.transfer_len, 24);
@@ -126,8 +130,7 @@ async fn register_read_keys_and_truncation() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn parameter_list_length_must_be_24() {
-    let (lu, _) = setup();
-    let a = fresh_nexus(&lu, "a", 1).await;
+    let (lu, a) = setup_fresh().await;
     let (mut c, d) = prout(6, 0, 0, 1, 0);
     c[8] = 20;
     assert_check(&run(&lu, &a, &c, &d[..20]).await, 0x5, 0x1A, 0);
@@ -158,8 +161,8 @@ async fn reservation_types_gate_reads_and_writes() {
     for (kind, rr, rw, ur, uw) in table {
         let (lu, _) = setup();
         let (a, b) = fresh_pair(&lu).await;
-        assert_good(&pr_out(&lu, &a, 6, 0, 0, 0xA).await);
-        assert_good(&pr_out(&lu, &b, 6, 0, 0, 0xB).await);
+        register(&lu, &a, 0xA).await;
+        register(&lu, &b, 0xB).await;
         assert_good(&pr_out(&lu, &a, 1, kind, 0xA, 0).await);
         let r = pr_in(&lu, &a, 1, 16384).await;
         let key = u64::from_be_bytes(r.data_in[8..16].try_into().unwrap());
@@ -184,8 +187,8 @@ async fn holder_unregistering_raises_no_unit_attention_for_itself() {
     for kind in [3u8, 1, 6, 5] {
         let (lu, _) = setup();
         let (a, b) = fresh_pair(&lu).await;
-        assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
-        assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
+        register(&lu, &a, 1).await;
+        register(&lu, &b, 2).await;
         assert_good(&pr_out(&lu, &a, 1, kind, 1, 0).await);
         assert_good(&pr_out(&lu, &a, 0, 0, 1, 0).await);
         // a: not reserved, no UA.
@@ -206,8 +209,8 @@ async fn holder_unregistering_raises_no_unit_attention_for_itself() {
 async fn preempt_removes_registration_and_tells_the_victim() {
     let (lu, _) = setup();
     let (a, b) = fresh_pair(&lu).await;
-    assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
-    assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
+    register(&lu, &a, 1).await;
+    register(&lu, &b, 2).await;
     let gen = u32::from_be_bytes(
         pr_in(&lu, &a, 0, 100).await.data_in[..4]
             .try_into()
@@ -228,8 +231,8 @@ async fn preempt_removes_registration_and_tells_the_victim() {
 async fn clear_wipes_everything_and_tells_the_others() {
     let (lu, _) = setup();
     let (a, b) = fresh_pair(&lu).await;
-    assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
-    assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
+    register(&lu, &a, 1).await;
+    register(&lu, &b, 2).await;
     assert_good(&pr_out(&lu, &a, 1, 3, 1, 0).await);
     assert_eq!(
         run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await.status,
@@ -251,8 +254,8 @@ async fn clear_wipes_everything_and_tells_the_others() {
 async fn unit_attention_waits_for_a_disconnected_registrant() {
     let (lu, _) = setup();
     let (a, b) = fresh_pair(&lu).await;
-    assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
-    assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
+    register(&lu, &a, 1).await;
+    register(&lu, &b, 2).await;
     lu.nexus_gone(&a);
     assert_good(&pr_out(&lu, &b, 4, 1, 2, 1).await);
     let a_again = nexus("a", 1);
@@ -300,8 +303,8 @@ async fn registrations_survive_a_restart_through_the_file_store() {
         .unwrap();
         fresh(&lu, &a).await;
         fresh(&lu, &b).await;
-        assert_good(&pr_out(&lu, &a, 6, 0, 0, 0x1111).await);
-        assert_good(&pr_out(&lu, &b, 6, 0, 0, 0x2222).await);
+        register(&lu, &a, 0x1111).await;
+        register(&lu, &b, 0x2222).await;
         // APTPL is that of the last registration.
         let (c, d) = prout(6, 0, 0, 0x1111, 0x01);
         assert_good(&run(&lu, &a, &c, &d).await);

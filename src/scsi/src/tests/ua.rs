@@ -51,8 +51,7 @@ async fn logical_unit_reset_reaches_every_nexus_including_the_issuer() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn capacity_change_is_announced() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     lu.capacity_changed();
     assert_check(
         &run(&lu, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await,
@@ -65,8 +64,7 @@ async fn capacity_change_is_announced() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn nexus_gone_forgets_its_queue() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     lu.capacity_changed();
     lu.nexus_gone(&n);
     // Logging in again is a new nexus: it sees power-on, not the old condition.
@@ -76,8 +74,7 @@ async fn nexus_gone_forgets_its_queue() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn unit_attentions_are_reported_in_order_without_duplicates() {
-    let (lu, _) = setup();
-    let n = fresh_nexus(&lu, "a", 1).await;
+    let (lu, n) = setup_fresh().await;
     lu.capacity_changed();
     lu.capacity_changed();
     lu.unit_attention_all(Sense::REPORTED_LUNS_DATA_HAS_CHANGED);
