@@ -67,6 +67,23 @@ fn first_security_pairs(target: Option<&str>) -> Vec<Pair> {
     p
 }
 
+/// [`first_security_pairs`] for a normal session to `target` without AuthMethod (for a
+/// login that starts past the security stage or negotiates it itself).
+fn pairs_without_auth_method(target: &str) -> Vec<Pair> {
+    let mut p = first_security_pairs(Some(target));
+    p.retain(|(k, _)| k != "AuthMethod");
+    p
+}
+
+/// A new initiator's first Login Request, from stage `csg` with T to `nsg` and the keys `p`,
+/// fails with `status`, closing the connection with `why` (see [`expect_login_failure`]).
+fn first_login_fails(csg: u8, nsg: u8, p: &[Pair], status: (u8, u8), why: LoginFailure) {
+    let mut ini = Initiator::new();
+    let req = ini.login_request(csg, nsg, true);
+    let r = ini.send_login(&req, p);
+    expect_login_failure(&mut ini, &r, status, why);
+}
+
 /// Send `text` as the first login PDU (security stage, T to operational) and expect a failure
 /// with `status` that closes the connection with `why`.
 fn expect_login_failure(ini: &mut Initiator, r: &Received, status: (u8, u8), why: LoginFailure) {
@@ -198,8 +215,7 @@ fn discovery_login_declares_no_portal_group_and_calls_session_keys_irrelevant() 
 fn login_may_start_in_the_operational_stage_without_authentication() {
     let mut ini = Initiator::new();
     let req = ini.login_request(stage::OPERATIONAL, stage::FULL_FEATURE, true);
-    let mut p = first_security_pairs(Some(TARGET));
-    p.retain(|(k, _)| k != "AuthMethod");
+    let mut p = pairs_without_auth_method(TARGET);
     p.extend(pairs(&[("MaxRecvDataSegmentLength", "65536")]));
     let r = ini.send_login(&req, &p);
     let l = r.login();
@@ -281,21 +297,27 @@ fn mutual_chap_answer_is_the_md5_of_the_initiators_challenge() {
 
 #[test]
 fn login_without_initiator_name_fails_missing_parameter() {
-    let mut ini = Initiator::new();
-    let req = ini.login_request(stage::SECURITY, stage::OPERATIONAL, true);
     let mut p = first_security_pairs(Some(TARGET));
     p.remove(0);
-    let r = ini.send_login(&req, &p);
-    expect_login_failure(&mut ini, &r, (2, 7), LoginFailure::MissingParameter);
+    first_login_fails(
+        stage::SECURITY,
+        stage::OPERATIONAL,
+        &p,
+        (2, 7),
+        LoginFailure::MissingParameter,
+    );
 }
 
 #[test]
 fn normal_login_without_target_name_fails_missing_parameter() {
-    let mut ini = Initiator::new();
-    let req = ini.login_request(stage::SECURITY, stage::OPERATIONAL, true);
     let p = pairs(&[("InitiatorName", INITIATOR), ("AuthMethod", "None")]);
-    let r = ini.send_login(&req, &p);
-    expect_login_failure(&mut ini, &r, (2, 7), LoginFailure::MissingParameter);
+    first_login_fails(
+        stage::SECURITY,
+        stage::OPERATIONAL,
+        &p,
+        (2, 7),
+        LoginFailure::MissingParameter,
+    );
 }
 
 #[test]
@@ -389,27 +411,31 @@ fn chap_required_but_only_none_offered_fails_authentication() {
 
 #[test]
 fn skipping_the_security_stage_when_chap_is_required_fails_authentication() {
-    let mut ini = Initiator::new();
-    let req = ini.login_request(stage::OPERATIONAL, stage::FULL_FEATURE, true);
-    let mut p = first_security_pairs(Some(TARGET_CHAP));
-    p.retain(|(k, _)| k != "AuthMethod");
-    let r = ini.send_login(&req, &p);
-    expect_login_failure(&mut ini, &r, (2, 1), LoginFailure::Authentication);
+    let p = pairs_without_auth_method(TARGET_CHAP);
+    first_login_fails(
+        stage::OPERATIONAL,
+        stage::FULL_FEATURE,
+        &p,
+        (2, 1),
+        LoginFailure::Authentication,
+    );
 }
 
 #[test]
 fn chap_response_before_a_challenge_fails_authentication() {
-    let mut ini = Initiator::new();
-    let req = ini.login_request(stage::SECURITY, stage::OPERATIONAL, true);
-    let mut p = first_security_pairs(Some(TARGET_CHAP));
-    p.retain(|(k, _)| k != "AuthMethod");
+    let mut p = pairs_without_auth_method(TARGET_CHAP);
     p.extend(pairs(&[
         ("AuthMethod", "CHAP"),
         ("CHAP_N", "alice"),
         ("CHAP_R", "0x00"),
     ]));
-    let r = ini.send_login(&req, &p);
-    expect_login_failure(&mut ini, &r, (2, 1), LoginFailure::Authentication);
+    first_login_fails(
+        stage::SECURITY,
+        stage::OPERATIONAL,
+        &p,
+        (2, 1),
+        LoginFailure::Authentication,
+    );
 }
 
 #[test]
@@ -452,11 +478,14 @@ fn a_nonzero_tsih_names_no_session() {
 
 #[test]
 fn an_unknown_session_type_is_not_supported() {
-    let mut ini = Initiator::new();
-    let req = ini.login_request(stage::SECURITY, stage::OPERATIONAL, true);
     let p = pairs(&[("InitiatorName", INITIATOR), ("SessionType", "Bogus")]);
-    let r = ini.send_login(&req, &p);
-    expect_login_failure(&mut ini, &r, (2, 9), LoginFailure::SessionType);
+    first_login_fails(
+        stage::SECURITY,
+        stage::OPERATIONAL,
+        &p,
+        (2, 9),
+        LoginFailure::SessionType,
+    );
 }
 
 #[test]
@@ -465,8 +494,7 @@ fn login_response_text_never_exceeds_the_default_receive_limit() {
     // initiator accepts during login; the target refuses the login instead.
     let mut ini = Initiator::new();
     let req = ini.login_request(stage::OPERATIONAL, stage::FULL_FEATURE, true);
-    let mut p = first_security_pairs(Some(TARGET));
-    p.retain(|(k, _)| k != "AuthMethod");
+    let mut p = pairs_without_auth_method(TARGET);
     for i in 0..700 {
         p.push((format!("X-k{i}"), "1".into()));
     }
