@@ -75,11 +75,11 @@ fn pairs_without_auth_method(target: &str) -> Vec<Pair> {
     p
 }
 
-/// A new initiator's first Login Request, from stage `csg` with T to `nsg` and the keys `p`,
+/// A new initiator's first Login Request (security stage, T to operational) with the keys `p`
 /// fails with `status`, closing the connection with `why` (see [`expect_login_failure`]).
-fn first_login_fails(csg: u8, nsg: u8, p: &[Pair], status: (u8, u8), why: LoginFailure) {
+fn first_login_fails(p: &[Pair], status: (u8, u8), why: LoginFailure) {
     let mut ini = Initiator::new();
-    let req = ini.login_request(csg, nsg, true);
+    let req = ini.login_request(stage::SECURITY, stage::OPERATIONAL, true);
     let r = ini.send_login(&req, p);
     expect_login_failure(&mut ini, &r, status, why);
 }
@@ -299,25 +299,13 @@ fn mutual_chap_answer_is_the_md5_of_the_initiators_challenge() {
 fn login_without_initiator_name_fails_missing_parameter() {
     let mut p = first_security_pairs(Some(TARGET));
     p.remove(0);
-    first_login_fails(
-        stage::SECURITY,
-        stage::OPERATIONAL,
-        &p,
-        (2, 7),
-        LoginFailure::MissingParameter,
-    );
+    first_login_fails(&p, (2, 7), LoginFailure::MissingParameter);
 }
 
 #[test]
 fn normal_login_without_target_name_fails_missing_parameter() {
     let p = pairs(&[("InitiatorName", INITIATOR), ("AuthMethod", "None")]);
-    first_login_fails(
-        stage::SECURITY,
-        stage::OPERATIONAL,
-        &p,
-        (2, 7),
-        LoginFailure::MissingParameter,
-    );
+    first_login_fails(&p, (2, 7), LoginFailure::MissingParameter);
 }
 
 #[test]
@@ -411,14 +399,11 @@ fn chap_required_but_only_none_offered_fails_authentication() {
 
 #[test]
 fn skipping_the_security_stage_when_chap_is_required_fails_authentication() {
+    let mut ini = Initiator::new();
+    let req = ini.login_request(stage::OPERATIONAL, stage::FULL_FEATURE, true);
     let p = pairs_without_auth_method(TARGET_CHAP);
-    first_login_fails(
-        stage::OPERATIONAL,
-        stage::FULL_FEATURE,
-        &p,
-        (2, 1),
-        LoginFailure::Authentication,
-    );
+    let r = ini.send_login(&req, &p);
+    expect_login_failure(&mut ini, &r, (2, 1), LoginFailure::Authentication);
 }
 
 #[test]
@@ -429,13 +414,7 @@ fn chap_response_before_a_challenge_fails_authentication() {
         ("CHAP_N", "alice"),
         ("CHAP_R", "0x00"),
     ]));
-    first_login_fails(
-        stage::SECURITY,
-        stage::OPERATIONAL,
-        &p,
-        (2, 1),
-        LoginFailure::Authentication,
-    );
+    first_login_fails(&p, (2, 1), LoginFailure::Authentication);
 }
 
 #[test]
@@ -479,13 +458,7 @@ fn a_nonzero_tsih_names_no_session() {
 #[test]
 fn an_unknown_session_type_is_not_supported() {
     let p = pairs(&[("InitiatorName", INITIATOR), ("SessionType", "Bogus")]);
-    first_login_fails(
-        stage::SECURITY,
-        stage::OPERATIONAL,
-        &p,
-        (2, 9),
-        LoginFailure::SessionType,
-    );
+    first_login_fails(&p, (2, 9), LoginFailure::SessionType);
 }
 
 #[test]
@@ -1097,35 +1070,23 @@ fn expect_sequence_error(ini: &mut Initiator, rs: Vec<Received>, itt: u32) {
 }
 
 #[test]
-fn a_wrong_data_sn_fails_the_write() {
-    let (mut ini, c, r2t) = solicited();
-    let d = ini.data_out(c.itt, r2t.ttt, 1, 0, false);
-    let rs = ini.send(d.encode(), Bytes::from(vec![0u8; 4096]));
-    expect_sequence_error(&mut ini, rs, c.itt);
-}
-
-#[test]
-fn a_wrong_buffer_offset_fails_the_write() {
-    let (mut ini, c, r2t) = solicited();
-    let d = ini.data_out(c.itt, r2t.ttt, 0, 512, false);
-    let rs = ini.send(d.encode(), Bytes::from(vec![0u8; 4096]));
-    expect_sequence_error(&mut ini, rs, c.itt);
-}
-
-#[test]
-fn a_wrong_ttt_fails_the_write() {
-    let (mut ini, c, r2t) = solicited();
-    let d = ini.data_out(c.itt, r2t.ttt.wrapping_add(100), 0, 0, false);
-    let rs = ini.send(d.encode(), Bytes::from(vec![0u8; 4096]));
-    expect_sequence_error(&mut ini, rs, c.itt);
-}
-
-#[test]
-fn unsolicited_data_out_when_initial_r2t_is_yes_fails_the_write() {
-    let (mut ini, c, _) = solicited();
-    let d = ini.data_out(c.itt, RESERVED_TAG, 0, 0, false);
-    let rs = ini.send(d.encode(), Bytes::from(vec![0u8; 4096]));
-    expect_sequence_error(&mut ini, rs, c.itt);
+fn a_data_out_out_of_sequence_fails_the_write() {
+    // (what is wrong, its TTT from the R2T, DataSN, buffer offset)
+    type TttOf = fn(&super::pdu::R2t) -> u32;
+    let table: [(&str, TttOf, u32, u32); 4] = [
+        ("DataSN", |r2t| r2t.ttt, 1, 0),
+        ("buffer offset", |r2t| r2t.ttt, 0, 512),
+        ("TTT", |r2t| r2t.ttt.wrapping_add(100), 0, 0),
+        // Unsolicited Data-Out when InitialR2T is Yes.
+        ("unsolicited", |_| RESERVED_TAG, 0, 0),
+    ];
+    for (what, ttt, data_sn, offset) in table {
+        eprintln!("a wrong {what}");
+        let (mut ini, c, r2t) = solicited();
+        let d = ini.data_out(c.itt, ttt(&r2t), data_sn, offset, false);
+        let rs = ini.send(d.encode(), Bytes::from(vec![0u8; 4096]));
+        expect_sequence_error(&mut ini, rs, c.itt);
+    }
 }
 
 #[test]
