@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::chap::{self, Credentials};
-use super::conn::{CloseReason, Completion, ConnError, Event};
+use super::conn::{CloseReason, Completion, ConnError, Event, TmfEvent};
 use super::framer::{digest, FrameError};
 use super::login::LoginFailure;
 use super::pdu::{
@@ -571,16 +571,11 @@ fn a_long_send_targets_answer_is_split_with_the_c_bit() {
     cfg.login.directory = std::sync::Arc::new(dir);
     let mut ini = Initiator::with_config(cfg);
     ini.login_ok(&LoginOptions::discovery().key("MaxRecvDataSegmentLength", "512"));
-    let itt = ini.itt();
     let req = TextRequest {
         final_bit: true,
-        itt,
-        ttt: RESERVED_TAG,
-        cmd_sn: ini.cmd_sn,
-        exp_stat_sn: ini.exp_stat_sn,
-        ..Default::default()
+        ..new_text_request(&mut ini)
     };
-    ini.cmd_sn += 1;
+    let itt = req.itt;
     let first = only(ini.send(
         req.encode(),
         text::encode(&pairs(&[("SendTargets", "All")])),
@@ -611,6 +606,20 @@ fn a_long_send_targets_answer_is_split_with_the_c_bit() {
     assert!(body.len() > 512);
 }
 
+/// A Text Request for a new task (new ITT, no TTT) that takes the next CmdSN.
+fn new_text_request(ini: &mut Initiator) -> TextRequest {
+    let itt = ini.itt();
+    let req = TextRequest {
+        itt,
+        ttt: RESERVED_TAG,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: ini.exp_stat_sn,
+        ..Default::default()
+    };
+    ini.cmd_sn += 1;
+    req
+}
+
 #[test]
 fn a_text_request_continued_with_the_c_bit_carries_the_targets_ttt() {
     // RFC 7143 §11.10.4 / §11.11.4: the target answers a C-bit request with an empty response
@@ -619,16 +628,10 @@ fn a_text_request_continued_with_the_c_bit_carries_the_targets_ttt() {
     ini.login_ok(&LoginOptions::discovery());
     let body = text::encode(&pairs(&[("SendTargets", "All")]));
     let (a, b) = body.split_at(5);
-    let itt = ini.itt();
     let req = TextRequest {
         continue_bit: true,
-        itt,
-        ttt: RESERVED_TAG,
-        cmd_sn: ini.cmd_sn,
-        exp_stat_sn: ini.exp_stat_sn,
-        ..Default::default()
+        ..new_text_request(&mut ini)
     };
-    ini.cmd_sn += 1;
     let r = only(ini.send(req.encode(), Bytes::copy_from_slice(a)));
     let t = r.text().clone();
     assert!(!t.final_bit && !t.continue_bit && r.data.is_empty());
@@ -714,16 +717,21 @@ fn digest_session() -> Initiator {
     digest_session_with(&[])
 }
 
-#[test]
-fn digests_apply_to_every_pdu_after_the_last_login_response() {
-    let mut ini = digest_session();
-    let n = NopOut {
+/// An immediate NOP-Out (ITT 9, no TTT) at the session's CmdSN.
+fn ping(ini: &Initiator) -> NopOut {
+    NopOut {
         immediate: true,
         itt: 9,
         ttt: RESERVED_TAG,
         cmd_sn: ini.cmd_sn,
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn digests_apply_to_every_pdu_after_the_last_login_response() {
+    let mut ini = digest_session();
+    let n = ping(&ini);
     let mut wire = ini.encode(n.encode(), Bytes::from_static(b"abc"));
     ini.conn.handle_input(&mut wire, ini.now);
     let out = ini.conn.tx().take_all();
@@ -741,13 +749,7 @@ fn digests_apply_to_every_pdu_after_the_last_login_response() {
 #[test]
 fn a_corrupted_header_digest_closes_the_connection() {
     let mut ini = digest_session();
-    let n = NopOut {
-        immediate: true,
-        itt: 9,
-        ttt: RESERVED_TAG,
-        cmd_sn: ini.cmd_sn,
-        ..Default::default()
-    };
+    let n = ping(&ini);
     let mut wire = ini.encode(n.encode(), Bytes::new());
     wire[20] ^= 0x01;
     assert!(ini.send_raw(&wire).is_empty());
@@ -1055,6 +1057,24 @@ fn solicited() -> (Initiator, super::pdu::ScsiCommand, super::pdu::R2t) {
     (ini, c, r2t)
 }
 
+/// A full-feature session with a 512-byte READ handed to the driver, and its ITT.
+fn executing_read() -> (Initiator, u32) {
+    let mut ini = ffp();
+    let (itt, _) = ini.read(512);
+    ini.expect_command();
+    (ini, itt)
+}
+
+/// A GOOD completion of a read with `n` bytes of [`pattern`] data.
+fn good_read(n: usize) -> Completion {
+    Completion {
+        status: Status::GOOD,
+        sense: None,
+        data: Bytes::from(pattern(n)),
+        transfer_len: n as u32,
+    }
+}
+
 fn expect_sequence_error(ini: &mut Initiator, rs: Vec<Received>, itt: u32) {
     let r = only(rs);
     let s = r.scsi();
@@ -1153,9 +1173,7 @@ fn an_extended_cdb_ahs_extends_the_cdb() {
 
 #[test]
 fn a_reused_itt_is_rejected_as_task_in_progress() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
+    let (mut ini, itt) = executing_read();
     let mut again = ini.scsi_command(&[0x28], 512, true, false);
     again.itt = itt;
     let r = only(ini.send_command(&again, Bytes::new()));
@@ -1222,9 +1240,7 @@ fn data_in_sequences_end_with_the_f_bit_at_every_max_burst_length() {
 
 #[test]
 fn check_condition_goes_in_a_scsi_response_with_length_prefixed_sense() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
+    let (mut ini, itt) = executing_read();
     let sense = Bytes::from(vec![
         0x70, 0, 0x03, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x11, 0, 0, 0, 0, 0,
     ]);
@@ -1270,12 +1286,7 @@ fn a_short_read_reports_an_underflow_residual() {
     let mut ini = ffp();
     let (itt, _) = ini.read(4096);
     ini.expect_command();
-    let c = Completion {
-        status: Status::GOOD,
-        sense: None,
-        data: Bytes::from(pattern(1024)),
-        transfer_len: 1024,
-    };
+    let c = good_read(1024);
     let r = only(ini.complete(itt, c));
     assert_eq!(r.data_in().residual, Residual::Underflow(3072));
     assert_eq!(r.data.len(), 1024);
@@ -1283,15 +1294,8 @@ fn a_short_read_reports_an_underflow_residual() {
 
 #[test]
 fn a_read_beyond_edtl_is_truncated_and_reports_an_overflow_residual() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
-    let c = Completion {
-        status: Status::GOOD,
-        sense: None,
-        data: Bytes::from(pattern(1024)),
-        transfer_len: 1024,
-    };
+    let (mut ini, itt) = executing_read();
+    let c = good_read(1024);
     let r = only(ini.complete(itt, c));
     assert_eq!(r.data.len(), 512);
     assert_eq!(r.data_in().residual, Residual::Overflow(512));
@@ -1403,15 +1407,19 @@ fn answering_the_ping_keeps_the_connection() {
 
 // ==================================================================== task management
 
-#[test]
-fn abort_task_on_an_executing_command_waits_for_the_driver() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
-    assert!(ini.tmf(tmf::ABORT_TASK, itt, 1).is_empty());
+/// The task management request the connection hands the driver next.
+fn next_tmf(ini: &mut Initiator) -> TmfEvent {
     let Some(Event::TaskMgmt(t)) = ini.next_event() else {
         panic!("TaskMgmt event expected")
     };
+    t
+}
+
+#[test]
+fn abort_task_on_an_executing_command_waits_for_the_driver() {
+    let (mut ini, itt) = executing_read();
+    assert!(ini.tmf(tmf::ABORT_TASK, itt, 1).is_empty());
+    let t = next_tmf(&mut ini);
     assert_eq!(
         (t.function, t.rtt, t.aborted.clone()),
         (tmf::ABORT_TASK, itt, vec![itt])
@@ -1430,9 +1438,7 @@ fn abort_task_on_an_executing_command_waits_for_the_driver() {
 
 #[test]
 fn abort_task_for_a_task_that_does_not_exist_answers_1() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
+    let (mut ini, itt) = executing_read();
     ini.complete_good(itt, pattern(512));
     // RefCmdSN 1 is below ExpCmdSN: outside the window, so "task does not exist".
     let r = only(ini.tmf(tmf::ABORT_TASK, itt, 1));
@@ -1465,9 +1471,7 @@ fn logical_unit_reset_aborts_the_tasks_of_that_lun_only() {
     ini.send_command(&other, Bytes::new());
     assert_eq!(ini.take_events().len(), 3);
     assert!(ini.tmf(tmf::LOGICAL_UNIT_RESET, RESERVED_TAG, 0).is_empty());
-    let Some(Event::TaskMgmt(t)) = ini.next_event() else {
-        panic!("TaskMgmt event expected")
-    };
+    let t = next_tmf(&mut ini);
     let mut aborted = t.aborted.clone();
     aborted.sort_unstable();
     assert_eq!(aborted, vec![a, b]);
@@ -1488,9 +1492,7 @@ fn logical_unit_reset_aborts_the_tasks_of_that_lun_only() {
 fn abort_task_set_aborts_a_write_still_collecting_data() {
     let (mut ini, c, r2t) = solicited();
     ini.tmf(tmf::ABORT_TASK_SET, RESERVED_TAG, 0);
-    let Some(Event::TaskMgmt(t)) = ini.next_event() else {
-        panic!("TaskMgmt event expected")
-    };
+    let t = next_tmf(&mut ini);
     assert!(t.aborted.is_empty(), "nothing was executing");
     let d = ini.data_out(c.itt, r2t.ttt, 0, 0, true);
     assert!(ini
@@ -1514,13 +1516,9 @@ fn clear_aca_and_task_reassign_are_answered_at_once() {
 
 #[test]
 fn target_cold_reset_closes_the_connection_once_answered() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
+    let (mut ini, itt) = executing_read();
     assert!(ini.tmf(tmf::TARGET_COLD_RESET, RESERVED_TAG, 0).is_empty());
-    let Some(Event::TaskMgmt(t)) = ini.next_event() else {
-        panic!("TaskMgmt event expected")
-    };
+    let t = next_tmf(&mut ini);
     assert_eq!(t.aborted, vec![itt]);
     assert_eq!(
         only(ini.complete_tmf(t.itt, t.function, 0)).tmf().response,
@@ -1533,9 +1531,7 @@ fn target_cold_reset_closes_the_connection_once_answered() {
 
 #[test]
 fn logout_waits_for_tasks_in_flight() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
+    let (mut ini, itt) = executing_read();
     assert!(ini.logout(0).is_empty());
     let rs = ini.complete_good(itt, pattern(512));
     assert_eq!(rs.len(), 2);
