@@ -160,19 +160,14 @@ async fn swp_write_protects_and_tells_other_nexuses() {
     assert_eq!(control_page(&lu, &a).await[4] & 0x08, 0x08);
     let r = run(&lu, &a, &mode_sense6(true, 0, 0x3F, 0, 255), &[]).await;
     assert_eq!(r.data_in[2] & 0x80, 0x80, "WP in the header");
-    assert_check(
-        &run(&lu, &a, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await,
-        0x7,
-        0x27,
-        0x02,
-    );
-    assert_good(&run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_check(&write0(&lu, &a).await, 0x7, 0x27, 0x02);
+    assert_good(&read0(&lu, &a).await);
     // b hears about it once.
     assert_ua_once(&lu, &b, 0x2A, 0x01).await;
     page[4] &= !0x08;
     let (cdb, data) = mode_select6(&page);
     assert_good(&run(&lu, &a, &cdb, &data).await);
-    assert_good(&run(&lu, &a, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await);
+    assert_good(&write0(&lu, &a).await);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -197,7 +192,7 @@ async fn wce_off_forces_fua() {
     page[2] &= !0x04;
     let (cdb, data) = mode_select6(&page);
     assert_good(&run(&lu, &n, &cdb, &data).await);
-    assert_good(&run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await);
+    assert_good(&write0(&lu, &n).await);
     assert!(dev.last_fua.load(Ordering::SeqCst));
 }
 

@@ -130,7 +130,7 @@ async fn read_only_logical_unit_rejects_writes() {
         0x27,
         0,
     );
-    assert_good(&run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &n).await);
     let ws = rw10(0x41, 0, 1, 0);
     assert_check(&run(&lu, &n, &ws, &blocks(1, 0)).await, 0x7, 0x27, 0);
 }
@@ -750,25 +750,15 @@ async fn backend_errors_map_through_the_sense_table() {
     let (lu, dev) = setup();
     let n = fresh_nexus(&lu, "a", 1).await;
     *dev.fail.lock().unwrap() = Some(BlockError::Medium);
-    assert_check(
-        &run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await,
-        0x3,
-        0x11,
-        0,
-    );
+    assert_check(&read0(&lu, &n).await, 0x3, 0x11, 0);
     *dev.fail.lock().unwrap() = Some(BlockError::Write(5));
-    assert_check(
-        &run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await,
-        0x3,
-        0x0C,
-        0,
-    );
+    assert_check(&write0(&lu, &n).await, 0x3, 0x0C, 0);
     *dev.fail.lock().unwrap() = Some(BlockError::Busy("moving"));
-    let r = run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await;
+    let r = read0(&lu, &n).await;
     assert_eq!(r.status, 0x08);
     assert!(r.sense.is_none());
     *dev.fail.lock().unwrap() = None;
-    assert_good(&run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &n).await);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -786,12 +776,7 @@ async fn ejected_medium_is_not_ready() {
     ] {
         assert_check(&run(&lu, &n, &cdb, &[]).await, 0x2, 0x3A, 0);
     }
-    assert_check(
-        &run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await,
-        0x2,
-        0x3A,
-        0,
-    );
+    assert_check(&write0(&lu, &n).await, 0x2, 0x3A, 0);
     // REQUEST SENSE describes it, INQUIRY still works.
     let r = run(&lu, &n, &[0x03, 0, 0, 0, 18, 0], &[]).await;
     assert_good(&r);

@@ -324,6 +324,16 @@ pub(crate) async fn read_blocks(lu: &LogicalUnit, n: &Nexus, lba: u32, count: u1
     r.data_in
 }
 
+/// READ(10) of block 0 from `n`.
+pub(crate) async fn read0(lu: &LogicalUnit, n: &Nexus) -> ScsiResult {
+    run(lu, n, &rw10(READ10, 0, 1, 0), &[]).await
+}
+
+/// WRITE(10) of a zero block 0 from `n`.
+pub(crate) async fn write0(lu: &LogicalUnit, n: &Nexus) -> ScsiResult {
+    run(lu, n, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await
+}
+
 /// Drive `f` on a current-thread runtime inside a `LocalSet` (for `spawn_local`).
 pub(crate) fn local<F: Future<Output = ()>>(f: F) {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -34,18 +34,15 @@ async fn reserve6_excludes_other_initiators() {
         run(&lu, &b, &[0x1A, 0, 0x3F, 0, 255, 0], &[]).await.status,
         CONFLICT
     );
-    assert_eq!(
-        run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await.status,
-        CONFLICT
-    );
+    assert_eq!(read0(&lu, &b).await.status, CONFLICT);
     assert_eq!(run(&lu, &b, &[0; 6], &[]).await.status, CONFLICT);
     assert_good(&run(&lu, &a, &[0x1A, 0, 0x3F, 0, 255, 0], &[]).await);
     assert_good(&run(&lu, &a, &rw10(WRITE10, 0, 1, 0), &blocks(1, 1)).await);
     assert_good(&release6(&lu, &a).await);
     assert_good(&reserve6(&lu, &b).await);
-    assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &b).await);
     assert_good(&run(&lu, &b, &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
-    assert_good(&run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &a).await);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -86,6 +83,15 @@ async fn pr_out(
 /// REGISTER AND IGNORE EXISTING KEY `key` for `n`, which must succeed.
 async fn register(lu: &LogicalUnit, n: &Nexus, key: u64) {
     assert_good(&pr_out(lu, n, 6, 0, 0, key).await);
+}
+
+/// [`setup`] with fresh nexuses `a` and `b` registered with keys 1 and 2.
+async fn registered_pair() -> (Arc<LogicalUnit>, Nexus, Nexus) {
+    let (lu, _) = setup();
+    let (a, b) = fresh_pair(&lu).await;
+    register(&lu, &a, 1).await;
+    register(&lu, &b, 2).await;
+    (lu, a, b)
 }
 
 async fn pr_in(lu: &LogicalUnit, n: &Nexus, sa: u8, alloc: u16) -> ScsiResult {
@@ -185,10 +191,7 @@ async fn reservation_types_gate_reads_and_writes() {
 #[tokio::test(flavor = "current_thread")]
 async fn holder_unregistering_raises_no_unit_attention_for_itself() {
     for kind in [3u8, 1, 6, 5] {
-        let (lu, _) = setup();
-        let (a, b) = fresh_pair(&lu).await;
-        register(&lu, &a, 1).await;
-        register(&lu, &b, 2).await;
+        let (lu, a, b) = registered_pair().await;
         assert_good(&pr_out(&lu, &a, 1, kind, 1, 0).await);
         assert_good(&pr_out(&lu, &a, 0, 0, 1, 0).await);
         // a: not reserved, no UA.
@@ -207,10 +210,7 @@ async fn holder_unregistering_raises_no_unit_attention_for_itself() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn preempt_removes_registration_and_tells_the_victim() {
-    let (lu, _) = setup();
-    let (a, b) = fresh_pair(&lu).await;
-    register(&lu, &a, 1).await;
-    register(&lu, &b, 2).await;
+    let (lu, a, b) = registered_pair().await;
     let gen = u32::from_be_bytes(
         pr_in(&lu, &a, 0, 100).await.data_in[..4]
             .try_into()
@@ -229,33 +229,19 @@ async fn preempt_removes_registration_and_tells_the_victim() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn clear_wipes_everything_and_tells_the_others() {
-    let (lu, _) = setup();
-    let (a, b) = fresh_pair(&lu).await;
-    register(&lu, &a, 1).await;
-    register(&lu, &b, 2).await;
+    let (lu, a, b) = registered_pair().await;
     assert_good(&pr_out(&lu, &a, 1, 3, 1, 0).await);
-    assert_eq!(
-        run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await.status,
-        CONFLICT
-    );
+    assert_eq!(read0(&lu, &b).await.status, CONFLICT);
     assert_good(&pr_out(&lu, &a, 3, 0, 1, 0).await);
-    assert_check(
-        &run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await,
-        0x6,
-        0x2A,
-        0x03,
-    );
-    assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_check(&read0(&lu, &b).await, 0x6, 0x2A, 0x03);
+    assert_good(&read0(&lu, &b).await);
     assert!(lu.pr_state().is_empty());
 }
 
 /// A registrant whose session is down when it is preempted hears about it on return.
 #[tokio::test(flavor = "current_thread")]
 async fn unit_attention_waits_for_a_disconnected_registrant() {
-    let (lu, _) = setup();
-    let (a, b) = fresh_pair(&lu).await;
-    register(&lu, &a, 1).await;
-    register(&lu, &b, 2).await;
+    let (lu, a, b) = registered_pair().await;
     lu.nexus_gone(&a);
     assert_good(&pr_out(&lu, &b, 4, 1, 2, 1).await);
     let a_again = nexus("a", 1);
@@ -334,7 +320,7 @@ async fn registrations_survive_a_restart_through_the_file_store() {
             .status,
         CONFLICT
     );
-    assert_good(&run(&lu, &a, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await);
+    assert_good(&write0(&lu, &a).await);
     // A corrupt file refuses to load rather than silently dropping reservations.
     std::fs::write(&path, b"garbage").unwrap();
     let err = LogicalUnit::new(

@@ -8,10 +8,10 @@ use super::*;
 async fn new_nexus_sees_power_on_once() {
     let (lu, _) = setup();
     let n = nexus("a", 1);
-    let r = run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await;
+    let r = read0(&lu, &n).await;
     assert_check(&r, 0x6, 0x29, 0x00);
     assert!(r.data_in.is_empty());
-    assert_good(&run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &n).await);
     assert_good(&run(&lu, &n, &[0; 6], &[]).await);
 }
 
@@ -30,23 +30,13 @@ async fn logical_unit_reset_reaches_every_nexus_including_the_issuer() {
     let (lu, _) = setup();
     let (a, b) = fresh_pair(&lu).await;
     // Warm the fast-path cache on both.
-    assert_good(&run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await);
-    assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &a).await);
+    assert_good(&read0(&lu, &b).await);
     lu.reset(Sense::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
-    assert_check(
-        &run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await,
-        0x6,
-        0x29,
-        0x03,
-    );
-    assert_check(
-        &run(&lu, &b, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await,
-        0x6,
-        0x29,
-        0x03,
-    );
-    assert_good(&run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await);
-    assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_check(&read0(&lu, &a).await, 0x6, 0x29, 0x03);
+    assert_check(&write0(&lu, &b).await, 0x6, 0x29, 0x03);
+    assert_good(&read0(&lu, &a).await);
+    assert_good(&read0(&lu, &b).await);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -88,11 +78,11 @@ async fn cached_admission_sees_a_new_reservation() {
     let (a, b) = fresh_pair(&lu).await;
     // b's reads are admitted from the per-core cache...
     for _ in 0..3 {
-        assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+        assert_good(&read0(&lu, &b).await);
     }
     // ...until a takes an SPC-2 reservation: the epoch moves and b conflicts at once.
     assert_good(&run(&lu, &a, &[0x16, 0, 0, 0, 0, 0], &[]).await);
-    assert_eq!(run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await.status, 0x18);
+    assert_eq!(read0(&lu, &b).await.status, 0x18);
     assert_good(&run(&lu, &a, &[0x17, 0, 0, 0, 0, 0], &[]).await);
-    assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &b).await);
 }
