@@ -149,8 +149,7 @@ fn mode_select6(page: &[u8]) -> (Vec<u8>, Vec<u8>) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn swp_write_protects_and_tells_other_nexuses() {
-    let (lu, _) = setup();
-    let (a, b) = fresh_pair(&lu).await;
+    let (lu, a, b) = setup_fresh_pair().await;
     let mut page = control_page(&lu, &a).await;
     page[4] |= 0x08;
     let (cdb, data) = mode_select6(&page);

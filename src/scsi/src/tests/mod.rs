@@ -210,6 +210,13 @@ pub(crate) async fn fresh_pair(lu: &LogicalUnit) -> (Nexus, Nexus) {
     (a, b)
 }
 
+/// [`setup`]'s logical unit with nexuses `a` (1) and `b` (2) made fresh on it.
+pub(crate) async fn setup_fresh_pair() -> (Arc<LogicalUnit>, Nexus, Nexus) {
+    let (lu, _) = setup();
+    let (a, b) = fresh_pair(&lu).await;
+    (lu, a, b)
+}
+
 /// [`setup`]'s logical unit with nexus `a` (1) made fresh on it.
 pub(crate) async fn setup_fresh() -> (Arc<LogicalUnit>, Nexus) {
     let (lu, _) = setup();

@@ -21,8 +21,7 @@ async fn release6(lu: &LogicalUnit, n: &Nexus) -> ScsiResult {
 
 #[tokio::test(flavor = "current_thread")]
 async fn reserve6_excludes_other_initiators() {
-    let (lu, _) = setup();
-    let (a, b) = fresh_pair(&lu).await;
+    let (lu, a, b) = setup_fresh_pair().await;
     assert_good(&reserve6(&lu, &a).await);
     assert_good(&reserve6(&lu, &a).await);
     assert_eq!(reserve6(&lu, &b).await.status, CONFLICT);
@@ -47,8 +46,7 @@ async fn reserve6_excludes_other_initiators() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn reserve6_is_dropped_by_nexus_loss_and_resets() {
-    let (lu, _) = setup();
-    let (a, b) = fresh_pair(&lu).await;
+    let (lu, a, b) = setup_fresh_pair().await;
     assert_good(&reserve6(&lu, &a).await);
     lu.nexus_gone(&a);
     assert_good(&reserve6(&lu, &b).await);
@@ -87,8 +85,7 @@ async fn register(lu: &LogicalUnit, n: &Nexus, key: u64) {
 
 /// [`setup`] with fresh nexuses `a` and `b` registered with keys 1 and 2.
 async fn registered_pair() -> (Arc<LogicalUnit>, Nexus, Nexus) {
-    let (lu, _) = setup();
-    let (a, b) = fresh_pair(&lu).await;
+    let (lu, a, b) = setup_fresh_pair().await;
     register(&lu, &a, 1).await;
     register(&lu, &b, 2).await;
     (lu, a, b)
@@ -165,8 +162,7 @@ async fn reservation_types_gate_reads_and_writes() {
         (7, true, true, true, false),
     ];
     for (kind, rr, rw, ur, uw) in table {
-        let (lu, _) = setup();
-        let (a, b) = fresh_pair(&lu).await;
+        let (lu, a, b) = setup_fresh_pair().await;
         register(&lu, &a, 0xA).await;
         register(&lu, &b, 0xB).await;
         assert_good(&pr_out(&lu, &a, 1, kind, 0xA, 0).await);

@@ -27,8 +27,7 @@ async fn inquiry_report_luns_and_request_sense_are_not_blocked() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn logical_unit_reset_reaches_every_nexus_including_the_issuer() {
-    let (lu, _) = setup();
-    let (a, b) = fresh_pair(&lu).await;
+    let (lu, a, b) = setup_fresh_pair().await;
     // Warm the fast-path cache on both.
     assert_good(&read0(&lu, &a).await);
     assert_good(&read0(&lu, &b).await);
@@ -74,8 +73,7 @@ async fn unit_attentions_are_reported_in_order_without_duplicates() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn cached_admission_sees_a_new_reservation() {
-    let (lu, _) = setup();
-    let (a, b) = fresh_pair(&lu).await;
+    let (lu, a, b) = setup_fresh_pair().await;
     // b's reads are admitted from the per-core cache...
     for _ in 0..3 {
         assert_good(&read0(&lu, &b).await);
