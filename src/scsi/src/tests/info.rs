@@ -460,8 +460,7 @@ async fn prevent_blocks_eject_for_every_nexus_until_allowed() {
 async fn prevent_is_cleared_by_nexus_loss_and_reset() {
     let (lu, _) = setup_removable();
     let a = fresh_nexus(&lu, "a", 1).await;
-    let eject = [0x1B, 0, 0, 0, 0x02, 0];
-    let load = [0x1B, 0, 0, 0, 0x03, 0];
+    let (eject, load) = eject_load(false);
     assert_good(&run(&lu, &a, &[0x1E, 0, 0, 0, 1, 0], &[]).await);
     lu.nexus_gone(&a);
     let a2 = fresh_nexus(&lu, "a", 3).await;

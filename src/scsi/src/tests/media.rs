@@ -765,8 +765,7 @@ async fn backend_errors_map_through_the_sense_table() {
 async fn ejected_medium_is_not_ready() {
     let (lu, _) = setup_removable();
     let n = fresh_nexus(&lu, "a", 1).await;
-    let eject = [0x1B, 1, 0, 0, 0x02, 0];
-    let load = [0x1B, 1, 0, 0, 0x03, 0];
+    let (eject, load) = eject_load(true);
     assert_good(&run(&lu, &n, &eject, &[]).await);
     for cdb in [
         vec![0u8; 6],

@@ -235,6 +235,12 @@ pub(crate) fn setup_removable() -> (Arc<LogicalUnit>, Arc<TestDevice>) {
     )
 }
 
+/// START STOP UNIT CDBs that eject and that load the medium, with IMMED as given.
+pub(crate) fn eject_load(immed: bool) -> ([u8; 6], [u8; 6]) {
+    let immed = u8::from(immed);
+    ([0x1B, immed, 0, 0, 0x02, 0], [0x1B, immed, 0, 0, 0x03, 0])
+}
+
 /// The next TEST UNIT READY from `n` reports the unit attention `asc`/`ascq`, and the one
 /// after it is GOOD.
 pub(crate) async fn assert_ua_once(lu: &LogicalUnit, n: &Nexus, asc: u8, ascq: u8) {
