@@ -36,12 +36,7 @@ async fn standard_inquiry() {
     let r = run(&lu, &n, &inquiry(false, 1, 255), &[]).await;
     assert_check(&r, ILLEGAL, 0x24, 0);
     assert_eq!(sks(&r), [0xCF, 0, 2]);
-    assert_check(
-        &run(&lu, &n, &inquiry(true, 0x81, 255), &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &inquiry(true, 0x81, 255), &[], 0x24).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -121,18 +116,8 @@ async fn mode_sense_pages_and_residuals() {
     assert_good(&r);
     assert_eq!(u16::from_be_bytes([r.data_in[6], r.data_in[7]]), 16);
     // Saved values are not supported; unknown pages are invalid.
-    assert_check(
-        &run(&lu, &n, &mode_sense6(true, 3, 0x08, 0, 255), &[]).await,
-        ILLEGAL,
-        0x39,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &mode_sense6(true, 0, 0x19, 0, 255), &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &mode_sense6(true, 3, 0x08, 0, 255), &[], 0x39).await;
+    assert_illegal(&lu, &n, &mode_sense6(true, 0, 0x19, 0, 255), &[], 0x24).await;
 }
 
 async fn control_page(lu: &LogicalUnit, n: &Nexus) -> Vec<u8> {
@@ -205,20 +190,15 @@ async fn mode_select_rejects_what_is_not_changeable() {
     assert_check(&r, ILLEGAL, 0x26, 0);
     assert_eq!(sks(&r), [0x8A, 0, 7]);
     // Truncated header, SP set, PS set.
-    assert_check(
-        &run(&lu, &n, &[0x15, 0x10, 0, 0, 2, 0], &[0, 0]).await,
-        ILLEGAL,
-        0x1A,
-        0,
-    );
+    assert_illegal(&lu, &n, &[0x15, 0x10, 0, 0, 2, 0], &[0, 0], 0x1A).await;
     let page = control_page(&lu, &n).await;
     let (mut cdb, data) = mode_select6(&page);
     cdb[1] |= 0x01;
-    assert_check(&run(&lu, &n, &cdb, &data).await, ILLEGAL, 0x24, 0);
+    assert_illegal(&lu, &n, &cdb, &data, 0x24).await;
     let mut ps = page.clone();
     ps[0] |= 0x80;
     let (cdb, data) = mode_select6(&ps);
-    assert_check(&run(&lu, &n, &cdb, &data).await, ILLEGAL, 0x26, 0);
+    assert_illegal(&lu, &n, &cdb, &data, 0x26).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -293,12 +273,7 @@ async fn report_supported_operation_codes() {
         assert_eq!(one.data_in[1], 0x83, "op {op:#x}");
         assert_eq!(one.data_in[4], op);
         let wrong = if servactv == 1 { 1 } else { 2 };
-        assert_check(
-            &run(&lu, &n, &rsoc(false, wrong, op, sa, 65535), &[]).await,
-            ILLEGAL,
-            0x24,
-            0,
-        );
+        assert_illegal(&lu, &n, &rsoc(false, wrong, op, sa, 65535), &[], 0x24).await;
         at += 8;
     }
     let r = run(&lu, &n, &rsoc(true, 0, 0, 0, 65535), &[]).await;
@@ -444,12 +419,7 @@ async fn prevent_blocks_eject_for_every_nexus_until_allowed() {
         0x53,
         0x02,
     );
-    assert_check(
-        &run(&lu, &a, &[0x1E, 0, 0, 0, 2, 0], &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &a, &[0x1E, 0, 0, 0, 2, 0], &[], 0x24).await;
     assert_good(&run(&lu, &a, &[0x1E, 0, 0, 0, 0, 0], &[]).await);
     assert_good(&run(&lu, &b, &eject, &[]).await);
     assert_check(&run(&lu, &a, &[0; 6], &[]).await, 0x2, 0x3A, 0);

@@ -48,24 +48,14 @@ async fn zero_blocks_is_good_without_data() {
     assert_eq!(r.transfer_len, 0);
     assert_good(&run(&lu, &n, &rw10(WRITE10, 2048, 0, 0), &[]).await);
     // Zero blocks past the end is still out of range.
-    assert_check(
-        &run(&lu, &n, &rw10(READ10, 2049, 0, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(READ10, 2049, 0, 0), &[], 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn beyond_end_of_medium_is_lba_out_of_range() {
     let (lu, n) = setup_fresh().await;
     for (lba, count) in [(2047u64, 2u32), (2048, 1), (1 << 63, 1), (u64::MAX, 1)] {
-        assert_check(
-            &run(&lu, &n, &rw16(READ16, lba, count, 0), &[]).await,
-            ILLEGAL,
-            0x21,
-            0,
-        );
+        assert_illegal(&lu, &n, &rw16(READ16, lba, count, 0), &[], 0x21).await;
         assert_check(
             &run(
                 &lu,
@@ -79,12 +69,7 @@ async fn beyond_end_of_medium_is_lba_out_of_range() {
             0,
         );
     }
-    assert_check(
-        &run(&lu, &n, &rw10(READ10, u32::MAX, 1, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(READ10, u32::MAX, 1, 0), &[], 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -94,12 +79,7 @@ async fn rdprotect_and_wrprotect_are_invalid_fields() {
         let r = run(&lu, &n, &rw10(READ10, 0, 1, p << 5), &[]).await;
         assert_check(&r, ILLEGAL, 0x24, 0);
         assert_eq!(sks(&r), [0xCF, 0, 1]);
-        assert_check(
-            &run(&lu, &n, &rw16(WRITE16, 0, 1, p << 5), &blocks(1, 0)).await,
-            ILLEGAL,
-            0x24,
-            0,
-        );
+        assert_illegal(&lu, &n, &rw16(WRITE16, 0, 1, p << 5), &blocks(1, 0), 0x24).await;
     }
 }
 
@@ -204,24 +184,9 @@ async fn verify_medium_bytchk_and_single_block_compare() {
         0,
     );
     // VRPROTECT and BYTCHK = 10b are invalid; out of range too.
-    assert_check(
-        &run(&lu, &n, &rw10(0x2F, 4, 1, 0x20), &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &rw10(0x2F, 4, 1, 0x04), &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &rw10(0x2F, 2047, 2, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(0x2F, 4, 1, 0x20), &[], 0x24).await;
+    assert_illegal(&lu, &n, &rw10(0x2F, 4, 1, 0x04), &[], 0x24).await;
+    assert_illegal(&lu, &n, &rw10(0x2F, 2047, 2, 0), &[], 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -239,18 +204,8 @@ async fn write_and_verify_writes_through() {
         assert!(dev.last_fua.load(Ordering::SeqCst));
         assert_eq!(&read_blocks(&lu, &n, 3, 2).await[..], &blocks(2, op)[..]);
     }
-    assert_check(
-        &run(&lu, &n, &rw10(0x2E, 3, 1, 0x20), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &rw10(0x2E, 2048, 1, 0), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(0x2E, 3, 1, 0x20), &blocks(1, 0), 0x24).await;
+    assert_illegal(&lu, &n, &rw10(0x2E, 2048, 1, 0), &blocks(1, 0), 0x21).await;
 }
 
 fn caw(lba: u64, n: u8, flags: u8) -> Vec<u8> {
@@ -290,25 +245,10 @@ async fn compare_and_write_checks_length_range_and_protect() {
         assert_check(&r, ILLEGAL, 0x24, 0);
         assert_eq!(sks(&r), [0xC0, 0, 13]);
     }
-    assert_check(
-        &run(&lu, &n, &caw(0, 0, 0), &blocks(512, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &caw(0, 0, 0), &blocks(512, 0), 0x24).await;
     assert_good(&run(&lu, &n, &caw(0, 0, 0), &[]).await);
-    assert_check(
-        &run(&lu, &n, &caw(2047, 2, 0), &blocks(4, 0)).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &caw(0, 1, 0x20), &blocks(2, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &caw(2047, 2, 0), &blocks(4, 0), 0x21).await;
+    assert_illegal(&lu, &n, &caw(0, 1, 0x20), &blocks(2, 0), 0x24).await;
 }
 
 /// An ordinary WRITE racing a COMPARE AND WRITE to the same block must serialize: the
@@ -411,18 +351,8 @@ async fn write_same_replicates_the_block() {
         &[block.clone(), block.clone(), block.clone()].concat()[..]
     );
     assert_good(&run(&lu, &n, &ws16(2040, 8, 0), &block).await);
-    assert_check(
-        &run(&lu, &n, &ws16(2041, 8, 0), &block).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &ws10(2049, 0, 0), &block).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &ws16(2041, 8, 0), &block, 0x21).await;
+    assert_illegal(&lu, &n, &ws10(2049, 0, 0), &block, 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -478,31 +408,11 @@ async fn write_same_unmap_deallocates_zero_data() {
 async fn write_same_field_errors() {
     let (lu, n) = setup_fresh().await;
     // ANCHOR (with or without UNMAP): ANC_SUP = 0.
-    assert_check(
-        &run(&lu, &n, &ws10(0, 1, 0x10), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &ws10(0, 1, 0x18), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &ws10(0, 1, 0x10), &blocks(1, 0), 0x24).await;
+    assert_illegal(&lu, &n, &ws10(0, 1, 0x18), &blocks(1, 0), 0x24).await;
     // WRPROTECT, PBDATA/LBDATA.
-    assert_check(
-        &run(&lu, &n, &ws16(0, 1, 0x20), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &ws10(0, 1, 0x02), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &ws16(0, 1, 0x20), &blocks(1, 0), 0x24).await;
+    assert_illegal(&lu, &n, &ws10(0, 1, 0x02), &blocks(1, 0), 0x24).await;
     // Data-Out other than one block.
     for len in [256usize, 1024] {
         let r = run(&lu, &n, &ws10(0, 1, 0x08), &vec![0; len]).await;
@@ -569,32 +479,12 @@ async fn unmap_deallocates_every_descriptor() {
 async fn unmap_errors() {
     let (lu, n) = setup_fresh().await;
     let list = unmap_list(&[(2040, 9)]);
-    assert_check(
-        &run(&lu, &n, &unmap_cdb(list.len() as u16, false), &list).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &unmap_cdb(4, false), &[0; 4]).await,
-        ILLEGAL,
-        0x1A,
-        0,
-    );
+    assert_illegal(&lu, &n, &unmap_cdb(list.len() as u16, false), &list, 0x21).await;
+    assert_illegal(&lu, &n, &unmap_cdb(4, false), &[0; 4], 0x1A).await;
     let list = unmap_list(&[(0, 1)]);
-    assert_check(
-        &run(&lu, &n, &unmap_cdb(list.len() as u16, true), &list).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &unmap_cdb(list.len() as u16, true), &list, 0x24).await;
     let many = unmap_list(&vec![(0, 1); 1025]);
-    assert_check(
-        &run(&lu, &n, &unmap_cdb(many.len() as u16, false), &many).await,
-        ILLEGAL,
-        0x26,
-        0,
-    );
+    assert_illegal(&lu, &n, &unmap_cdb(many.len() as u16, false), &many, 0x26).await;
     let mut dev = TestDevice::new(1 << 20);
     dev.thin = false;
     let (full, _) = setup_with(LuConfig::default(), dev);
@@ -640,12 +530,7 @@ async fn get_lba_status_reports_mapped_and_deallocated() {
     assert_eq!(r.data_in[20], 0);
     // Beyond the end.
     for lba in [2048u64, 2049, 1 << 63, u64::MAX] {
-        assert_check(
-            &run(&lu, &n, &get_lba_status(lba, 24), &[]).await,
-            ILLEGAL,
-            0x21,
-            0,
-        );
+        assert_illegal(&lu, &n, &get_lba_status(lba, 24), &[], 0x21).await;
     }
 }
 
@@ -656,12 +541,7 @@ async fn synchronize_cache_flushes_and_checks_range() {
     assert_good(&run(&lu, &n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
     assert_good(&run(&lu, &n, &rw16(0x91, 100, 10, 0x02), &[]).await);
     assert_eq!(dev.flushes.load(Ordering::SeqCst), 2);
-    assert_check(
-        &run(&lu, &n, &rw16(0x91, 2040, 10, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw16(0x91, 2040, 10, 0), &[], 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -670,18 +550,8 @@ async fn pre_fetch_is_good_and_range_checked() {
     assert_good(&run(&lu, &n, &rw10(0x34, 0, 256, 0x02), &[]).await);
     assert_good(&run(&lu, &n, &rw16(0x90, 2047, 1, 0), &[]).await);
     assert_good(&run(&lu, &n, &rw10(0x34, 0, 0, 0), &[]).await);
-    assert_check(
-        &run(&lu, &n, &rw10(0x34, 2049, 0, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &rw16(0x90, 2047, 2, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(0x34, 2049, 0, 0), &[], 0x21).await;
+    assert_illegal(&lu, &n, &rw16(0x90, 2047, 2, 0), &[], 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -705,12 +575,7 @@ async fn read_capacity_ten_and_sixteen() {
     assert_eq!(r.data_in.len(), 15);
     assert_eq!(r.transfer_len, 15);
     // PMI = 0 with a non-zero LBA is invalid.
-    assert_check(
-        &run(&lu, &n, &[0x25, 0, 0, 0, 0, 1, 0, 0, 0, 0], &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &[0x25, 0, 0, 0, 0, 1, 0, 0, 0, 0], &[], 0x24).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -728,12 +593,7 @@ async fn four_k_logical_units() {
     assert_good(&run(&lu, &n, &rw10(WRITE10, 255, 1, 0), &vec![4; 4096]).await);
     let r = run(&lu, &n, &rw10(READ10, 255, 1, 0), &[]).await;
     assert_eq!(r.data_in.len(), 4096);
-    assert_check(
-        &run(&lu, &n, &rw10(READ10, 256, 1, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(READ10, 256, 1, 0), &[], 0x21).await;
     assert!(LogicalUnit::new(
         LuConfig {
             block_size: 1024,

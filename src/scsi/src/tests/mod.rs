@@ -235,6 +235,12 @@ pub(crate) fn setup_removable() -> (Arc<LogicalUnit>, Arc<TestDevice>) {
     )
 }
 
+/// Runs `cdb` with the Data-Out `data` from `n`, which must end in CHECK CONDITION with
+/// ILLEGAL REQUEST and `asc` (ASCQ 0).
+pub(crate) async fn assert_illegal(lu: &LogicalUnit, n: &Nexus, cdb: &[u8], data: &[u8], asc: u8) {
+    assert_check(&run(lu, n, cdb, data).await, 0x5, asc, 0);
+}
+
 /// START STOP UNIT CDBs that eject and that load the medium, with IMMED as given.
 pub(crate) fn eject_load(immed: bool) -> ([u8; 6], [u8; 6]) {
     let immed = u8::from(immed);
