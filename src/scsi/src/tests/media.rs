@@ -129,24 +129,19 @@ async fn transfer_length_above_the_block_limit_is_invalid() {
 #[tokio::test(flavor = "current_thread")]
 async fn write_residuals_follow_the_shorter_length() {
     let (lu, n) = setup_fresh().await;
-    // Data-Out longer than the CDB: only the CDB's block is written.
-    write_blocks(&lu, &n, 0, &blocks(2, b'a')).await;
-    let r = run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(2, b'b')).await;
-    assert_good(&r);
-    assert_eq!(r.transfer_len, 512);
-    assert_eq!(
-        &read_blocks(&lu, &n, 0, 2).await[..],
-        &[blocks(1, b'b'), blocks(1, b'a')].concat()[..]
-    );
-    // Data-Out shorter by a whole block: only what arrived is written.
-    write_blocks(&lu, &n, 0, &blocks(2, b'a')).await;
-    let r = run(&lu, &n, &rw10(WRITE10, 0, 2, 0), &blocks(1, b'b')).await;
-    assert_good(&r);
-    assert_eq!(r.transfer_len, 1024);
-    assert_eq!(
-        &read_blocks(&lu, &n, 0, 2).await[..],
-        &[blocks(1, b'b'), blocks(1, b'a')].concat()[..]
-    );
+    // (CDB blocks, Data-Out blocks, residual-free length): a Data-Out longer than the CDB
+    // writes only the CDB's block; one shorter by a whole block writes only what arrived.
+    for (cdb_blocks, data_blocks, transfer_len) in [(1, 2, 512), (2, 1, 1024)] {
+        write_blocks(&lu, &n, 0, &blocks(2, b'a')).await;
+        let cdb = rw10(WRITE10, 0, cdb_blocks, 0);
+        let r = run(&lu, &n, &cdb, &blocks(data_blocks, b'b')).await;
+        assert_good(&r);
+        assert_eq!(r.transfer_len, transfer_len);
+        assert_eq!(
+            &read_blocks(&lu, &n, 0, 2).await[..],
+            &[blocks(1, b'b'), blocks(1, b'a')].concat()[..]
+        );
+    }
     // Data-Out ending inside a block: what arrived is written, the rest of the block kept.
     let r = run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &[b'c'; 200]).await;
     assert_good(&r);
@@ -257,9 +252,7 @@ async fn compare_and_write_checks_length_range_and_protect() {
 #[test]
 fn compare_and_write_is_atomic_against_concurrent_writes() {
     local(async {
-        let mut dev = TestDevice::new(1 << 20);
-        dev.yields = true;
-        let (lu, _) = setup_with(LuConfig::default(), dev);
+        let lu = setup_yielding();
         let (a, b) = fresh_pair(&lu).await;
         for round in 0..50u8 {
             write_blocks(&lu, &a, 0, &blocks(1, b'A')).await;
@@ -296,9 +289,7 @@ fn compare_and_write_is_atomic_against_concurrent_writes() {
 #[test]
 fn compare_and_write_increments_never_lose_updates() {
     local(async {
-        let mut dev = TestDevice::new(1 << 20);
-        dev.yields = true;
-        let (lu, _) = setup_with(LuConfig::default(), dev);
+        let lu = setup_yielding();
         let mut tasks = vec![];
         for t in 0..4u64 {
             let lu = lu.clone();

@@ -210,6 +210,14 @@ pub(crate) async fn fresh_pair(lu: &LogicalUnit) -> (Nexus, Nexus) {
     (a, b)
 }
 
+/// A 1 MiB logical unit (default configuration) over a `TestDevice` that yields in every
+/// call, so that concurrent commands interleave.
+pub(crate) fn setup_yielding() -> Arc<LogicalUnit> {
+    let mut dev = TestDevice::new(1 << 20);
+    dev.yields = true;
+    setup_with(LuConfig::default(), dev).0
+}
+
 /// [`setup`]'s logical unit with nexuses `a` (1) and `b` (2) made fresh on it.
 pub(crate) async fn setup_fresh_pair() -> (Arc<LogicalUnit>, Nexus, Nexus) {
     let (lu, _) = setup();
