@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tessera_proto::block::BlockError;
+use tessera_proto::scsi::provision::unmap_list;
 
 use super::*;
 use crate::LuConfig;
@@ -422,19 +423,6 @@ async fn write_same_field_errors() {
         0,
     );
     assert_good(&run(&full, &n, &ws10(0, 1, 0), &blocks(1, 0)).await);
-}
-
-fn unmap_list(descs: &[(u64, u32)]) -> Vec<u8> {
-    let mut v = vec![0u8; 8];
-    let total = 8 + 16 * descs.len();
-    v[0..2].copy_from_slice(&((total - 2) as u16).to_be_bytes());
-    v[2..4].copy_from_slice(&((total - 8) as u16).to_be_bytes());
-    for (lba, n) in descs {
-        v.extend_from_slice(&lba.to_be_bytes());
-        v.extend_from_slice(&n.to_be_bytes());
-        v.extend_from_slice(&[0; 4]);
-    }
-    v
 }
 
 fn unmap_cdb(len: u16, anchor: bool) -> Vec<u8> {
