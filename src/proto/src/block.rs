@@ -221,6 +221,11 @@ impl MemDevice {
     }
 }
 
+/// A future already resolved to `r`: the in-memory device completes every call at once.
+fn resolved<T: 'static>(r: T) -> LocalBoxFuture<'static, T> {
+    Box::pin(std::future::ready(r))
+}
+
 impl BlockDevice for MemDevice {
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
@@ -232,8 +237,7 @@ impl BlockDevice for MemDevice {
     }
 
     fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, Result<Bytes, BlockError>> {
-        let r = self.read_now(offset, len);
-        Box::pin(std::future::ready(r))
+        resolved(self.read_now(offset, len))
     }
 
     fn write(
@@ -242,17 +246,15 @@ impl BlockDevice for MemDevice {
         data: Bytes,
         _fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        let r = self.write_now(offset, &data);
-        Box::pin(std::future::ready(r))
+        resolved(self.write_now(offset, &data))
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        Box::pin(std::future::ready(Ok(())))
+        resolved(Ok(()))
     }
 
     fn unmap(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        let r = self.unmap_now(offset, len);
-        Box::pin(std::future::ready(r))
+        resolved(self.unmap_now(offset, len))
     }
 
     fn extents(
@@ -260,8 +262,7 @@ impl BlockDevice for MemDevice {
         offset: u64,
         len: u64,
     ) -> LocalBoxFuture<'_, Result<Vec<Extent>, BlockError>> {
-        let r = self.extents_now(offset, len);
-        Box::pin(std::future::ready(r))
+        resolved(self.extents_now(offset, len))
     }
 }
 

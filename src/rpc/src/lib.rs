@@ -114,11 +114,17 @@ mod tests {
         tokio::task::LocalSet::new().block_on(&rt, f)
     }
 
+    /// A listener on a free loopback port, and its address.
+    async fn listener() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        (l, addr)
+    }
+
     #[test]
     fn pipelined_calls_over_tcp() {
         run(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = l.local_addr().unwrap();
+            let (l, addr) = listener().await;
             tokio::task::spawn_local(async move {
                 loop {
                     let (s, _) = l.accept().await.unwrap();
@@ -213,8 +219,7 @@ mod tests {
     #[test]
     fn a_silent_node_times_out() {
         run(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = l.local_addr().unwrap();
+            let (l, addr) = listener().await;
             // Accepts, never answers.
             tokio::task::spawn_local(async move {
                 let (_s, _) = l.accept().await.unwrap();
@@ -233,8 +238,7 @@ mod tests {
     #[test]
     fn a_hung_node_costs_one_deadline_and_leaves_nothing_behind() {
         run(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = l.local_addr().unwrap();
+            let (l, addr) = listener().await;
             let accepted = Rc::new(std::cell::Cell::new(0u32));
             let closed = Rc::new(std::cell::Cell::new(0u32));
             {

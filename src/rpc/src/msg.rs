@@ -191,6 +191,42 @@ impl Header {
         out.put_bytes(0, 7);
     }
 
+    /// The header of a frame; its body length is filled in when the body is encoded.
+    fn new(op: Op, response: bool, id: u64, status: Status) -> Self {
+        Self {
+            op,
+            response,
+            body_len: 0,
+            id,
+            status,
+        }
+    }
+
+    /// Encode this header and then the body `body` writes, patching in the body length
+    /// afterwards.
+    fn encode_with_body(&self, out: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
+        let start = out.len();
+        self.encode(out);
+        body(out);
+        let len = (out.len() - start - HEADER_LEN) as u32;
+        out[start + 4..start + 8].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Encode this header (with the body length measured first) and the body `enc` writes,
+    /// as segments for a vectored write: the fragment data `enc` hands to its callback is
+    /// not copied when large, but becomes a segment of its own.
+    fn encode_vectored_with_body(
+        mut self,
+        segs: &mut Vec<Bytes>,
+        enc: impl Fn(&mut BytesMut, &mut dyn FnMut(&mut BytesMut, &Bytes)),
+    ) {
+        self.body_len = body_len(&enc);
+        let mut cur = BytesMut::with_capacity(256);
+        self.encode(&mut cur);
+        enc(&mut cur, &mut |o, b| put_segment(o, b, segs));
+        segs.push(cur.freeze());
+    }
+
     /// Decode the first [`HEADER_LEN`] bytes of `b`.
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         if b.len() < HEADER_LEN {
@@ -845,35 +881,15 @@ impl Request {
 
     /// Encode as a whole frame with request id `id`, fragment data copied in.
     pub fn encode(&self, id: u64, out: &mut BytesMut) {
-        let start = out.len();
-        Header {
-            op: self.op(),
-            response: false,
-            body_len: 0,
-            id,
-            status: Status::OK,
-        }
-        .encode(out);
-        self.encode_body(out, &mut |o, b| put_bytes(o, b));
-        let body = (out.len() - start - HEADER_LEN) as u32;
-        out[start + 4..start + 8].copy_from_slice(&body.to_be_bytes());
+        Header::new(self.op(), false, id, Status::OK)
+            .encode_with_body(out, |o| self.encode_body(o, &mut |o, b| put_bytes(o, b)));
     }
 
     /// Encode as a whole frame in segments for a vectored write: fragment data is not copied,
     /// its `Bytes` become segments of their own.
     pub fn encode_vectored(&self, id: u64, segs: &mut Vec<Bytes>) {
-        let body_len = body_len(|o, d| self.encode_body(o, d));
-        let mut cur = BytesMut::with_capacity(256);
-        Header {
-            op: self.op(),
-            response: false,
-            body_len,
-            id,
-            status: Status::OK,
-        }
-        .encode(&mut cur);
-        self.encode_body(&mut cur, &mut |o, b| put_segment(o, b, segs));
-        segs.push(cur.freeze());
+        Header::new(self.op(), false, id, Status::OK)
+            .encode_vectored_with_body(segs, |o, d| self.encode_body(o, d));
     }
 
     fn encode_body(&self, out: &mut BytesMut, data: &mut dyn FnMut(&mut BytesMut, &Bytes)) {
@@ -1066,35 +1082,15 @@ impl Request {
 impl Response {
     /// Encode as an OK response frame to request `id` of `op`, data copied in.
     pub fn encode(&self, op: Op, id: u64, out: &mut BytesMut) {
-        let start = out.len();
-        Header {
-            op,
-            response: true,
-            body_len: 0,
-            id,
-            status: Status::OK,
-        }
-        .encode(out);
-        self.encode_body(out, &mut |o, b| put_bytes(o, b));
-        let body = (out.len() - start - HEADER_LEN) as u32;
-        out[start + 4..start + 8].copy_from_slice(&body.to_be_bytes());
+        Header::new(op, true, id, Status::OK)
+            .encode_with_body(out, |o| self.encode_body(o, &mut |o, b| put_bytes(o, b)));
     }
 
     /// Encode as an OK response frame in segments (data not copied; see
     /// [`Request::encode_vectored`]).
     pub fn encode_vectored(&self, op: Op, id: u64, segs: &mut Vec<Bytes>) {
-        let body_len = body_len(|o, d| self.encode_body(o, d));
-        let mut cur = BytesMut::with_capacity(256);
-        Header {
-            op,
-            response: true,
-            body_len,
-            id,
-            status: Status::OK,
-        }
-        .encode(&mut cur);
-        self.encode_body(&mut cur, &mut |o, b| put_segment(o, b, segs));
-        segs.push(cur.freeze());
+        Header::new(op, true, id, Status::OK)
+            .encode_vectored_with_body(segs, |o, d| self.encode_body(o, d));
     }
 
     fn encode_body(&self, out: &mut BytesMut, data: &mut dyn FnMut(&mut BytesMut, &Bytes)) {
@@ -1268,22 +1264,13 @@ impl Response {
 /// Encode an error response: `status` with a text reason, or for [`Status::STALE_EPOCH`] the
 /// node's epoch.
 pub fn encode_error(op: Op, id: u64, status: Status, reason: &str, epoch: u64, out: &mut BytesMut) {
-    let start = out.len();
-    Header {
-        op,
-        response: true,
-        body_len: 0,
-        id,
-        status,
-    }
-    .encode(out);
-    if status == Status::STALE_EPOCH {
-        out.put_u64(epoch);
-    } else {
-        out.put_slice(reason.as_bytes());
-    }
-    let body = (out.len() - start - HEADER_LEN) as u32;
-    out[start + 4..start + 8].copy_from_slice(&body.to_be_bytes());
+    Header::new(op, true, id, status).encode_with_body(out, |o| {
+        if status == Status::STALE_EPOCH {
+            o.put_u64(epoch);
+        } else {
+            o.put_slice(reason.as_bytes());
+        }
+    });
 }
 
 /// The epoch in a STALE_EPOCH response body (0 if absent).

@@ -59,12 +59,15 @@ impl LogicalUnit {
         }
     }
 
-    fn check_transfer(&self, blocks: u32, len_field: u16) -> Result<(), Sense> {
+    /// Checks a block transfer's length against the transfer limit (`len_field` is the CDB
+    /// byte of the TRANSFER LENGTH, for the sense key specific field) and its blocks against
+    /// the capacity, in that order; gives the transfer's length in bytes.
+    fn check_transfer(&self, lba: u64, blocks: u32, len_field: u16) -> Result<usize, Sense> {
         if blocks > self.lim.max_transfer {
-            Err(Sense::invalid_cdb(len_field, None))
-        } else {
-            Ok(())
+            return Err(Sense::invalid_cdb(len_field, None));
         }
+        self.check_range(lba, u64::from(blocks))?;
+        Ok(self.bytes(u64::from(blocks)))
     }
 
     fn offset(&self, lba: u64) -> u64 {
@@ -84,9 +87,7 @@ impl LogicalUnit {
     /// READ(6/10/12/16).
     pub(crate) async fn read(&self, rw: Rw) -> Result<ScsiResult, Sense> {
         self.check_medium()?;
-        self.check_transfer(rw.blocks, rw.len_field)?;
-        self.check_range(rw.lba, u64::from(rw.blocks))?;
-        let len = self.bytes(u64::from(rw.blocks));
+        let len = self.check_transfer(rw.lba, rw.blocks, rw.len_field)?;
         if len == 0 {
             return Ok(Self::good(0));
         }
@@ -146,9 +147,7 @@ impl LogicalUnit {
     pub(crate) async fn write(&self, rw: Rw, data_out: &Segments) -> Result<ScsiResult, Sense> {
         self.check_medium()?;
         self.check_writable()?;
-        self.check_transfer(rw.blocks, rw.len_field)?;
-        self.check_range(rw.lba, u64::from(rw.blocks))?;
-        let want = self.bytes(u64::from(rw.blocks));
+        let want = self.check_transfer(rw.lba, rw.blocks, rw.len_field)?;
         let n = data_out.len().min(want);
         self.write_at(rw.lba, data_out.slice(..n), self.fua(rw.fua))
             .await?;
@@ -165,9 +164,7 @@ impl LogicalUnit {
     ) -> Result<ScsiResult, Sense> {
         self.check_medium()?;
         self.check_writable()?;
-        self.check_transfer(rw.blocks, rw.len_field)?;
-        self.check_range(rw.lba, u64::from(rw.blocks))?;
-        let want = self.bytes(u64::from(rw.blocks));
+        let want = self.check_transfer(rw.lba, rw.blocks, rw.len_field)?;
         let n = data_out.len().min(want);
         if n > 0 {
             let data = data_out.slice(..n);
@@ -197,9 +194,7 @@ impl LogicalUnit {
     /// with the Data-Out, 3 compares each with the single Data-Out block.
     pub(crate) async fn verify(&self, v: Verify, data_out: &Bytes) -> Result<ScsiResult, Sense> {
         self.check_medium()?;
-        self.check_transfer(v.blocks, v.len_field)?;
-        self.check_range(v.lba, u64::from(v.blocks))?;
-        let len = self.bytes(u64::from(v.blocks));
+        let len = self.check_transfer(v.lba, v.blocks, v.len_field)?;
         if len == 0 {
             return Ok(Self::good(0));
         }
@@ -479,10 +474,7 @@ impl LogicalUnit {
         blocks: u32,
     ) -> Result<ScsiResult, Sense> {
         self.check_medium()?;
-        let cap = self.blocks.load(Ordering::Relaxed);
-        if lba > cap {
-            return Err(Sense::LBA_OUT_OF_RANGE);
-        }
+        // An LBA past the capacity fails the range check whatever the block count.
         self.check_range(lba, u64::from(blocks))?;
         self.dev.flush().await.map_err(backend)?;
         Ok(Self::good(0))

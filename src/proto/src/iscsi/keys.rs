@@ -143,6 +143,18 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
+/// Negotiates a numeric key of which only the value `ours` is supported: an offer within
+/// `lo..=hi` sets `field` to `ours` and is answered with it; anything else is rejected.
+fn only_value(value: &str, lo: u64, hi: u64, ours: u32, field: &mut u32) -> Answer {
+    match ranged(value, lo, hi) {
+        Some(_) => {
+            *field = ours;
+            Answer::Reply(ours.to_string())
+        }
+        None => Answer::Reply(REJECT.into()),
+    }
+}
+
 fn ranged(v: &str, lo: u64, hi: u64) -> Option<u32> {
     parse_number(v)
         .filter(|n| (lo..=hi).contains(n))
@@ -272,28 +284,10 @@ pub fn negotiate(key: &str, value: &str, phase: Phase, lim: &Limits, p: &mut Par
             }
             None => reply(REJECT.into()),
         },
-        "DefaultTime2Retain" => match ranged(value, 0, 3600) {
-            // At ErrorRecoveryLevel 0 nothing is retained after a connection fails.
-            Some(_) => {
-                p.default_time2retain = 0;
-                reply("0".into())
-            }
-            None => reply(REJECT.into()),
-        },
-        "ErrorRecoveryLevel" => match ranged(value, 0, 2) {
-            Some(_) => {
-                p.error_recovery_level = 0;
-                reply("0".into())
-            }
-            None => reply(REJECT.into()),
-        },
-        "MaxConnections" => match ranged(value, 1, 65535) {
-            Some(_) => {
-                p.max_connections = 1;
-                reply("1".into())
-            }
-            None => reply(REJECT.into()),
-        },
+        // At ErrorRecoveryLevel 0 nothing is retained after a connection fails.
+        "DefaultTime2Retain" => only_value(value, 0, 3600, 0, &mut p.default_time2retain),
+        "ErrorRecoveryLevel" => only_value(value, 0, 2, 0, &mut p.error_recovery_level),
+        "MaxConnections" => only_value(value, 1, 65535, 1, &mut p.max_connections),
         "InitiatorAlias" => {
             p.initiator_alias = Some(value.to_string());
             Answer::Silent
@@ -355,20 +349,33 @@ mod tests {
     }
 
     #[test]
-    fn numeric_keys_use_their_functions_and_ranges() {
-        assert_eq!(neg("MaxBurstLength", "16776192").0, reply("1048576"));
-        assert_eq!(neg("MaxBurstLength", "4096").0, reply("4096"));
-        assert_eq!(neg("MaxBurstLength", "100").0, reply("Reject"));
-        assert_eq!(neg("FirstBurstLength", "65536").0, reply("65536"));
-        assert_eq!(neg("FirstBurstLength", "16777215").0, reply("262144"));
-        assert_eq!(neg("MaxOutstandingR2T", "1").0, reply("1"));
-        assert_eq!(neg("MaxOutstandingR2T", "0").0, reply("Reject"));
-        assert_eq!(neg("DefaultTime2Wait", "0").0, reply("2"));
-        assert_eq!(neg("DefaultTime2Retain", "20").0, reply("0"));
-        assert_eq!(neg("ErrorRecoveryLevel", "2").0, reply("0"));
-        assert_eq!(neg("ErrorRecoveryLevel", "3").0, reply("Reject"));
-        assert_eq!(neg("MaxConnections", "8").0, reply("1"));
-        assert_eq!(neg("MaxConnections", "x").0, reply("Reject"));
+    fn numeric_and_boolean_keys_answer_by_their_rules() {
+        // (key, offer, answer), each negotiated alone from the defaults.
+        for (key, offer, answer) in [
+            // Numeric keys use their functions and ranges.
+            ("MaxBurstLength", "16776192", "1048576"),
+            ("MaxBurstLength", "4096", "4096"),
+            ("MaxBurstLength", "100", "Reject"),
+            ("FirstBurstLength", "65536", "65536"),
+            ("FirstBurstLength", "16777215", "262144"),
+            ("MaxOutstandingR2T", "1", "1"),
+            ("MaxOutstandingR2T", "0", "Reject"),
+            ("DefaultTime2Wait", "0", "2"),
+            ("DefaultTime2Retain", "20", "0"),
+            ("ErrorRecoveryLevel", "2", "0"),
+            ("ErrorRecoveryLevel", "3", "Reject"),
+            ("MaxConnections", "8", "1"),
+            ("MaxConnections", "x", "Reject"),
+            // Booleans: AND and OR.
+            ("ImmediateData", "Yes", "Yes"),
+            ("ImmediateData", "No", "No"),
+            ("InitialR2T", "No", "No"),
+            ("InitialR2T", "Yes", "Yes"),
+            ("InitialR2T", "yes", "Reject"),
+            ("DataPDUInOrder", "No", "Yes"),
+        ] {
+            assert_eq!(neg(key, offer).0, reply(answer), "{key}={offer}");
+        }
     }
 
     #[test]
@@ -380,16 +387,6 @@ mod tests {
             negotiate("FirstBurstLength", "65536", Phase::LoginNormal, &l, &mut p),
             reply("8192")
         );
-    }
-
-    #[test]
-    fn booleans_and_or() {
-        assert_eq!(neg("ImmediateData", "Yes").0, reply("Yes"));
-        assert_eq!(neg("ImmediateData", "No").0, reply("No"));
-        assert_eq!(neg("InitialR2T", "No").0, reply("No"));
-        assert_eq!(neg("InitialR2T", "Yes").0, reply("Yes"));
-        assert_eq!(neg("InitialR2T", "yes").0, reply("Reject"));
-        assert_eq!(neg("DataPDUInOrder", "No").0, reply("Yes"));
     }
 
     #[test]

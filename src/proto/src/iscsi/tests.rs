@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::chap::{self, Credentials};
-use super::conn::{CloseReason, Completion, ConnError, Event};
+use super::conn::{CloseReason, Completion, ConnError, Event, TmfEvent};
 use super::framer::{digest, FrameError};
 use super::login::LoginFailure;
 use super::pdu::{
@@ -65,6 +65,23 @@ fn first_security_pairs(target: Option<&str>) -> Vec<Pair> {
     }
     p.extend(pairs(&[("AuthMethod", "None")]));
     p
+}
+
+/// [`first_security_pairs`] for a normal session to `target` without AuthMethod (for a
+/// login that starts past the security stage or negotiates it itself).
+fn pairs_without_auth_method(target: &str) -> Vec<Pair> {
+    let mut p = first_security_pairs(Some(target));
+    p.retain(|(k, _)| k != "AuthMethod");
+    p
+}
+
+/// A new initiator's first Login Request (security stage, T to operational) with the keys `p`
+/// fails with `status`, closing the connection with `why` (see [`expect_login_failure`]).
+fn first_login_fails(p: &[Pair], status: (u8, u8), why: LoginFailure) {
+    let mut ini = Initiator::new();
+    let req = ini.login_request(stage::SECURITY, stage::OPERATIONAL, true);
+    let r = ini.send_login(&req, p);
+    expect_login_failure(&mut ini, &r, status, why);
 }
 
 /// Send `text` as the first login PDU (security stage, T to operational) and expect a failure
@@ -198,8 +215,7 @@ fn discovery_login_declares_no_portal_group_and_calls_session_keys_irrelevant() 
 fn login_may_start_in_the_operational_stage_without_authentication() {
     let mut ini = Initiator::new();
     let req = ini.login_request(stage::OPERATIONAL, stage::FULL_FEATURE, true);
-    let mut p = first_security_pairs(Some(TARGET));
-    p.retain(|(k, _)| k != "AuthMethod");
+    let mut p = pairs_without_auth_method(TARGET);
     p.extend(pairs(&[("MaxRecvDataSegmentLength", "65536")]));
     let r = ini.send_login(&req, &p);
     let l = r.login();
@@ -280,22 +296,18 @@ fn mutual_chap_answer_is_the_md5_of_the_initiators_challenge() {
 // ==================================================================== login: failures
 
 #[test]
-fn login_without_initiator_name_fails_missing_parameter() {
-    let mut ini = Initiator::new();
-    let req = ini.login_request(stage::SECURITY, stage::OPERATIONAL, true);
-    let mut p = first_security_pairs(Some(TARGET));
-    p.remove(0);
-    let r = ini.send_login(&req, &p);
-    expect_login_failure(&mut ini, &r, (2, 7), LoginFailure::MissingParameter);
-}
-
-#[test]
-fn normal_login_without_target_name_fails_missing_parameter() {
-    let mut ini = Initiator::new();
-    let req = ini.login_request(stage::SECURITY, stage::OPERATIONAL, true);
-    let p = pairs(&[("InitiatorName", INITIATOR), ("AuthMethod", "None")]);
-    let r = ini.send_login(&req, &p);
-    expect_login_failure(&mut ini, &r, (2, 7), LoginFailure::MissingParameter);
+fn logins_missing_a_name_or_with_an_unknown_session_type_fail() {
+    let mut no_initiator_name = first_security_pairs(Some(TARGET));
+    no_initiator_name.remove(0);
+    let no_target_name = pairs(&[("InitiatorName", INITIATOR), ("AuthMethod", "None")]);
+    let bogus_type = pairs(&[("InitiatorName", INITIATOR), ("SessionType", "Bogus")]);
+    for (p, status, why) in [
+        (no_initiator_name, (2, 7), LoginFailure::MissingParameter),
+        (no_target_name, (2, 7), LoginFailure::MissingParameter),
+        (bogus_type, (2, 9), LoginFailure::SessionType),
+    ] {
+        first_login_fails(&p, status, why);
+    }
 }
 
 #[test]
@@ -391,25 +403,20 @@ fn chap_required_but_only_none_offered_fails_authentication() {
 fn skipping_the_security_stage_when_chap_is_required_fails_authentication() {
     let mut ini = Initiator::new();
     let req = ini.login_request(stage::OPERATIONAL, stage::FULL_FEATURE, true);
-    let mut p = first_security_pairs(Some(TARGET_CHAP));
-    p.retain(|(k, _)| k != "AuthMethod");
+    let p = pairs_without_auth_method(TARGET_CHAP);
     let r = ini.send_login(&req, &p);
     expect_login_failure(&mut ini, &r, (2, 1), LoginFailure::Authentication);
 }
 
 #[test]
 fn chap_response_before_a_challenge_fails_authentication() {
-    let mut ini = Initiator::new();
-    let req = ini.login_request(stage::SECURITY, stage::OPERATIONAL, true);
-    let mut p = first_security_pairs(Some(TARGET_CHAP));
-    p.retain(|(k, _)| k != "AuthMethod");
+    let mut p = pairs_without_auth_method(TARGET_CHAP);
     p.extend(pairs(&[
         ("AuthMethod", "CHAP"),
         ("CHAP_N", "alice"),
         ("CHAP_R", "0x00"),
     ]));
-    let r = ini.send_login(&req, &p);
-    expect_login_failure(&mut ini, &r, (2, 1), LoginFailure::Authentication);
+    first_login_fails(&p, (2, 1), LoginFailure::Authentication);
 }
 
 #[test]
@@ -451,22 +458,12 @@ fn a_nonzero_tsih_names_no_session() {
 }
 
 #[test]
-fn an_unknown_session_type_is_not_supported() {
-    let mut ini = Initiator::new();
-    let req = ini.login_request(stage::SECURITY, stage::OPERATIONAL, true);
-    let p = pairs(&[("InitiatorName", INITIATOR), ("SessionType", "Bogus")]);
-    let r = ini.send_login(&req, &p);
-    expect_login_failure(&mut ini, &r, (2, 9), LoginFailure::SessionType);
-}
-
-#[test]
 fn login_response_text_never_exceeds_the_default_receive_limit() {
     // Thousands of unknown keys would be answered NotUnderstood, far beyond the 8192 bytes an
     // initiator accepts during login; the target refuses the login instead.
     let mut ini = Initiator::new();
     let req = ini.login_request(stage::OPERATIONAL, stage::FULL_FEATURE, true);
-    let mut p = first_security_pairs(Some(TARGET));
-    p.retain(|(k, _)| k != "AuthMethod");
+    let mut p = pairs_without_auth_method(TARGET);
     for i in 0..700 {
         p.push((format!("X-k{i}"), "1".into()));
     }
@@ -570,16 +567,11 @@ fn a_long_send_targets_answer_is_split_with_the_c_bit() {
     cfg.login.directory = std::sync::Arc::new(dir);
     let mut ini = Initiator::with_config(cfg);
     ini.login_ok(&LoginOptions::discovery().key("MaxRecvDataSegmentLength", "512"));
-    let itt = ini.itt();
     let req = TextRequest {
         final_bit: true,
-        itt,
-        ttt: RESERVED_TAG,
-        cmd_sn: ini.cmd_sn,
-        exp_stat_sn: ini.exp_stat_sn,
-        ..Default::default()
+        ..new_text_request(&mut ini)
     };
-    ini.cmd_sn += 1;
+    let itt = req.itt;
     let first = only(ini.send(
         req.encode(),
         text::encode(&pairs(&[("SendTargets", "All")])),
@@ -610,6 +602,20 @@ fn a_long_send_targets_answer_is_split_with_the_c_bit() {
     assert!(body.len() > 512);
 }
 
+/// A Text Request for a new task (new ITT, no TTT) that takes the next CmdSN.
+fn new_text_request(ini: &mut Initiator) -> TextRequest {
+    let itt = ini.itt();
+    let req = TextRequest {
+        itt,
+        ttt: RESERVED_TAG,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: ini.exp_stat_sn,
+        ..Default::default()
+    };
+    ini.cmd_sn += 1;
+    req
+}
+
 #[test]
 fn a_text_request_continued_with_the_c_bit_carries_the_targets_ttt() {
     // RFC 7143 §11.10.4 / §11.11.4: the target answers a C-bit request with an empty response
@@ -618,16 +624,10 @@ fn a_text_request_continued_with_the_c_bit_carries_the_targets_ttt() {
     ini.login_ok(&LoginOptions::discovery());
     let body = text::encode(&pairs(&[("SendTargets", "All")]));
     let (a, b) = body.split_at(5);
-    let itt = ini.itt();
     let req = TextRequest {
         continue_bit: true,
-        itt,
-        ttt: RESERVED_TAG,
-        cmd_sn: ini.cmd_sn,
-        exp_stat_sn: ini.exp_stat_sn,
-        ..Default::default()
+        ..new_text_request(&mut ini)
     };
-    ini.cmd_sn += 1;
     let r = only(ini.send(req.encode(), Bytes::copy_from_slice(a)));
     let t = r.text().clone();
     assert!(!t.final_bit && !t.continue_bit && r.data.is_empty());
@@ -713,16 +713,21 @@ fn digest_session() -> Initiator {
     digest_session_with(&[])
 }
 
-#[test]
-fn digests_apply_to_every_pdu_after_the_last_login_response() {
-    let mut ini = digest_session();
-    let n = NopOut {
+/// An immediate NOP-Out (ITT 9, no TTT) at the session's CmdSN.
+fn ping(ini: &Initiator) -> NopOut {
+    NopOut {
         immediate: true,
         itt: 9,
         ttt: RESERVED_TAG,
         cmd_sn: ini.cmd_sn,
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn digests_apply_to_every_pdu_after_the_last_login_response() {
+    let mut ini = digest_session();
+    let n = ping(&ini);
     let mut wire = ini.encode(n.encode(), Bytes::from_static(b"abc"));
     ini.conn.handle_input(&mut wire, ini.now);
     let out = ini.conn.tx().take_all();
@@ -740,13 +745,7 @@ fn digests_apply_to_every_pdu_after_the_last_login_response() {
 #[test]
 fn a_corrupted_header_digest_closes_the_connection() {
     let mut ini = digest_session();
-    let n = NopOut {
-        immediate: true,
-        itt: 9,
-        ttt: RESERVED_TAG,
-        cmd_sn: ini.cmd_sn,
-        ..Default::default()
-    };
+    let n = ping(&ini);
     let mut wire = ini.encode(n.encode(), Bytes::new());
     wire[20] ^= 0x01;
     assert!(ini.send_raw(&wire).is_empty());
@@ -1054,6 +1053,24 @@ fn solicited() -> (Initiator, super::pdu::ScsiCommand, super::pdu::R2t) {
     (ini, c, r2t)
 }
 
+/// A full-feature session with a 512-byte READ handed to the driver, and its ITT.
+fn executing_read() -> (Initiator, u32) {
+    let mut ini = ffp();
+    let (itt, _) = ini.read(512);
+    ini.expect_command();
+    (ini, itt)
+}
+
+/// A GOOD completion of a read with `n` bytes of [`pattern`] data.
+fn good_read(n: usize) -> Completion {
+    Completion {
+        status: Status::GOOD,
+        sense: None,
+        data: Bytes::from(pattern(n)),
+        transfer_len: n as u32,
+    }
+}
+
 fn expect_sequence_error(ini: &mut Initiator, rs: Vec<Received>, itt: u32) {
     let r = only(rs);
     let s = r.scsi();
@@ -1069,35 +1086,23 @@ fn expect_sequence_error(ini: &mut Initiator, rs: Vec<Received>, itt: u32) {
 }
 
 #[test]
-fn a_wrong_data_sn_fails_the_write() {
-    let (mut ini, c, r2t) = solicited();
-    let d = ini.data_out(c.itt, r2t.ttt, 1, 0, false);
-    let rs = ini.send(d.encode(), Bytes::from(vec![0u8; 4096]));
-    expect_sequence_error(&mut ini, rs, c.itt);
-}
-
-#[test]
-fn a_wrong_buffer_offset_fails_the_write() {
-    let (mut ini, c, r2t) = solicited();
-    let d = ini.data_out(c.itt, r2t.ttt, 0, 512, false);
-    let rs = ini.send(d.encode(), Bytes::from(vec![0u8; 4096]));
-    expect_sequence_error(&mut ini, rs, c.itt);
-}
-
-#[test]
-fn a_wrong_ttt_fails_the_write() {
-    let (mut ini, c, r2t) = solicited();
-    let d = ini.data_out(c.itt, r2t.ttt.wrapping_add(100), 0, 0, false);
-    let rs = ini.send(d.encode(), Bytes::from(vec![0u8; 4096]));
-    expect_sequence_error(&mut ini, rs, c.itt);
-}
-
-#[test]
-fn unsolicited_data_out_when_initial_r2t_is_yes_fails_the_write() {
-    let (mut ini, c, _) = solicited();
-    let d = ini.data_out(c.itt, RESERVED_TAG, 0, 0, false);
-    let rs = ini.send(d.encode(), Bytes::from(vec![0u8; 4096]));
-    expect_sequence_error(&mut ini, rs, c.itt);
+fn a_data_out_out_of_sequence_fails_the_write() {
+    // (what is wrong, its TTT from the R2T, DataSN, buffer offset)
+    type TttOf = fn(&super::pdu::R2t) -> u32;
+    let table: [(&str, TttOf, u32, u32); 4] = [
+        ("DataSN", |r2t| r2t.ttt, 1, 0),
+        ("buffer offset", |r2t| r2t.ttt, 0, 512),
+        ("TTT", |r2t| r2t.ttt.wrapping_add(100), 0, 0),
+        // Unsolicited Data-Out when InitialR2T is Yes.
+        ("unsolicited", |_| RESERVED_TAG, 0, 0),
+    ];
+    for (what, ttt, data_sn, offset) in table {
+        eprintln!("a wrong {what}");
+        let (mut ini, c, r2t) = solicited();
+        let d = ini.data_out(c.itt, ttt(&r2t), data_sn, offset, false);
+        let rs = ini.send(d.encode(), Bytes::from(vec![0u8; 4096]));
+        expect_sequence_error(&mut ini, rs, c.itt);
+    }
 }
 
 #[test]
@@ -1164,9 +1169,7 @@ fn an_extended_cdb_ahs_extends_the_cdb() {
 
 #[test]
 fn a_reused_itt_is_rejected_as_task_in_progress() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
+    let (mut ini, itt) = executing_read();
     let mut again = ini.scsi_command(&[0x28], 512, true, false);
     again.itt = itt;
     let r = only(ini.send_command(&again, Bytes::new()));
@@ -1233,9 +1236,7 @@ fn data_in_sequences_end_with_the_f_bit_at_every_max_burst_length() {
 
 #[test]
 fn check_condition_goes_in_a_scsi_response_with_length_prefixed_sense() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
+    let (mut ini, itt) = executing_read();
     let sense = Bytes::from(vec![
         0x70, 0, 0x03, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x11, 0, 0, 0, 0, 0,
     ]);
@@ -1281,12 +1282,7 @@ fn a_short_read_reports_an_underflow_residual() {
     let mut ini = ffp();
     let (itt, _) = ini.read(4096);
     ini.expect_command();
-    let c = Completion {
-        status: Status::GOOD,
-        sense: None,
-        data: Bytes::from(pattern(1024)),
-        transfer_len: 1024,
-    };
+    let c = good_read(1024);
     let r = only(ini.complete(itt, c));
     assert_eq!(r.data_in().residual, Residual::Underflow(3072));
     assert_eq!(r.data.len(), 1024);
@@ -1294,15 +1290,8 @@ fn a_short_read_reports_an_underflow_residual() {
 
 #[test]
 fn a_read_beyond_edtl_is_truncated_and_reports_an_overflow_residual() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
-    let c = Completion {
-        status: Status::GOOD,
-        sense: None,
-        data: Bytes::from(pattern(1024)),
-        transfer_len: 1024,
-    };
+    let (mut ini, itt) = executing_read();
+    let c = good_read(1024);
     let r = only(ini.complete(itt, c));
     assert_eq!(r.data.len(), 512);
     assert_eq!(r.data_in().residual, Residual::Overflow(512));
@@ -1414,15 +1403,19 @@ fn answering_the_ping_keeps_the_connection() {
 
 // ==================================================================== task management
 
-#[test]
-fn abort_task_on_an_executing_command_waits_for_the_driver() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
-    assert!(ini.tmf(tmf::ABORT_TASK, itt, 1).is_empty());
+/// The task management request the connection hands the driver next.
+fn next_tmf(ini: &mut Initiator) -> TmfEvent {
     let Some(Event::TaskMgmt(t)) = ini.next_event() else {
         panic!("TaskMgmt event expected")
     };
+    t
+}
+
+#[test]
+fn abort_task_on_an_executing_command_waits_for_the_driver() {
+    let (mut ini, itt) = executing_read();
+    assert!(ini.tmf(tmf::ABORT_TASK, itt, 1).is_empty());
+    let t = next_tmf(&mut ini);
     assert_eq!(
         (t.function, t.rtt, t.aborted.clone()),
         (tmf::ABORT_TASK, itt, vec![itt])
@@ -1441,9 +1434,7 @@ fn abort_task_on_an_executing_command_waits_for_the_driver() {
 
 #[test]
 fn abort_task_for_a_task_that_does_not_exist_answers_1() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
+    let (mut ini, itt) = executing_read();
     ini.complete_good(itt, pattern(512));
     // RefCmdSN 1 is below ExpCmdSN: outside the window, so "task does not exist".
     let r = only(ini.tmf(tmf::ABORT_TASK, itt, 1));
@@ -1476,9 +1467,7 @@ fn logical_unit_reset_aborts_the_tasks_of_that_lun_only() {
     ini.send_command(&other, Bytes::new());
     assert_eq!(ini.take_events().len(), 3);
     assert!(ini.tmf(tmf::LOGICAL_UNIT_RESET, RESERVED_TAG, 0).is_empty());
-    let Some(Event::TaskMgmt(t)) = ini.next_event() else {
-        panic!("TaskMgmt event expected")
-    };
+    let t = next_tmf(&mut ini);
     let mut aborted = t.aborted.clone();
     aborted.sort_unstable();
     assert_eq!(aborted, vec![a, b]);
@@ -1499,9 +1488,7 @@ fn logical_unit_reset_aborts_the_tasks_of_that_lun_only() {
 fn abort_task_set_aborts_a_write_still_collecting_data() {
     let (mut ini, c, r2t) = solicited();
     ini.tmf(tmf::ABORT_TASK_SET, RESERVED_TAG, 0);
-    let Some(Event::TaskMgmt(t)) = ini.next_event() else {
-        panic!("TaskMgmt event expected")
-    };
+    let t = next_tmf(&mut ini);
     assert!(t.aborted.is_empty(), "nothing was executing");
     let d = ini.data_out(c.itt, r2t.ttt, 0, 0, true);
     assert!(ini
@@ -1525,13 +1512,9 @@ fn clear_aca_and_task_reassign_are_answered_at_once() {
 
 #[test]
 fn target_cold_reset_closes_the_connection_once_answered() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
+    let (mut ini, itt) = executing_read();
     assert!(ini.tmf(tmf::TARGET_COLD_RESET, RESERVED_TAG, 0).is_empty());
-    let Some(Event::TaskMgmt(t)) = ini.next_event() else {
-        panic!("TaskMgmt event expected")
-    };
+    let t = next_tmf(&mut ini);
     assert_eq!(t.aborted, vec![itt]);
     assert_eq!(
         only(ini.complete_tmf(t.itt, t.function, 0)).tmf().response,
@@ -1544,9 +1527,7 @@ fn target_cold_reset_closes_the_connection_once_answered() {
 
 #[test]
 fn logout_waits_for_tasks_in_flight() {
-    let mut ini = ffp();
-    let (itt, _) = ini.read(512);
-    ini.expect_command();
+    let (mut ini, itt) = executing_read();
     assert!(ini.logout(0).is_empty());
     let rs = ini.complete_good(itt, pattern(512));
     assert_eq!(rs.len(), 2);

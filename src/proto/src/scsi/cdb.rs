@@ -443,6 +443,20 @@ fn lba_len(cdb: &[u8]) -> (u64, u32, u16) {
     }
 }
 
+/// The fields of a READ, WRITE or WRITE AND VERIFY(10/12/16) CDB, which carries no
+/// protection information (RDPROTECT/WRPROTECT 0) and takes FUA and DPO from byte 1.
+fn rw_fields(cdb: &[u8]) -> Result<Rw, Sense> {
+    reject_bits(cdb, 1, 0xE0)?;
+    let (lba, blocks, len_field) = lba_len(cdb);
+    Ok(Rw {
+        lba,
+        blocks,
+        fua: cdb[1] & 0x08 != 0,
+        dpo: cdb[1] & 0x10 != 0,
+        len_field,
+    })
+}
+
 fn parse_known(op: u8, cdb: &[u8]) -> Result<Command, Sense> {
     Ok(match op {
         Opcode::TEST_UNIT_READY => Command::TestUnitReady,
@@ -506,43 +520,17 @@ fn parse_known(op: u8, cdb: &[u8]) -> Result<Command, Sense> {
                 Command::Write(rw)
             }
         }
-        Opcode::READ_10 | Opcode::READ_12 | Opcode::READ_16 => {
-            reject_bits(cdb, 1, 0xE0)?; // RDPROTECT: no protection information
-            let (lba, blocks, len_field) = lba_len(cdb);
-            Command::Read(Rw {
-                lba,
-                blocks,
-                fua: cdb[1] & 0x08 != 0,
-                dpo: cdb[1] & 0x10 != 0,
-                len_field,
-            })
-        }
-        Opcode::WRITE_10 | Opcode::WRITE_12 | Opcode::WRITE_16 => {
-            reject_bits(cdb, 1, 0xE0)?; // WRPROTECT
-            let (lba, blocks, len_field) = lba_len(cdb);
-            Command::Write(Rw {
-                lba,
-                blocks,
-                fua: cdb[1] & 0x08 != 0,
-                dpo: cdb[1] & 0x10 != 0,
-                len_field,
-            })
-        }
+        Opcode::READ_10 | Opcode::READ_12 | Opcode::READ_16 => Command::Read(rw_fields(cdb)?),
+        Opcode::WRITE_10 | Opcode::WRITE_12 | Opcode::WRITE_16 => Command::Write(rw_fields(cdb)?),
         Opcode::WRITE_AND_VERIFY_10 | Opcode::WRITE_AND_VERIFY_12 | Opcode::WRITE_AND_VERIFY_16 => {
-            reject_bits(cdb, 1, 0xE0)?; // WRPROTECT
+            let rw = rw_fields(cdb)?;
             let bytchk = (cdb[1] >> 1) & 0x03;
             if bytchk > 1 {
                 return Err(Sense::invalid_cdb(1, Some(2)));
             }
-            let (lba, blocks, len_field) = lba_len(cdb);
             Command::WriteAndVerify {
-                rw: Rw {
-                    lba,
-                    blocks,
-                    fua: true,
-                    dpo: cdb[1] & 0x10 != 0,
-                    len_field,
-                },
+                // Writes through whatever FUA says.
+                rw: Rw { fua: true, ..rw },
                 bytchk: bytchk == 1,
             }
         }

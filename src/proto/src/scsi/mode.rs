@@ -52,6 +52,15 @@ enum Pc {
 /// (page, subpage) in the order they appear in "all pages".
 const PAGES: [(u8, u8); 4] = [(0x08, 0x00), (0x0A, 0x00), (0x0A, 0x01), (0x1C, 0x00)];
 
+/// A page_0 format mode page (SPC-4 §7.5.7): PAGE CODE, PAGE LENGTH `len`, and `len` bytes of
+/// zeros for the caller to fill.
+fn page_0_format(code: u8, len: u8) -> Vec<u8> {
+    let mut b = vec![0u8; 2 + usize::from(len)];
+    b[0] = code;
+    b[1] = len;
+    b
+}
+
 fn page_bytes(page: u8, subpage: u8, pc: Pc, p: &ModeParams) -> Option<Vec<u8>> {
     let v = match pc {
         Pc::Current => *p,
@@ -66,9 +75,7 @@ fn page_bytes(page: u8, subpage: u8, pc: Pc, p: &ModeParams) -> Option<Vec<u8>> 
     Some(match (page, subpage) {
         (0x08, 0x00) => {
             // Caching (SBC-3 §6.4.5), page length 12h.
-            let mut b = vec![0u8; 20];
-            b[0] = 0x08;
-            b[1] = 0x12;
+            let mut b = page_0_format(0x08, 0x12);
             if v.wce {
                 b[2] |= 0x04;
             }
@@ -76,9 +83,7 @@ fn page_bytes(page: u8, subpage: u8, pc: Pc, p: &ModeParams) -> Option<Vec<u8>> 
         }
         (0x0A, 0x00) => {
             // Control (SPC-4 §7.5.8), page length 0Ah.
-            let mut b = vec![0u8; 12];
-            b[0] = 0x0A;
-            b[1] = 0x0A;
+            let mut b = page_0_format(0x0A, 0x0A);
             if v.d_sense {
                 b[2] |= 0x04;
             }
@@ -104,9 +109,7 @@ fn page_bytes(page: u8, subpage: u8, pc: Pc, p: &ModeParams) -> Option<Vec<u8>> 
         }
         (0x1C, 0x00) => {
             // Informational exceptions control (SPC-4 §7.5.14): exceptions disabled.
-            let mut b = vec![0u8; 12];
-            b[0] = 0x1C;
-            b[1] = 0x0A;
+            let mut b = page_0_format(0x1C, 0x0A);
             if !changeable {
                 b[2] = 0x08; // DEXCPT
             }

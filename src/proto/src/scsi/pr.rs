@@ -407,6 +407,11 @@ impl PrState {
             .collect()
     }
 
+    /// Queue the unit attention `sense` for every registrant other than `p`.
+    fn notify_others(&self, p: &Port<'_>, sense: Sense, ua: &mut Vec<UnitAttention>) {
+        ua.extend(self.others(p).into_iter().map(|id| (id, sense)));
+    }
+
     /// Remove `p`'s registration(s) and apply the reservation consequences (SPC-4
     /// §5.13.11.2.1): a non-AR holder's reservation is released (UA RESERVATIONS RELEASED to
     /// other registrants for registrants-only types); an AR reservation ends with its last
@@ -421,9 +426,7 @@ impl PrState {
             }
         } else if was_holder {
             if res.kind.registrants_access() {
-                for id in self.others(p) {
-                    ua.push((id, Sense::RESERVATIONS_RELEASED));
-                }
+                self.notify_others(p, Sense::RESERVATIONS_RELEASED, ua);
             }
             self.reservation = None;
         }
@@ -441,20 +444,18 @@ impl PrState {
         port_name: &dyn Fn(u16) -> Option<String>,
     ) -> Result<Vec<UnitAttention>, Sense> {
         let mut ua = Vec::new();
+        if Self::needs_registration(sa) {
+            self.check_key(p, params.key)?;
+        }
         match sa {
             ProutAction::REGISTER | ProutAction::REGISTER_AND_IGNORE_EXISTING_KEY => {
                 self.register(p, sa == ProutAction::REGISTER, params, &mut ua)?;
                 self.generation = self.generation.wrapping_add(1);
             }
-            ProutAction::RESERVE => self.reserve(p, scope, kind, params)?,
-            ProutAction::RELEASE => self.release(p, scope, kind, params, &mut ua)?,
+            ProutAction::RESERVE => self.reserve(p, scope, kind, params.key)?,
+            ProutAction::RELEASE => self.release(p, scope, kind, &mut ua)?,
             ProutAction::CLEAR => {
-                self.check_key(p, params.key)?;
-                ua.extend(
-                    self.others(p)
-                        .into_iter()
-                        .map(|id| (id, Sense::RESERVATIONS_PREEMPTED)),
-                );
+                self.notify_others(p, Sense::RESERVATIONS_PREEMPTED, &mut ua);
                 self.registrations.clear();
                 self.reservation = None;
                 self.generation = self.generation.wrapping_add(1);
@@ -470,6 +471,20 @@ impl PrState {
             _ => return Err(Sense::invalid_cdb(1, Some(4))),
         }
         Ok(ua)
+    }
+
+    /// Whether service action `sa` is one only a registered nexus may take, naming its own
+    /// reservation key (every action but the two REGISTERs).
+    fn needs_registration(sa: u8) -> bool {
+        matches!(
+            sa,
+            ProutAction::RESERVE
+                | ProutAction::RELEASE
+                | ProutAction::CLEAR
+                | ProutAction::PREEMPT
+                | ProutAction::PREEMPT_AND_ABORT
+                | ProutAction::REGISTER_AND_MOVE
+        )
     }
 
     fn check_key(&self, p: &Port<'_>, key: u64) -> Result<(), Sense> {
@@ -556,18 +571,11 @@ impl PrState {
         }
     }
 
-    fn reserve(
-        &mut self,
-        p: &Port<'_>,
-        scope: u8,
-        kind: u8,
-        params: &ProutParams,
-    ) -> Result<(), Sense> {
-        self.check_key(p, params.key)?;
+    fn reserve(&mut self, p: &Port<'_>, scope: u8, kind: u8, key: u64) -> Result<(), Sense> {
         let kind = Self::check_scope_type(scope, kind)?;
         match &self.reservation {
             None => {
-                self.reserve_for(p, kind, params.key);
+                self.reserve_for(p, kind, key);
                 Ok(())
             }
             Some(r) if r.kind == kind && self.is_holder(p) => Ok(()),
@@ -580,10 +588,8 @@ impl PrState {
         p: &Port<'_>,
         scope: u8,
         kind: u8,
-        params: &ProutParams,
         ua: &mut Vec<UnitAttention>,
     ) -> Result<(), Sense> {
-        self.check_key(p, params.key)?;
         let Some(res) = &self.reservation else {
             return Ok(());
         };
@@ -594,11 +600,7 @@ impl PrState {
             return Err(Sense::INVALID_RELEASE_OF_PERSISTENT_RESERVATION);
         }
         if res.kind.registrants_access() {
-            ua.extend(
-                self.others(p)
-                    .into_iter()
-                    .map(|id| (id, Sense::RESERVATIONS_RELEASED)),
-            );
+            self.notify_others(p, Sense::RESERVATIONS_RELEASED, ua);
         }
         self.reservation = None;
         Ok(())
@@ -612,7 +614,6 @@ impl PrState {
         params: &ProutParams,
         ua: &mut Vec<UnitAttention>,
     ) -> Result<(), Sense> {
-        self.check_key(p, params.key)?;
         let kind = Self::check_scope_type(scope, kind)?;
         let sa_key = params.sa_key;
         let remove_with_key = |s: &mut Self, ua: &mut Vec<UnitAttention>, key: Option<u64>| {
@@ -682,7 +683,6 @@ impl PrState {
         params: &ProutParams,
         port_name: &dyn Fn(u16) -> Option<String>,
     ) -> Result<(), Sense> {
-        self.check_key(p, params.key)?;
         let kind = Self::check_scope_type(scope, kind)?;
         let Some(res) = self.reservation.clone() else {
             return Err(Sense::RESERVATION_CONFLICT);

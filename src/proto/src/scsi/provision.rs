@@ -93,6 +93,21 @@ pub struct LbaStatus {
     pub state: LbaState,
 }
 
+/// Encode an UNMAP parameter list of (LBA, block count) descriptors, as an initiator sends it
+/// and [`parse_unmap`] reads it (for tests and tools).
+pub fn unmap_list(descs: &[(u64, u32)]) -> Vec<u8> {
+    let mut v = vec![0u8; 8];
+    let n = 8 + 16 * descs.len();
+    v[0..2].copy_from_slice(&((n - 2) as u16).to_be_bytes());
+    v[2..4].copy_from_slice(&((n - 8) as u16).to_be_bytes());
+    for (lba, blocks) in descs {
+        v.extend_from_slice(&lba.to_be_bytes());
+        v.extend_from_slice(&blocks.to_be_bytes());
+        v.extend_from_slice(&[0; 4]);
+    }
+    v
+}
+
 /// GET LBA STATUS parameter data, untruncated.
 pub fn lba_status(descs: &[LbaStatus]) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + 16 * descs.len());
@@ -121,22 +136,9 @@ mod tests {
         max_descriptors: 4,
     };
 
-    fn list(descs: &[(u64, u32)]) -> Vec<u8> {
-        let mut v = vec![0u8; 8];
-        let n = 8 + 16 * descs.len();
-        v[0..2].copy_from_slice(&((n - 2) as u16).to_be_bytes());
-        v[2..4].copy_from_slice(&((n - 8) as u16).to_be_bytes());
-        for (lba, blocks) in descs {
-            v.extend_from_slice(&lba.to_be_bytes());
-            v.extend_from_slice(&blocks.to_be_bytes());
-            v.extend_from_slice(&[0; 4]);
-        }
-        v
-    }
-
     #[test]
     fn parses_descriptors() {
-        let d = list(&[(0, 10), (999, 1), (1000, 0)]);
+        let d = unmap_list(&[(0, 10), (999, 1), (1000, 0)]);
         let got = parse_unmap(&d, d.len(), &LIM).unwrap();
         assert_eq!(got.len(), 3);
         assert_eq!(
@@ -146,7 +148,7 @@ mod tests {
                 blocks: 1
             }
         );
-        assert!(parse_unmap(&list(&[]), 8, &LIM).unwrap().is_empty());
+        assert!(parse_unmap(&unmap_list(&[]), 8, &LIM).unwrap().is_empty());
         assert!(parse_unmap(&[], 0, &LIM).unwrap().is_empty());
     }
 
@@ -156,33 +158,33 @@ mod tests {
             parse_unmap(&[0; 4], 4, &LIM).unwrap_err(),
             Sense::PARAMETER_LIST_LENGTH_ERROR
         );
-        let d = list(&[(995, 10)]);
+        let d = unmap_list(&[(995, 10)]);
         assert_eq!(
             parse_unmap(&d, d.len(), &LIM).unwrap_err(),
             Sense::LBA_OUT_OF_RANGE
         );
-        let d = list(&[(0, 300), (300, 300)]);
+        let d = unmap_list(&[(0, 300), (300, 300)]);
         assert_eq!(
             parse_unmap(&d, d.len(), &LIM).unwrap_err(),
             Sense::invalid_param(32, None)
         );
-        let d = list(&[(0, 1); 5]);
+        let d = unmap_list(&[(0, 1); 5]);
         assert_eq!(
             parse_unmap(&d, d.len(), &LIM).unwrap_err(),
             Sense::invalid_param(2, None)
         );
-        let mut d = list(&[(0, 1)]);
+        let mut d = unmap_list(&[(0, 1)]);
         d[3] = 0x40;
         assert_eq!(
             parse_unmap(&d, d.len(), &LIM).unwrap_err(),
             Sense::invalid_param(2, None)
         );
-        let d = list(&[(u64::MAX, 2)]);
+        let d = unmap_list(&[(u64::MAX, 2)]);
         assert_eq!(
             parse_unmap(&d, d.len(), &LIM).unwrap_err(),
             Sense::LBA_OUT_OF_RANGE
         );
-        let d = list(&[(0, 1)]);
+        let d = unmap_list(&[(0, 1)]);
         assert_eq!(
             parse_unmap(&d[..20], d.len(), &LIM).unwrap_err(),
             Sense::PARAMETER_LIST_LENGTH_ERROR

@@ -4,7 +4,6 @@
 use std::sync::atomic::Ordering;
 
 use super::*;
-use crate::LuConfig;
 
 const ILLEGAL: u8 = 0x5;
 
@@ -37,12 +36,7 @@ async fn standard_inquiry() {
     let r = run(&lu, &n, &inquiry(false, 1, 255), &[]).await;
     assert_check(&r, ILLEGAL, 0x24, 0);
     assert_eq!(sks(&r), [0xCF, 0, 2]);
-    assert_check(
-        &run(&lu, &n, &inquiry(true, 0x81, 255), &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &inquiry(true, 0x81, 255), &[], 0x24).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -98,9 +92,7 @@ fn mode_sense6(dbd: bool, pc: u8, page: u8, sub: u8, alloc: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn mode_sense_pages_and_residuals() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     let r = run(&lu, &n, &mode_sense6(false, 0, 0x3F, 0, 255), &[]).await;
     assert_good(&r);
     assert_eq!(r.data_in[0] as usize, r.data_in.len() - 1);
@@ -124,18 +116,8 @@ async fn mode_sense_pages_and_residuals() {
     assert_good(&r);
     assert_eq!(u16::from_be_bytes([r.data_in[6], r.data_in[7]]), 16);
     // Saved values are not supported; unknown pages are invalid.
-    assert_check(
-        &run(&lu, &n, &mode_sense6(true, 3, 0x08, 0, 255), &[]).await,
-        ILLEGAL,
-        0x39,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &mode_sense6(true, 0, 0x19, 0, 255), &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &mode_sense6(true, 3, 0x08, 0, 255), &[], 0x39).await;
+    assert_illegal(&lu, &n, &mode_sense6(true, 0, 0x19, 0, 255), &[], 0x24).await;
 }
 
 async fn control_page(lu: &LogicalUnit, n: &Nexus) -> Vec<u8> {
@@ -152,11 +134,7 @@ fn mode_select6(page: &[u8]) -> (Vec<u8>, Vec<u8>) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn swp_write_protects_and_tells_other_nexuses() {
-    let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (lu, a, b) = setup_fresh_pair().await;
     let mut page = control_page(&lu, &a).await;
     page[4] |= 0x08;
     let (cdb, data) = mode_select6(&page);
@@ -166,27 +144,19 @@ async fn swp_write_protects_and_tells_other_nexuses() {
     assert_eq!(control_page(&lu, &a).await[4] & 0x08, 0x08);
     let r = run(&lu, &a, &mode_sense6(true, 0, 0x3F, 0, 255), &[]).await;
     assert_eq!(r.data_in[2] & 0x80, 0x80, "WP in the header");
-    assert_check(
-        &run(&lu, &a, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await,
-        0x7,
-        0x27,
-        0x02,
-    );
-    assert_good(&run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_check(&write0(&lu, &a).await, 0x7, 0x27, 0x02);
+    assert_good(&read0(&lu, &a).await);
     // b hears about it once.
-    assert_check(&run(&lu, &b, &[0; 6], &[]).await, 0x6, 0x2A, 0x01);
-    assert_good(&run(&lu, &b, &[0; 6], &[]).await);
+    assert_ua_once(&lu, &b, 0x2A, 0x01).await;
     page[4] &= !0x08;
     let (cdb, data) = mode_select6(&page);
     assert_good(&run(&lu, &a, &cdb, &data).await);
-    assert_good(&run(&lu, &a, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await);
+    assert_good(&write0(&lu, &a).await);
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn d_sense_switches_to_descriptor_format() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     let mut page = control_page(&lu, &n).await;
     page[2] |= 0x04;
     let (cdb, data) = mode_select6(&page);
@@ -199,23 +169,20 @@ async fn d_sense_switches_to_descriptor_format() {
 #[tokio::test(flavor = "current_thread")]
 async fn wce_off_forces_fua() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let r = run(&lu, &n, &mode_sense6(true, 0, 0x08, 0, 255), &[]).await;
     let mut page = r.data_in[4..24].to_vec();
     assert_eq!(page[2] & 0x04, 0x04);
     page[2] &= !0x04;
     let (cdb, data) = mode_select6(&page);
     assert_good(&run(&lu, &n, &cdb, &data).await);
-    assert_good(&run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await);
+    assert_good(&write0(&lu, &n).await);
     assert!(dev.last_fua.load(Ordering::SeqCst));
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn mode_select_rejects_what_is_not_changeable() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     let mut page = control_page(&lu, &n).await;
     page[3] ^= 0x06; // QERR
     let (cdb, data) = mode_select6(&page);
@@ -223,20 +190,15 @@ async fn mode_select_rejects_what_is_not_changeable() {
     assert_check(&r, ILLEGAL, 0x26, 0);
     assert_eq!(sks(&r), [0x8A, 0, 7]);
     // Truncated header, SP set, PS set.
-    assert_check(
-        &run(&lu, &n, &[0x15, 0x10, 0, 0, 2, 0], &[0, 0]).await,
-        ILLEGAL,
-        0x1A,
-        0,
-    );
+    assert_illegal(&lu, &n, &[0x15, 0x10, 0, 0, 2, 0], &[0, 0], 0x1A).await;
     let page = control_page(&lu, &n).await;
     let (mut cdb, data) = mode_select6(&page);
     cdb[1] |= 0x01;
-    assert_check(&run(&lu, &n, &cdb, &data).await, ILLEGAL, 0x24, 0);
+    assert_illegal(&lu, &n, &cdb, &data, 0x24).await;
     let mut ps = page.clone();
     ps[0] |= 0x80;
     let (cdb, data) = mode_select6(&ps);
-    assert_check(&run(&lu, &n, &cdb, &data).await, ILLEGAL, 0x26, 0);
+    assert_illegal(&lu, &n, &cdb, &data, 0x26).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -258,9 +220,7 @@ async fn request_sense_reports_and_clears_the_unit_attention() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn unknown_opcodes_and_bad_control_bytes() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     for op in [0x02u8, 0x04, 0x3B, 0x48, 0x7F, 0xC0, 0xFF] {
         let r = run(&lu, &n, &[op, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
         assert_check(&r, ILLEGAL, 0x20, 0);
@@ -293,9 +253,7 @@ fn rsoc(rctd: bool, options: u8, op: u8, sa: u16, alloc: u32) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn report_supported_operation_codes() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     let r = run(&lu, &n, &rsoc(false, 0, 0, 0, 65535), &[]).await;
     assert_good(&r);
     let d = &r.data_in;
@@ -315,12 +273,7 @@ async fn report_supported_operation_codes() {
         assert_eq!(one.data_in[1], 0x83, "op {op:#x}");
         assert_eq!(one.data_in[4], op);
         let wrong = if servactv == 1 { 1 } else { 2 };
-        assert_check(
-            &run(&lu, &n, &rsoc(false, wrong, op, sa, 65535), &[]).await,
-            ILLEGAL,
-            0x24,
-            0,
-        );
+        assert_illegal(&lu, &n, &rsoc(false, wrong, op, sa, 65535), &[], 0x24).await;
         at += 8;
     }
     let r = run(&lu, &n, &rsoc(true, 0, 0, 0, 65535), &[]).await;
@@ -426,15 +379,13 @@ async fn a_taken_over_unit_greets_new_nexuses_with_state_changed() {
     let (lu, _) = setup();
     lu.set_first_unit_attention(tessera_proto::scsi::Sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
     let a = nexus("a", 1);
-    assert_check(&run(&lu, &a, &[0; 6], &[]).await, 0x6, 0x2A, 0x06);
-    assert_good(&run(&lu, &a, &[0; 6], &[]).await);
+    assert_ua_once(&lu, &a, 0x2A, 0x06).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn start_stop_unit_on_fixed_media() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let r = run(&lu, &n, &[0x1B, 0, 0, 0, 0x02, 0], &[]).await;
     assert_check(&r, ILLEGAL, 0x24, 0);
     assert_eq!(sks(&r), [0xC9, 0, 4]);
@@ -454,17 +405,8 @@ async fn start_stop_unit_on_fixed_media() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn prevent_blocks_eject_for_every_nexus_until_allowed() {
-    let (lu, _) = setup_with(
-        LuConfig {
-            removable: true,
-            ..LuConfig::default()
-        },
-        TestDevice::new(1 << 20),
-    );
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (lu, _) = setup_removable();
+    let (a, b) = fresh_pair(&lu).await;
     let inq = run(&lu, &a, &inquiry(false, 0, 36), &[]).await;
     assert_eq!(inq.data_in[1], 0x80, "RMB");
     assert_good(&run(&lu, &a, &[0x1E, 0, 0, 0, 1, 0], &[]).await);
@@ -477,12 +419,7 @@ async fn prevent_blocks_eject_for_every_nexus_until_allowed() {
         0x53,
         0x02,
     );
-    assert_check(
-        &run(&lu, &a, &[0x1E, 0, 0, 0, 2, 0], &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &a, &[0x1E, 0, 0, 0, 2, 0], &[], 0x24).await;
     assert_good(&run(&lu, &a, &[0x1E, 0, 0, 0, 0, 0], &[]).await);
     assert_good(&run(&lu, &b, &eject, &[]).await);
     assert_check(&run(&lu, &a, &[0; 6], &[]).await, 0x2, 0x3A, 0);
@@ -491,21 +428,12 @@ async fn prevent_blocks_eject_for_every_nexus_until_allowed() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn prevent_is_cleared_by_nexus_loss_and_reset() {
-    let (lu, _) = setup_with(
-        LuConfig {
-            removable: true,
-            ..LuConfig::default()
-        },
-        TestDevice::new(1 << 20),
-    );
-    let a = nexus("a", 1);
-    fresh(&lu, &a).await;
-    let eject = [0x1B, 0, 0, 0, 0x02, 0];
-    let load = [0x1B, 0, 0, 0, 0x03, 0];
+    let (lu, _) = setup_removable();
+    let a = fresh_nexus(&lu, "a", 1).await;
+    let (eject, load) = eject_load(false);
     assert_good(&run(&lu, &a, &[0x1E, 0, 0, 0, 1, 0], &[]).await);
     lu.nexus_gone(&a);
-    let a2 = nexus("a", 3);
-    fresh(&lu, &a2).await;
+    let a2 = fresh_nexus(&lu, "a", 3).await;
     assert_good(&run(&lu, &a2, &eject, &[]).await);
     assert_good(&run(&lu, &a2, &load, &[]).await);
     assert_good(&run(&lu, &a2, &[0x1E, 0, 0, 0, 1, 0], &[]).await);
@@ -517,9 +445,7 @@ async fn prevent_is_cleared_by_nexus_loss_and_reset() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn mode_select_ten_with_block_descriptor() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     // MODE SENSE(10) of the caching page with its block descriptor, sent back with WCE off.
     let r = run(&lu, &n, &[0x5A, 0, 0x08, 0, 0, 0, 0, 0, 255, 0], &[]).await;
     assert_good(&r);

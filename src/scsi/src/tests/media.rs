@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tessera_proto::block::BlockError;
+use tessera_proto::scsi::provision::unmap_list;
 
 use super::*;
 use crate::LuConfig;
@@ -14,9 +15,7 @@ const ILLEGAL: u8 = 0x5;
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_then_read_back_through_every_cdb_size() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     write_blocks(&lu, &n, 10, &blocks(2, 0xAB)).await;
     let r = run(&lu, &n, &rw16(READ16, 10, 2, 0), &[]).await;
     assert_good(&r);
@@ -43,35 +42,21 @@ async fn write_then_read_back_through_every_cdb_size() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn zero_blocks_is_good_without_data() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     let r = run(&lu, &n, &rw10(READ10, 0, 0, 0), &[]).await;
     assert_good(&r);
     assert!(r.data_in.is_empty());
     assert_eq!(r.transfer_len, 0);
     assert_good(&run(&lu, &n, &rw10(WRITE10, 2048, 0, 0), &[]).await);
     // Zero blocks past the end is still out of range.
-    assert_check(
-        &run(&lu, &n, &rw10(READ10, 2049, 0, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(READ10, 2049, 0, 0), &[], 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn beyond_end_of_medium_is_lba_out_of_range() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     for (lba, count) in [(2047u64, 2u32), (2048, 1), (1 << 63, 1), (u64::MAX, 1)] {
-        assert_check(
-            &run(&lu, &n, &rw16(READ16, lba, count, 0), &[]).await,
-            ILLEGAL,
-            0x21,
-            0,
-        );
+        assert_illegal(&lu, &n, &rw16(READ16, lba, count, 0), &[], 0x21).await;
         assert_check(
             &run(
                 &lu,
@@ -85,37 +70,24 @@ async fn beyond_end_of_medium_is_lba_out_of_range() {
             0,
         );
     }
-    assert_check(
-        &run(&lu, &n, &rw10(READ10, u32::MAX, 1, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(READ10, u32::MAX, 1, 0), &[], 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn rdprotect_and_wrprotect_are_invalid_fields() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     for p in 1..8u8 {
         let r = run(&lu, &n, &rw10(READ10, 0, 1, p << 5), &[]).await;
         assert_check(&r, ILLEGAL, 0x24, 0);
         assert_eq!(sks(&r), [0xCF, 0, 1]);
-        assert_check(
-            &run(&lu, &n, &rw16(WRITE16, 0, 1, p << 5), &blocks(1, 0)).await,
-            ILLEGAL,
-            0x24,
-            0,
-        );
+        assert_illegal(&lu, &n, &rw16(WRITE16, 0, 1, p << 5), &blocks(1, 0), 0x24).await;
     }
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn dpo_is_accepted_and_fua_reaches_the_device() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     assert_good(&run(&lu, &n, &rw10(READ10, 0, 1, 0x18), &[]).await);
     assert_good(&run(&lu, &n, &rw10(WRITE10, 0, 1, 0x08), &blocks(1, 1)).await);
     assert!(dev.last_fua.load(Ordering::SeqCst));
@@ -132,15 +104,14 @@ async fn read_only_logical_unit_rejects_writes() {
         },
         TestDevice::new(1 << 20),
     );
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     assert_check(
         &run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(1, 1)).await,
         0x7,
         0x27,
         0,
     );
-    assert_good(&run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &n).await);
     let ws = rw10(0x41, 0, 1, 0);
     assert_check(&run(&lu, &n, &ws, &blocks(1, 0)).await, 0x7, 0x27, 0);
 }
@@ -148,8 +119,7 @@ async fn read_only_logical_unit_rejects_writes() {
 #[tokio::test(flavor = "current_thread")]
 async fn transfer_length_above_the_block_limit_is_invalid() {
     let (lu, _) = setup_with(LuConfig::default(), TestDevice::new(64 << 20));
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let max = (16u32 << 20) / 512;
     let r = run(&lu, &n, &rw16(READ16, 0, max + 1, 0), &[]).await;
     assert_check(&r, ILLEGAL, 0x24, 0);
@@ -159,27 +129,20 @@ async fn transfer_length_above_the_block_limit_is_invalid() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_residuals_follow_the_shorter_length() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
-    // Data-Out longer than the CDB: only the CDB's block is written.
-    write_blocks(&lu, &n, 0, &blocks(2, b'a')).await;
-    let r = run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(2, b'b')).await;
-    assert_good(&r);
-    assert_eq!(r.transfer_len, 512);
-    assert_eq!(
-        &read_blocks(&lu, &n, 0, 2).await[..],
-        &[blocks(1, b'b'), blocks(1, b'a')].concat()[..]
-    );
-    // Data-Out shorter by a whole block: only what arrived is written.
-    write_blocks(&lu, &n, 0, &blocks(2, b'a')).await;
-    let r = run(&lu, &n, &rw10(WRITE10, 0, 2, 0), &blocks(1, b'b')).await;
-    assert_good(&r);
-    assert_eq!(r.transfer_len, 1024);
-    assert_eq!(
-        &read_blocks(&lu, &n, 0, 2).await[..],
-        &[blocks(1, b'b'), blocks(1, b'a')].concat()[..]
-    );
+    let (lu, n) = setup_fresh().await;
+    // (CDB blocks, Data-Out blocks, residual-free length): a Data-Out longer than the CDB
+    // writes only the CDB's block; one shorter by a whole block writes only what arrived.
+    for (cdb_blocks, data_blocks, transfer_len) in [(1, 2, 512), (2, 1, 1024)] {
+        write_blocks(&lu, &n, 0, &blocks(2, b'a')).await;
+        let cdb = rw10(WRITE10, 0, cdb_blocks, 0);
+        let r = run(&lu, &n, &cdb, &blocks(data_blocks, b'b')).await;
+        assert_good(&r);
+        assert_eq!(r.transfer_len, transfer_len);
+        assert_eq!(
+            &read_blocks(&lu, &n, 0, 2).await[..],
+            &[blocks(1, b'b'), blocks(1, b'a')].concat()[..]
+        );
+    }
     // Data-Out ending inside a block: what arrived is written, the rest of the block kept.
     let r = run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &[b'c'; 200]).await;
     assert_good(&r);
@@ -195,9 +158,7 @@ async fn write_residuals_follow_the_shorter_length() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn verify_medium_bytchk_and_single_block_compare() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     write_blocks(&lu, &n, 4, &blocks(4, 7)).await;
     assert_good(&run(&lu, &n, &rw10(0x2F, 4, 4, 0x10), &[]).await);
     let r = run(&lu, &n, &rw10(0x2F, 4, 4, 0x02), &blocks(4, 7)).await;
@@ -219,31 +180,15 @@ async fn verify_medium_bytchk_and_single_block_compare() {
         0,
     );
     // VRPROTECT and BYTCHK = 10b are invalid; out of range too.
-    assert_check(
-        &run(&lu, &n, &rw10(0x2F, 4, 1, 0x20), &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &rw10(0x2F, 4, 1, 0x04), &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &rw10(0x2F, 2047, 2, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(0x2F, 4, 1, 0x20), &[], 0x24).await;
+    assert_illegal(&lu, &n, &rw10(0x2F, 4, 1, 0x04), &[], 0x24).await;
+    assert_illegal(&lu, &n, &rw10(0x2F, 2047, 2, 0), &[], 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_and_verify_writes_through() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     for (op, cdb) in [
         (0x2E, rw10(0x2E, 3, 2, 0x02)),
         (0xAE, rw12(0xAE, 3, 2, 0)),
@@ -255,18 +200,8 @@ async fn write_and_verify_writes_through() {
         assert!(dev.last_fua.load(Ordering::SeqCst));
         assert_eq!(&read_blocks(&lu, &n, 3, 2).await[..], &blocks(2, op)[..]);
     }
-    assert_check(
-        &run(&lu, &n, &rw10(0x2E, 3, 1, 0x20), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &rw10(0x2E, 2048, 1, 0), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(0x2E, 3, 1, 0x20), &blocks(1, 0), 0x24).await;
+    assert_illegal(&lu, &n, &rw10(0x2E, 2048, 1, 0), &blocks(1, 0), 0x21).await;
 }
 
 fn caw(lba: u64, n: u8, flags: u8) -> Vec<u8> {
@@ -280,9 +215,7 @@ fn caw(lba: u64, n: u8, flags: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn compare_and_write_success_and_miscompare() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     write_blocks(&lu, &n, 8, &blocks(2, b'A')).await;
     let data = [blocks(2, b'A'), blocks(2, b'B')].concat();
     let r = run(&lu, &n, &caw(8, 2, 0x18), &data).await;
@@ -301,34 +234,17 @@ async fn compare_and_write_success_and_miscompare() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn compare_and_write_checks_length_range_and_protect() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     // Data-Out of 4 blocks for 1 or 3 blocks, or a zero-length CDB with data: invalid.
     for count in [1u8, 3] {
         let r = run(&lu, &n, &caw(0, count, 0), &blocks(4, 0)).await;
         assert_check(&r, ILLEGAL, 0x24, 0);
         assert_eq!(sks(&r), [0xC0, 0, 13]);
     }
-    assert_check(
-        &run(&lu, &n, &caw(0, 0, 0), &blocks(512, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &caw(0, 0, 0), &blocks(512, 0), 0x24).await;
     assert_good(&run(&lu, &n, &caw(0, 0, 0), &[]).await);
-    assert_check(
-        &run(&lu, &n, &caw(2047, 2, 0), &blocks(4, 0)).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &caw(0, 1, 0x20), &blocks(2, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &caw(2047, 2, 0), &blocks(4, 0), 0x21).await;
+    assert_illegal(&lu, &n, &caw(0, 1, 0x20), &blocks(2, 0), 0x24).await;
 }
 
 /// An ordinary WRITE racing a COMPARE AND WRITE to the same block must serialize: the
@@ -337,13 +253,8 @@ async fn compare_and_write_checks_length_range_and_protect() {
 #[test]
 fn compare_and_write_is_atomic_against_concurrent_writes() {
     local(async {
-        let mut dev = TestDevice::new(1 << 20);
-        dev.yields = true;
-        let (lu, _) = setup_with(LuConfig::default(), dev);
-        let a = nexus("a", 1);
-        let b = nexus("b", 2);
-        fresh(&lu, &a).await;
-        fresh(&lu, &b).await;
+        let lu = setup_yielding();
+        let (a, b) = fresh_pair(&lu).await;
         for round in 0..50u8 {
             write_blocks(&lu, &a, 0, &blocks(1, b'A')).await;
             let (l1, l2) = (lu.clone(), lu.clone());
@@ -379,9 +290,7 @@ fn compare_and_write_is_atomic_against_concurrent_writes() {
 #[test]
 fn compare_and_write_increments_never_lose_updates() {
     local(async {
-        let mut dev = TestDevice::new(1 << 20);
-        dev.yields = true;
-        let (lu, _) = setup_with(LuConfig::default(), dev);
+        let lu = setup_yielding();
         let mut tasks = vec![];
         for t in 0..4u64 {
             let lu = lu.clone();
@@ -406,8 +315,7 @@ fn compare_and_write_increments_never_lose_updates() {
         for t in tasks {
             t.await.unwrap();
         }
-        let n = nexus("check", 99);
-        fresh(&lu, &n).await;
+        let n = fresh_nexus(&lu, "check", 99).await;
         let cur = read_blocks(&lu, &n, 5, 1).await;
         assert_eq!(u64::from_be_bytes(cur[..8].try_into().unwrap()), 40);
     });
@@ -423,9 +331,7 @@ fn ws16(lba: u64, n: u32, flags: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_replicates_the_block() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     let mut block = blocks(1, 0);
     block[0] = 0x5A;
     block[511] = 0xA5;
@@ -437,25 +343,13 @@ async fn write_same_replicates_the_block() {
         &[block.clone(), block.clone(), block.clone()].concat()[..]
     );
     assert_good(&run(&lu, &n, &ws16(2040, 8, 0), &block).await);
-    assert_check(
-        &run(&lu, &n, &ws16(2041, 8, 0), &block).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &ws10(2049, 0, 0), &block).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &ws16(2041, 8, 0), &block, 0x21).await;
+    assert_illegal(&lu, &n, &ws10(2049, 0, 0), &block, 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_zero_length_runs_to_the_end_within_the_limit() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     assert_good(&run(&lu, &n, &ws10(2000, 0, 0), &blocks(1, 9)).await);
     assert_eq!(
         &read_blocks(&lu, &n, 2000, 48).await[..],
@@ -479,8 +373,7 @@ async fn write_same_zero_length_runs_to_the_end_within_the_limit() {
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_unmap_deallocates_zero_data() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     write_blocks(&lu, &n, 0, &blocks(16, 0xFF)).await;
     let writes = dev.writes.load(Ordering::SeqCst);
     assert_good(&run(&lu, &n, &ws16(0, 16, 0x08), &blocks(1, 0)).await);
@@ -505,35 +398,13 @@ async fn write_same_unmap_deallocates_zero_data() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn write_same_field_errors() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     // ANCHOR (with or without UNMAP): ANC_SUP = 0.
-    assert_check(
-        &run(&lu, &n, &ws10(0, 1, 0x10), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &ws10(0, 1, 0x18), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &ws10(0, 1, 0x10), &blocks(1, 0), 0x24).await;
+    assert_illegal(&lu, &n, &ws10(0, 1, 0x18), &blocks(1, 0), 0x24).await;
     // WRPROTECT, PBDATA/LBDATA.
-    assert_check(
-        &run(&lu, &n, &ws16(0, 1, 0x20), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &ws10(0, 1, 0x02), &blocks(1, 0)).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &ws16(0, 1, 0x20), &blocks(1, 0), 0x24).await;
+    assert_illegal(&lu, &n, &ws10(0, 1, 0x02), &blocks(1, 0), 0x24).await;
     // Data-Out other than one block.
     for len in [256usize, 1024] {
         let r = run(&lu, &n, &ws10(0, 1, 0x08), &vec![0; len]).await;
@@ -554,19 +425,6 @@ async fn write_same_field_errors() {
     assert_good(&run(&full, &n, &ws10(0, 1, 0), &blocks(1, 0)).await);
 }
 
-fn unmap_list(descs: &[(u64, u32)]) -> Vec<u8> {
-    let mut v = vec![0u8; 8];
-    let total = 8 + 16 * descs.len();
-    v[0..2].copy_from_slice(&((total - 2) as u16).to_be_bytes());
-    v[2..4].copy_from_slice(&((total - 8) as u16).to_be_bytes());
-    for (lba, n) in descs {
-        v.extend_from_slice(&lba.to_be_bytes());
-        v.extend_from_slice(&n.to_be_bytes());
-        v.extend_from_slice(&[0; 4]);
-    }
-    v
-}
-
 fn unmap_cdb(len: u16, anchor: bool) -> Vec<u8> {
     let mut c = vec![0u8; 10];
     c[0] = 0x42;
@@ -578,8 +436,7 @@ fn unmap_cdb(len: u16, anchor: bool) -> Vec<u8> {
 #[tokio::test(flavor = "current_thread")]
 async fn unmap_deallocates_every_descriptor() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     write_blocks(&lu, &n, 0, &blocks(32, 0xEE)).await;
     let list = unmap_list(&[(0, 8), (16, 16), (2048, 0)]);
     let r = run(&lu, &n, &unmap_cdb(list.len() as u16, false), &list).await;
@@ -599,36 +456,14 @@ async fn unmap_deallocates_every_descriptor() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn unmap_errors() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     let list = unmap_list(&[(2040, 9)]);
-    assert_check(
-        &run(&lu, &n, &unmap_cdb(list.len() as u16, false), &list).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &unmap_cdb(4, false), &[0; 4]).await,
-        ILLEGAL,
-        0x1A,
-        0,
-    );
+    assert_illegal(&lu, &n, &unmap_cdb(list.len() as u16, false), &list, 0x21).await;
+    assert_illegal(&lu, &n, &unmap_cdb(4, false), &[0; 4], 0x1A).await;
     let list = unmap_list(&[(0, 1)]);
-    assert_check(
-        &run(&lu, &n, &unmap_cdb(list.len() as u16, true), &list).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &unmap_cdb(list.len() as u16, true), &list, 0x24).await;
     let many = unmap_list(&vec![(0, 1); 1025]);
-    assert_check(
-        &run(&lu, &n, &unmap_cdb(many.len() as u16, false), &many).await,
-        ILLEGAL,
-        0x26,
-        0,
-    );
+    assert_illegal(&lu, &n, &unmap_cdb(many.len() as u16, false), &many, 0x26).await;
     let mut dev = TestDevice::new(1 << 20);
     dev.thin = false;
     let (full, _) = setup_with(LuConfig::default(), dev);
@@ -648,9 +483,7 @@ fn get_lba_status(lba: u64, alloc: u32) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn get_lba_status_reports_mapped_and_deallocated() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     write_blocks(&lu, &n, 8, &blocks(8, 1)).await; // one 4 KiB page mapped: LBAs 8..16
     let r = run(&lu, &n, &get_lba_status(0, 1024), &[]).await;
     assert_good(&r);
@@ -676,58 +509,33 @@ async fn get_lba_status_reports_mapped_and_deallocated() {
     assert_eq!(r.data_in[20], 0);
     // Beyond the end.
     for lba in [2048u64, 2049, 1 << 63, u64::MAX] {
-        assert_check(
-            &run(&lu, &n, &get_lba_status(lba, 24), &[]).await,
-            ILLEGAL,
-            0x21,
-            0,
-        );
+        assert_illegal(&lu, &n, &get_lba_status(lba, 24), &[], 0x21).await;
     }
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn synchronize_cache_flushes_and_checks_range() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     assert_good(&run(&lu, &n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
     assert_good(&run(&lu, &n, &rw16(0x91, 100, 10, 0x02), &[]).await);
     assert_eq!(dev.flushes.load(Ordering::SeqCst), 2);
-    assert_check(
-        &run(&lu, &n, &rw16(0x91, 2040, 10, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw16(0x91, 2040, 10, 0), &[], 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn pre_fetch_is_good_and_range_checked() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     assert_good(&run(&lu, &n, &rw10(0x34, 0, 256, 0x02), &[]).await);
     assert_good(&run(&lu, &n, &rw16(0x90, 2047, 1, 0), &[]).await);
     assert_good(&run(&lu, &n, &rw10(0x34, 0, 0, 0), &[]).await);
-    assert_check(
-        &run(&lu, &n, &rw10(0x34, 2049, 0, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
-    assert_check(
-        &run(&lu, &n, &rw16(0x90, 2047, 2, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(0x34, 2049, 0, 0), &[], 0x21).await;
+    assert_illegal(&lu, &n, &rw16(0x90, 2047, 2, 0), &[], 0x21).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn read_capacity_ten_and_sixteen() {
-    let (lu, _) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let (lu, n) = setup_fresh().await;
     let r = run(&lu, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
     assert_good(&r);
     assert_eq!(&r.data_in[..], &[0, 0, 0x07, 0xFF, 0, 0, 2, 0]);
@@ -746,12 +554,7 @@ async fn read_capacity_ten_and_sixteen() {
     assert_eq!(r.data_in.len(), 15);
     assert_eq!(r.transfer_len, 15);
     // PMI = 0 with a non-zero LBA is invalid.
-    assert_check(
-        &run(&lu, &n, &[0x25, 0, 0, 0, 0, 1, 0, 0, 0, 0], &[]).await,
-        ILLEGAL,
-        0x24,
-        0,
-    );
+    assert_illegal(&lu, &n, &[0x25, 0, 0, 0, 0, 1, 0, 0, 0, 0], &[], 0x24).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -763,19 +566,13 @@ async fn four_k_logical_units() {
         },
         TestDevice::new(1 << 20),
     );
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     let r = run(&lu, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
     assert_eq!(&r.data_in[..], &[0, 0, 0, 255, 0, 0, 0x10, 0]);
     assert_good(&run(&lu, &n, &rw10(WRITE10, 255, 1, 0), &vec![4; 4096]).await);
     let r = run(&lu, &n, &rw10(READ10, 255, 1, 0), &[]).await;
     assert_eq!(r.data_in.len(), 4096);
-    assert_check(
-        &run(&lu, &n, &rw10(READ10, 256, 1, 0), &[]).await,
-        ILLEGAL,
-        0x21,
-        0,
-    );
+    assert_illegal(&lu, &n, &rw10(READ10, 256, 1, 0), &[], 0x21).await;
     assert!(LogicalUnit::new(
         LuConfig {
             block_size: 1024,
@@ -790,43 +587,24 @@ async fn four_k_logical_units() {
 #[tokio::test(flavor = "current_thread")]
 async fn backend_errors_map_through_the_sense_table() {
     let (lu, dev) = setup();
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
+    let n = fresh_nexus(&lu, "a", 1).await;
     *dev.fail.lock().unwrap() = Some(BlockError::Medium);
-    assert_check(
-        &run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await,
-        0x3,
-        0x11,
-        0,
-    );
+    assert_check(&read0(&lu, &n).await, 0x3, 0x11, 0);
     *dev.fail.lock().unwrap() = Some(BlockError::Write(5));
-    assert_check(
-        &run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await,
-        0x3,
-        0x0C,
-        0,
-    );
+    assert_check(&write0(&lu, &n).await, 0x3, 0x0C, 0);
     *dev.fail.lock().unwrap() = Some(BlockError::Busy("moving"));
-    let r = run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await;
+    let r = read0(&lu, &n).await;
     assert_eq!(r.status, 0x08);
     assert!(r.sense.is_none());
     *dev.fail.lock().unwrap() = None;
-    assert_good(&run(&lu, &n, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &n).await);
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn ejected_medium_is_not_ready() {
-    let (lu, _) = setup_with(
-        LuConfig {
-            removable: true,
-            ..LuConfig::default()
-        },
-        TestDevice::new(1 << 20),
-    );
-    let n = nexus("a", 1);
-    fresh(&lu, &n).await;
-    let eject = [0x1B, 1, 0, 0, 0x02, 0];
-    let load = [0x1B, 1, 0, 0, 0x03, 0];
+    let (lu, _) = setup_removable();
+    let n = fresh_nexus(&lu, "a", 1).await;
+    let (eject, load) = eject_load(true);
     assert_good(&run(&lu, &n, &eject, &[]).await);
     for cdb in [
         vec![0u8; 6],
@@ -836,12 +614,7 @@ async fn ejected_medium_is_not_ready() {
     ] {
         assert_check(&run(&lu, &n, &cdb, &[]).await, 0x2, 0x3A, 0);
     }
-    assert_check(
-        &run(&lu, &n, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await,
-        0x2,
-        0x3A,
-        0,
-    );
+    assert_check(&write0(&lu, &n).await, 0x2, 0x3A, 0);
     // REQUEST SENSE describes it, INQUIRY still works.
     let r = run(&lu, &n, &[0x03, 0, 0, 0, 18, 0], &[]).await;
     assert_good(&r);

@@ -9,6 +9,7 @@ mod target;
 mod ua;
 
 use std::future::Future;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -195,6 +196,72 @@ pub(crate) async fn fresh(lu: &LogicalUnit, n: &Nexus) {
     panic!("unit attentions never cleared");
 }
 
+/// Nexus `name` (initiator port `id`), its new-nexus unit attention already consumed.
+pub(crate) async fn fresh_nexus(lu: &LogicalUnit, name: &str, id: u64) -> Nexus {
+    let n = nexus(name, id);
+    fresh(lu, &n).await;
+    n
+}
+
+/// Nexuses `a` (1) and `b` (2), made fresh in that order.
+pub(crate) async fn fresh_pair(lu: &LogicalUnit) -> (Nexus, Nexus) {
+    let a = fresh_nexus(lu, "a", 1).await;
+    let b = fresh_nexus(lu, "b", 2).await;
+    (a, b)
+}
+
+/// A 1 MiB logical unit (default configuration) over a `TestDevice` that yields in every
+/// call, so that concurrent commands interleave.
+pub(crate) fn setup_yielding() -> Arc<LogicalUnit> {
+    let mut dev = TestDevice::new(1 << 20);
+    dev.yields = true;
+    setup_with(LuConfig::default(), dev).0
+}
+
+/// [`setup`]'s logical unit with nexuses `a` (1) and `b` (2) made fresh on it.
+pub(crate) async fn setup_fresh_pair() -> (Arc<LogicalUnit>, Nexus, Nexus) {
+    let (lu, _) = setup();
+    let (a, b) = fresh_pair(&lu).await;
+    (lu, a, b)
+}
+
+/// [`setup`]'s logical unit with nexus `a` (1) made fresh on it.
+pub(crate) async fn setup_fresh() -> (Arc<LogicalUnit>, Nexus) {
+    let (lu, _) = setup();
+    let n = fresh_nexus(&lu, "a", 1).await;
+    (lu, n)
+}
+
+/// A 1 MiB removable logical unit (default identity) over a thin `TestDevice`.
+pub(crate) fn setup_removable() -> (Arc<LogicalUnit>, Arc<TestDevice>) {
+    setup_with(
+        LuConfig {
+            removable: true,
+            ..LuConfig::default()
+        },
+        TestDevice::new(1 << 20),
+    )
+}
+
+/// Runs `cdb` with the Data-Out `data` from `n`, which must end in CHECK CONDITION with
+/// ILLEGAL REQUEST and `asc` (ASCQ 0).
+pub(crate) async fn assert_illegal(lu: &LogicalUnit, n: &Nexus, cdb: &[u8], data: &[u8], asc: u8) {
+    assert_check(&run(lu, n, cdb, data).await, 0x5, asc, 0);
+}
+
+/// START STOP UNIT CDBs that eject and that load the medium, with IMMED as given.
+pub(crate) fn eject_load(immed: bool) -> ([u8; 6], [u8; 6]) {
+    let immed = u8::from(immed);
+    ([0x1B, immed, 0, 0, 0x02, 0], [0x1B, immed, 0, 0, 0x03, 0])
+}
+
+/// The next TEST UNIT READY from `n` reports the unit attention `asc`/`ascq`, and the one
+/// after it is GOOD.
+pub(crate) async fn assert_ua_once(lu: &LogicalUnit, n: &Nexus, asc: u8, ascq: u8) {
+    assert_check(&run(lu, n, &[0; 6], &[]).await, 0x6, asc, ascq);
+    assert_good(&run(lu, n, &[0; 6], &[]).await);
+}
+
 /// (sense key, ASC, ASCQ) of a CHECK CONDITION, either sense format.
 pub(crate) fn sense(r: &ScsiResult) -> (u8, u8, u8) {
     let s = r.sense.as_ref().expect("sense data");
@@ -225,31 +292,36 @@ pub(crate) fn assert_good(r: &ScsiResult) {
     );
 }
 
-pub(crate) fn rw10(op: u8, lba: u32, blocks: u16, flags: u8) -> Vec<u8> {
-    let mut c = vec![0u8; 10];
+/// A READ/WRITE-style CDB of `len` bytes: the opcode, the flags byte, and the big-endian
+/// LOGICAL BLOCK ADDRESS and TRANSFER LENGTH fields in the byte ranges given.
+fn rw_cdb(
+    len: usize,
+    op: u8,
+    flags: u8,
+    lba: u64,
+    lba_at: Range<usize>,
+    blocks: u64,
+    blocks_at: Range<usize>,
+) -> Vec<u8> {
+    let mut c = vec![0u8; len];
     c[0] = op;
     c[1] = flags;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[7..9].copy_from_slice(&blocks.to_be_bytes());
+    for (value, at) in [(lba, lba_at), (blocks, blocks_at)] {
+        c[at.clone()].copy_from_slice(&value.to_be_bytes()[8 - at.len()..]);
+    }
     c
+}
+
+pub(crate) fn rw10(op: u8, lba: u32, blocks: u16, flags: u8) -> Vec<u8> {
+    rw_cdb(10, op, flags, lba.into(), 2..6, blocks.into(), 7..9)
 }
 
 pub(crate) fn rw12(op: u8, lba: u32, blocks: u32, flags: u8) -> Vec<u8> {
-    let mut c = vec![0u8; 12];
-    c[0] = op;
-    c[1] = flags;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[6..10].copy_from_slice(&blocks.to_be_bytes());
-    c
+    rw_cdb(12, op, flags, lba.into(), 2..6, blocks.into(), 6..10)
 }
 
 pub(crate) fn rw16(op: u8, lba: u64, blocks: u32, flags: u8) -> Vec<u8> {
-    let mut c = vec![0u8; 16];
-    c[0] = op;
-    c[1] = flags;
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[10..14].copy_from_slice(&blocks.to_be_bytes());
-    c
+    rw_cdb(16, op, flags, lba, 2..10, blocks.into(), 10..14)
 }
 
 pub(crate) const READ10: u8 = 0x28;
@@ -277,6 +349,16 @@ pub(crate) async fn read_blocks(lu: &LogicalUnit, n: &Nexus, lba: u32, count: u1
     let r = run(lu, n, &rw10(READ10, lba, count, 0), &[]).await;
     assert_good(&r);
     r.data_in
+}
+
+/// READ(10) of block 0 from `n`.
+pub(crate) async fn read0(lu: &LogicalUnit, n: &Nexus) -> ScsiResult {
+    run(lu, n, &rw10(READ10, 0, 1, 0), &[]).await
+}
+
+/// WRITE(10) of a zero block 0 from `n`.
+pub(crate) async fn write0(lu: &LogicalUnit, n: &Nexus) -> ScsiResult {
+    run(lu, n, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await
 }
 
 /// Drive `f` on a current-thread runtime inside a `LocalSet` (for `spawn_local`).

@@ -21,11 +21,7 @@ async fn release6(lu: &LogicalUnit, n: &Nexus) -> ScsiResult {
 
 #[tokio::test(flavor = "current_thread")]
 async fn reserve6_excludes_other_initiators() {
-    let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (lu, a, b) = setup_fresh_pair().await;
     assert_good(&reserve6(&lu, &a).await);
     assert_good(&reserve6(&lu, &a).await);
     assert_eq!(reserve6(&lu, &b).await.status, CONFLICT);
@@ -37,33 +33,25 @@ async fn reserve6_excludes_other_initiators() {
         run(&lu, &b, &[0x1A, 0, 0x3F, 0, 255, 0], &[]).await.status,
         CONFLICT
     );
-    assert_eq!(
-        run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await.status,
-        CONFLICT
-    );
+    assert_eq!(read0(&lu, &b).await.status, CONFLICT);
     assert_eq!(run(&lu, &b, &[0; 6], &[]).await.status, CONFLICT);
     assert_good(&run(&lu, &a, &[0x1A, 0, 0x3F, 0, 255, 0], &[]).await);
     assert_good(&run(&lu, &a, &rw10(WRITE10, 0, 1, 0), &blocks(1, 1)).await);
     assert_good(&release6(&lu, &a).await);
     assert_good(&reserve6(&lu, &b).await);
-    assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &b).await);
     assert_good(&run(&lu, &b, &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
-    assert_good(&run(&lu, &a, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_good(&read0(&lu, &a).await);
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn reserve6_is_dropped_by_nexus_loss_and_resets() {
-    let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
+    let (lu, a, b) = setup_fresh_pair().await;
     assert_good(&reserve6(&lu, &a).await);
     lu.nexus_gone(&a);
     assert_good(&reserve6(&lu, &b).await);
     lu.reset(Sense::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
-    let c = nexus("c", 3);
-    fresh(&lu, &c).await;
+    let c = fresh_nexus(&lu, "c", 3).await;
     assert_good(&reserve6(&lu, &c).await);
     // Third-party reservations are not supported.
     let r = run(&lu, &c, &[0x56, 0x10, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
@@ -90,6 +78,19 @@ async fn pr_out(
     run(lu, n, &c, &d).await
 }
 
+/// REGISTER AND IGNORE EXISTING KEY `key` for `n`, which must succeed.
+async fn register(lu: &LogicalUnit, n: &Nexus, key: u64) {
+    assert_good(&pr_out(lu, n, 6, 0, 0, key).await);
+}
+
+/// [`setup`] with fresh nexuses `a` and `b` registered with keys 1 and 2.
+async fn registered_pair() -> (Arc<LogicalUnit>, Nexus, Nexus) {
+    let (lu, a, b) = setup_fresh_pair().await;
+    register(&lu, &a, 1).await;
+    register(&lu, &b, 2).await;
+    (lu, a, b)
+}
+
 async fn pr_in(lu: &LogicalUnit, n: &Nexus, sa: u8, alloc: u16) -> ScsiResult {
     let a = alloc.to_be_bytes();
     run(lu, n, &[0x5E, sa, 0, 0, 0, 0, 0, a[0], a[1], 0], &[]).await
@@ -104,9 +105,7 @@ fn keys(r: &ScsiResult) -> Vec<u64> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn register_read_keys_and_truncation() {
-    let (lu, _) = setup();
-    let a = nexus("a", 1);
-    fresh(&lu, &a).await;
+    let (lu, a) = setup_fresh().await;
     let r = pr_out(&lu, &a, 6, 0, 0, 0xABCD).await;
     assert_good(&r);
     assert_eq!(r.transfer_len, 24);
@@ -134,9 +133,7 @@ async fn register_read_keys_and_truncation() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn parameter_list_length_must_be_24() {
-    let (lu, _) = setup();
-    let a = nexus("a", 1);
-    fresh(&lu, &a).await;
+    let (lu, a) = setup_fresh().await;
     let (mut c, d) = prout(6, 0, 0, 1, 0);
     c[8] = 20;
     assert_check(&run(&lu, &a, &c, &d[..20]).await, 0x5, 0x1A, 0);
@@ -165,13 +162,9 @@ async fn reservation_types_gate_reads_and_writes() {
         (7, true, true, true, false),
     ];
     for (kind, rr, rw, ur, uw) in table {
-        let (lu, _) = setup();
-        let a = nexus("a", 1);
-        let b = nexus("b", 2);
-        fresh(&lu, &a).await;
-        fresh(&lu, &b).await;
-        assert_good(&pr_out(&lu, &a, 6, 0, 0, 0xA).await);
-        assert_good(&pr_out(&lu, &b, 6, 0, 0, 0xB).await);
+        let (lu, a, b) = setup_fresh_pair().await;
+        register(&lu, &a, 0xA).await;
+        register(&lu, &b, 0xB).await;
         assert_good(&pr_out(&lu, &a, 1, kind, 0xA, 0).await);
         let r = pr_in(&lu, &a, 1, 16384).await;
         let key = u64::from_be_bytes(r.data_in[8..16].try_into().unwrap());
@@ -194,13 +187,7 @@ async fn reservation_types_gate_reads_and_writes() {
 #[tokio::test(flavor = "current_thread")]
 async fn holder_unregistering_raises_no_unit_attention_for_itself() {
     for kind in [3u8, 1, 6, 5] {
-        let (lu, _) = setup();
-        let a = nexus("a", 1);
-        let b = nexus("b", 2);
-        fresh(&lu, &a).await;
-        fresh(&lu, &b).await;
-        assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
-        assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
+        let (lu, a, b) = registered_pair().await;
         assert_good(&pr_out(&lu, &a, 1, kind, 1, 0).await);
         assert_good(&pr_out(&lu, &a, 0, 0, 1, 0).await);
         // a: not reserved, no UA.
@@ -219,13 +206,7 @@ async fn holder_unregistering_raises_no_unit_attention_for_itself() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn preempt_removes_registration_and_tells_the_victim() {
-    let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
-    assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
-    assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
+    let (lu, a, b) = registered_pair().await;
     let gen = u32::from_be_bytes(
         pr_in(&lu, &a, 0, 100).await.data_in[..4]
             .try_into()
@@ -244,39 +225,19 @@ async fn preempt_removes_registration_and_tells_the_victim() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn clear_wipes_everything_and_tells_the_others() {
-    let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
-    assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
-    assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
+    let (lu, a, b) = registered_pair().await;
     assert_good(&pr_out(&lu, &a, 1, 3, 1, 0).await);
-    assert_eq!(
-        run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await.status,
-        CONFLICT
-    );
+    assert_eq!(read0(&lu, &b).await.status, CONFLICT);
     assert_good(&pr_out(&lu, &a, 3, 0, 1, 0).await);
-    assert_check(
-        &run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await,
-        0x6,
-        0x2A,
-        0x03,
-    );
-    assert_good(&run(&lu, &b, &rw10(READ10, 0, 1, 0), &[]).await);
+    assert_check(&read0(&lu, &b).await, 0x6, 0x2A, 0x03);
+    assert_good(&read0(&lu, &b).await);
     assert!(lu.pr_state().is_empty());
 }
 
 /// A registrant whose session is down when it is preempted hears about it on return.
 #[tokio::test(flavor = "current_thread")]
 async fn unit_attention_waits_for_a_disconnected_registrant() {
-    let (lu, _) = setup();
-    let a = nexus("a", 1);
-    let b = nexus("b", 2);
-    fresh(&lu, &a).await;
-    fresh(&lu, &b).await;
-    assert_good(&pr_out(&lu, &a, 6, 0, 0, 1).await);
-    assert_good(&pr_out(&lu, &b, 6, 0, 0, 2).await);
+    let (lu, a, b) = registered_pair().await;
     lu.nexus_gone(&a);
     assert_good(&pr_out(&lu, &b, 4, 1, 2, 1).await);
     let a_again = nexus("a", 1);
@@ -303,8 +264,7 @@ async fn failed_persistence_fails_the_command_and_changes_nothing() {
         Some(Box::new(FailingStore)),
     )
     .unwrap();
-    let a = nexus("a", 1);
-    fresh(&lu, &a).await;
+    let a = fresh_nexus(&lu, "a", 1).await;
     assert_check(&pr_out(&lu, &a, 6, 0, 0, 1).await, 0x4, 0x44, 0);
     assert!(lu.pr_state().is_empty());
 }
@@ -325,8 +285,8 @@ async fn registrations_survive_a_restart_through_the_file_store() {
         .unwrap();
         fresh(&lu, &a).await;
         fresh(&lu, &b).await;
-        assert_good(&pr_out(&lu, &a, 6, 0, 0, 0x1111).await);
-        assert_good(&pr_out(&lu, &b, 6, 0, 0, 0x2222).await);
+        register(&lu, &a, 0x1111).await;
+        register(&lu, &b, 0x2222).await;
         // APTPL is that of the last registration.
         let (c, d) = prout(6, 0, 0, 0x1111, 0x01);
         assert_good(&run(&lu, &a, &c, &d).await);
@@ -356,7 +316,7 @@ async fn registrations_survive_a_restart_through_the_file_store() {
             .status,
         CONFLICT
     );
-    assert_good(&run(&lu, &a, &rw10(WRITE10, 0, 1, 0), &blocks(1, 0)).await);
+    assert_good(&write0(&lu, &a).await);
     // A corrupt file refuses to load rather than silently dropping reservations.
     std::fs::write(&path, b"garbage").unwrap();
     let err = LogicalUnit::new(

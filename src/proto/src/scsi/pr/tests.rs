@@ -52,6 +52,19 @@ fn reg(s: &mut PrState, p: &Port<'_>, key: u64) {
     out(s, p, ProutAction::REGISTER, 0, 0, key).unwrap();
 }
 
+/// `a` (key 1) and `b` (key 2) registered, `a` holding a reservation of type code `kind`.
+fn reserved_by_a(kind: u8) -> PrState {
+    let mut s = PrState::default();
+    reg(&mut s, &a(), 1);
+    reg(&mut s, &b(), 2);
+    out(&mut s, &a(), ProutAction::RESERVE, kind, 1, 0).unwrap();
+    s
+}
+
+fn assert_conflict(r: Result<Vec<UnitAttention>, Sense>) {
+    assert_eq!(r, Err(Sense::RESERVATION_CONFLICT));
+}
+
 #[test]
 fn register_read_keys_and_unregister() {
     let mut s = PrState::default();
@@ -62,15 +75,9 @@ fn register_read_keys_and_unregister() {
     assert_eq!(&d[4..8], &16u32.to_be_bytes());
     assert_eq!(&d[8..16], &0xAAu64.to_be_bytes());
     // Re-registering with a wrong (zero) reservation key conflicts.
-    assert_eq!(
-        out(&mut s, &a(), ProutAction::REGISTER, 0, 0, 0xAB),
-        Err(Sense::RESERVATION_CONFLICT)
-    );
+    assert_conflict(out(&mut s, &a(), ProutAction::REGISTER, 0, 0, 0xAB));
     // Unregistered nexus with a non-zero key conflicts.
-    assert_eq!(
-        out(&mut s, &c(), ProutAction::REGISTER, 0, 1, 2),
-        Err(Sense::RESERVATION_CONFLICT)
-    );
+    assert_conflict(out(&mut s, &c(), ProutAction::REGISTER, 0, 1, 2));
     // Key change, then unregister.
     out(&mut s, &a(), ProutAction::REGISTER, 0, 0xAA, 0xAC).unwrap();
     assert_eq!(s.registration(&a()).unwrap().key, 0xAC);
@@ -126,34 +133,19 @@ fn access_matrix_for_every_type() {
         ),
     ];
     for (kind, rr, rw, ur, uw) in table {
-        let mut s = PrState::default();
-        reg(&mut s, &a(), 1);
-        reg(&mut s, &b(), 2);
-        out(&mut s, &a(), ProutAction::RESERVE, kind.code(), 1, 0).unwrap();
+        let s = reserved_by_a(kind.code());
         assert!(
             !s.conflicts(&a(), Access::Read) && !s.conflicts(&a(), Access::Write),
             "{kind:?}"
         );
-        assert_eq!(
-            !s.conflicts(&b(), Access::Read),
-            rr,
-            "{kind:?} registered read"
-        );
-        assert_eq!(
-            !s.conflicts(&b(), Access::Write),
-            rw,
-            "{kind:?} registered write"
-        );
-        assert_eq!(
-            !s.conflicts(&c(), Access::Read),
-            ur,
-            "{kind:?} unregistered read"
-        );
-        assert_eq!(
-            !s.conflicts(&c(), Access::Write),
-            uw,
-            "{kind:?} unregistered write"
-        );
+        for (p, access, allowed, what) in [
+            (b(), Access::Read, rr, "registered read"),
+            (b(), Access::Write, rw, "registered write"),
+            (c(), Access::Read, ur, "unregistered read"),
+            (c(), Access::Write, uw, "unregistered write"),
+        ] {
+            assert_eq!(!s.conflicts(&p, access), allowed, "{kind:?} {what}");
+        }
         assert!(!s.conflicts(&c(), Access::None));
         // READ RESERVATION reports key 0 for all-registrants types.
         let d = s.read_reservation();
@@ -167,10 +159,7 @@ fn access_matrix_for_every_type() {
 fn reserve_rules() {
     let mut s = PrState::default();
     // Not registered: conflict.
-    assert_eq!(
-        out(&mut s, &a(), ProutAction::RESERVE, 1, 0, 0),
-        Err(Sense::RESERVATION_CONFLICT)
-    );
+    assert_conflict(out(&mut s, &a(), ProutAction::RESERVE, 1, 0, 0));
     reg(&mut s, &a(), 1);
     reg(&mut s, &b(), 2);
     let gen = s.generation;
@@ -185,24 +174,15 @@ fn reserve_rules() {
     out(&mut s, &a(), ProutAction::RESERVE, 1, 1, 0).unwrap();
     // Same type again by the holder: fine. Other type or other nexus: conflict.
     out(&mut s, &a(), ProutAction::RESERVE, 1, 1, 0).unwrap();
-    assert_eq!(
-        out(&mut s, &a(), ProutAction::RESERVE, 3, 1, 0),
-        Err(Sense::RESERVATION_CONFLICT)
-    );
-    assert_eq!(
-        out(&mut s, &b(), ProutAction::RESERVE, 1, 2, 0),
-        Err(Sense::RESERVATION_CONFLICT)
-    );
+    assert_conflict(out(&mut s, &a(), ProutAction::RESERVE, 3, 1, 0));
+    assert_conflict(out(&mut s, &b(), ProutAction::RESERVE, 1, 2, 0));
     // RESERVE does not bump the generation.
     assert_eq!(s.generation, gen);
 }
 
 #[test]
 fn release_rules_and_unit_attentions() {
-    let mut s = PrState::default();
-    reg(&mut s, &a(), 1);
-    reg(&mut s, &b(), 2);
-    out(&mut s, &a(), ProutAction::RESERVE, 5, 1, 0).unwrap();
+    let mut s = reserved_by_a(5);
     // Non-holder release is a no-op.
     assert_eq!(out(&mut s, &b(), ProutAction::RELEASE, 5, 2, 0), Ok(vec![]));
     assert!(s.reservation.is_some());
@@ -232,10 +212,7 @@ fn holder_unregistering_releases() {
         (8, true, 0),
         (7, true, 0),
     ] {
-        let mut s = PrState::default();
-        reg(&mut s, &a(), 1);
-        reg(&mut s, &b(), 2);
-        out(&mut s, &a(), ProutAction::RESERVE, kind, 1, 0).unwrap();
+        let mut s = reserved_by_a(kind);
         let ua = out(&mut s, &a(), ProutAction::REGISTER, 0, 1, 0).unwrap();
         assert_eq!(ua.len(), uas, "type {kind}");
         assert!(ua.iter().all(|(id, _)| id.matches(&b())));
@@ -259,14 +236,8 @@ fn all_registrants_ends_with_last_registrant() {
 
 #[test]
 fn clear_removes_everything() {
-    let mut s = PrState::default();
-    reg(&mut s, &a(), 1);
-    reg(&mut s, &b(), 2);
-    out(&mut s, &a(), ProutAction::RESERVE, 3, 1, 0).unwrap();
-    assert_eq!(
-        out(&mut s, &c(), ProutAction::CLEAR, 0, 1, 0),
-        Err(Sense::RESERVATION_CONFLICT)
-    );
+    let mut s = reserved_by_a(3);
+    assert_conflict(out(&mut s, &c(), ProutAction::CLEAR, 0, 1, 0));
     let g = s.generation;
     let ua = out(&mut s, &a(), ProutAction::CLEAR, 0, 1, 0).unwrap();
     assert_eq!(ua, vec![(b().id(), Sense::RESERVATIONS_PREEMPTED)]);
@@ -292,10 +263,7 @@ fn preempt_registration_without_reservation() {
     assert_eq!(s.registrations[0].key, 2);
     assert_eq!(s.generation, g + 1);
     // Nobody holds key 7: conflict. SARK 0 without an AR reservation: invalid.
-    assert_eq!(
-        out(&mut s, &b(), ProutAction::PREEMPT, 3, 2, 7),
-        Err(Sense::RESERVATION_CONFLICT)
-    );
+    assert_conflict(out(&mut s, &b(), ProutAction::PREEMPT, 3, 2, 7));
     assert_eq!(
         out(&mut s, &b(), ProutAction::PREEMPT, 3, 2, 0),
         Err(Sense::invalid_param(8, None))
@@ -322,10 +290,7 @@ fn preempt_holder_takes_the_reservation() {
 
 #[test]
 fn preempt_all_registrants_with_zero_key() {
-    let mut s = PrState::default();
-    reg(&mut s, &a(), 1);
-    reg(&mut s, &b(), 2);
-    out(&mut s, &a(), ProutAction::RESERVE, 8, 1, 0).unwrap();
+    let mut s = reserved_by_a(8);
     let ua = out(&mut s, &b(), ProutAction::PREEMPT, 1, 2, 0).unwrap();
     assert_eq!(ua, vec![(a().id(), Sense::REGISTRATIONS_PREEMPTED)]);
     assert_eq!(s.reservation.as_ref().unwrap().kind, PrType::WriteExclusive);
@@ -486,10 +451,7 @@ fn in_data_layouts() {
 
 #[test]
 fn persistence_round_trip_and_corruption() {
-    let mut s = PrState::default();
-    reg(&mut s, &a(), 1);
-    reg(&mut s, &b(), 2);
-    out(&mut s, &a(), ProutAction::RESERVE, 6, 1, 0).unwrap();
+    let mut s = reserved_by_a(6);
     s.aptpl = true;
     let bytes = s.encode();
     assert_eq!(PrState::decode(&bytes).unwrap(), s);
