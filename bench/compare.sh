@@ -90,13 +90,20 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir -p "$WORK" "$SHM"
+rm -f "$WORK/source.img"
 load=$(cut -d' ' -f1 /proc/loadavg)
 say "load average before starting: $load"
 
+# Every LUN compared holds the same bytes: one random image per run, copied.
+SOURCE=$WORK/source.img
 make_lun() { # path
-    [ -f "$1" ] && [ "$(stat -c %s "$1")" -eq $((SIZE_MB << 20)) ] && return 0
-    say "writing $SIZE_MB MiB of random data to $1"
-    head -c $((SIZE_MB << 20)) /dev/urandom > "$1"
+    if [ ! -f "$SOURCE" ] || [ "$(stat -c %s "$SOURCE")" -ne $((SIZE_MB << 20)) ]; then
+        say "writing $SIZE_MB MiB of random data to $SOURCE"
+        head -c $((SIZE_MB << 20)) /dev/urandom > "$SOURCE"
+    fi
+    cmp -s "$SOURCE" "$1" 2>/dev/null && return 0
+    say "copying the random image to $1"
+    cp "$SOURCE" "$1"
 }
 
 start_tgt() { # backing-file [bsoflags]
