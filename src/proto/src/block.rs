@@ -17,6 +17,9 @@ use crate::segments::Segments;
 /// A boxed, core-local future, as returned by [`BlockDevice`] methods.
 pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
+/// What a [`BlockDevice`] operation returns: a local future of its result.
+pub type BlockFuture<'a, T = ()> = LocalBoxFuture<'a, Result<T, BlockError>>;
+
 /// Why a block operation failed. Mapped to SCSI sense data in one place
 /// (`scsi::sense`), and later to NVMe status.
 #[non_exhaustive]
@@ -82,39 +85,28 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn info(&self) -> DeviceInfo;
 
     /// Read `len` bytes at `offset`.
-    fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, Result<Bytes, BlockError>>;
+    fn read(&self, offset: u64, len: usize) -> BlockFuture<'_, Bytes>;
 
     /// Write `data` at `offset`. With `fua`, the data is durable (on stable storage) when the
     /// future resolves.
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> LocalBoxFuture<'_, Result<(), BlockError>>;
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockFuture<'_>;
 
     /// Write `data`, held in pieces, at `offset`, as [`write`](Self::write) does. The default
     /// gathers the pieces into one buffer (a copy when there is more than one); a backend
     /// that can use the pieces as they are overrides it.
-    fn write_segments(
-        &self,
-        offset: u64,
-        data: Segments,
-        fua: bool,
-    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn write_segments(&self, offset: u64, data: Segments, fua: bool) -> BlockFuture<'_> {
         self.write(offset, data.to_bytes(), fua)
     }
 
     /// Make every completed write durable (SYNCHRONIZE CACHE).
-    fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>>;
+    fn flush(&self) -> BlockFuture<'_>;
 
     /// Deallocate `len` bytes at `offset`; afterwards the range reads as zeroes.
-    fn unmap(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>>;
+    fn unmap(&self, offset: u64, len: u64) -> BlockFuture<'_>;
 
     /// Describe the allocation state starting at `offset`: one or more extents covering at
     /// most `len` bytes, in order, the first starting at `offset` (GET LBA STATUS).
-    fn extents(&self, offset: u64, len: u64)
-        -> LocalBoxFuture<'_, Result<Vec<Extent>, BlockError>>;
+    fn extents(&self, offset: u64, len: u64) -> BlockFuture<'_, Vec<Extent>>;
 }
 
 /// An in-memory device: the reference backend for tests and for `--backend mem`.
@@ -236,32 +228,23 @@ impl BlockDevice for MemDevice {
         }
     }
 
-    fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, Result<Bytes, BlockError>> {
+    fn read(&self, offset: u64, len: usize) -> BlockFuture<'_, Bytes> {
         resolved(self.read_now(offset, len))
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        _fua: bool,
-    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BlockFuture<'_> {
         resolved(self.write_now(offset, &data))
     }
 
-    fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn flush(&self) -> BlockFuture<'_> {
         resolved(Ok(()))
     }
 
-    fn unmap(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn unmap(&self, offset: u64, len: u64) -> BlockFuture<'_> {
         resolved(self.unmap_now(offset, len))
     }
 
-    fn extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> LocalBoxFuture<'_, Result<Vec<Extent>, BlockError>> {
+    fn extents(&self, offset: u64, len: u64) -> BlockFuture<'_, Vec<Extent>> {
         resolved(self.extents_now(offset, len))
     }
 }

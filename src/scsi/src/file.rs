@@ -57,7 +57,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tessera_proto::block::{BlockDevice, BlockError, DeviceInfo, Extent, LocalBoxFuture};
+use tessera_proto::block::{BlockDevice, BlockError, BlockFuture, DeviceInfo, Extent};
 
 use crate::mapped::{MappedChunks, CHUNK_SHIFT};
 use tessera_uring::buf::{AlignedBuf, BufWith, PAGE_SIZE};
@@ -722,32 +722,23 @@ impl BlockDevice for FileDevice {
         self.info
     }
 
-    fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, Result<Bytes, BlockError>> {
+    fn read(&self, offset: u64, len: usize) -> BlockFuture<'_, Bytes> {
         Box::pin(self.read_impl(offset, len))
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockFuture<'_> {
         Box::pin(self.write_impl(offset, data, fua))
     }
 
-    fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn flush(&self) -> BlockFuture<'_> {
         Box::pin(self.flush_impl())
     }
 
-    fn unmap(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn unmap(&self, offset: u64, len: u64) -> BlockFuture<'_> {
         Box::pin(self.unmap_impl(offset, len))
     }
 
-    fn extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> LocalBoxFuture<'_, Result<Vec<Extent>, BlockError>> {
+    fn extents(&self, offset: u64, len: u64) -> BlockFuture<'_, Vec<Extent>> {
         Box::pin(std::future::ready(self.extents_impl(offset, len)))
     }
 }

@@ -172,13 +172,7 @@ mod tests {
     use std::rc::Rc;
     use std::time::Duration;
 
-    fn run<F: std::future::Future>(f: F) -> F::Output {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        tokio::task::LocalSet::new().block_on(&rt, f)
-    }
+    use tessera_uring::testing::run;
 
     #[test]
     fn writers_exclude_everyone_readers_share() {

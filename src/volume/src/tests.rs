@@ -14,13 +14,7 @@ use crate::nodes::Connector;
 use crate::testing::LocalNodes;
 use crate::{EcVolume, VolumeSpec};
 
-pub(crate) fn run<F: std::future::Future>(f: F) -> F::Output {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, f)
-}
+pub(crate) use tessera_uring::testing::run;
 
 pub(crate) struct Setup {
     pub _dir: tempfile::TempDir,

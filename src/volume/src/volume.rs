@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use tessera_ec::{placement, Codec, Geometry, Profile, StripeSpan};
-use tessera_proto::block::{BlockDevice, BlockError, DeviceInfo, Extent, LocalBoxFuture};
+use tessera_proto::block::{
+    BlockDevice, BlockError, BlockFuture, DeviceInfo, Extent, LocalBoxFuture,
+};
 use tessera_proto::segments::Segments;
 use tessera_rpc::{
     CallError, FragKey, Manifest, ReadItem, Request, Response, SlotInfo, Status, VolumeCtx, Want,
@@ -3937,27 +3939,17 @@ impl BlockDevice for EcVolume {
         }
     }
 
-    fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, Result<Bytes, BlockError>> {
+    fn read(&self, offset: u64, len: usize) -> BlockFuture<'_, Bytes> {
         // A read may resolve a stripe (which writes): it runs to its end too.
         let v = self.clone();
         self.to_the_end(async move { v.do_read(offset, len).await })
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockFuture<'_> {
         self.write_segments(offset, data.into(), fua)
     }
 
-    fn write_segments(
-        &self,
-        offset: u64,
-        data: Segments,
-        _fua: bool,
-    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn write_segments(&self, offset: u64, data: Segments, _fua: bool) -> BlockFuture<'_> {
         // Every acknowledged write is durable on its quorum: FUA asks for nothing more.
         let v = self.clone();
         let stripes = self.stripes_of(offset, data.len());
@@ -3968,11 +3960,11 @@ impl BlockDevice for EcVolume {
         })
     }
 
-    fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn flush(&self) -> BlockFuture<'_> {
         Box::pin(async move { self.fenced() })
     }
 
-    fn unmap(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn unmap(&self, offset: u64, len: u64) -> BlockFuture<'_> {
         let v = self.clone();
         self.patiently(move || {
             let v = v.clone();
@@ -3981,11 +3973,7 @@ impl BlockDevice for EcVolume {
         })
     }
 
-    fn extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> LocalBoxFuture<'_, Result<Vec<Extent>, BlockError>> {
+    fn extents(&self, offset: u64, len: u64) -> BlockFuture<'_, Vec<Extent>> {
         Box::pin(async move {
             Ok(vec![Extent {
                 offset,

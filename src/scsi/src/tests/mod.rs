@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tessera_proto::block::{
-    BlockDevice, BlockError, DeviceInfo, Extent, LocalBoxFuture, MemDevice,
+    BlockDevice, BlockError, BlockFuture, DeviceInfo, Extent, LocalBoxFuture, MemDevice,
 };
 use tessera_proto::segments::Segments;
 
@@ -99,19 +99,14 @@ impl BlockDevice for TestDevice {
         }
     }
 
-    fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, Result<Bytes, BlockError>> {
+    fn read(&self, offset: u64, len: usize) -> BlockFuture<'_, Bytes> {
         self.wrap(Box::pin(async move {
             // Read late so a concurrent write between yields is observed.
             self.mem.read(offset, len).await
         }))
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockFuture<'_> {
         self.last_fua.store(fua, Ordering::SeqCst);
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.wrap(Box::pin(
@@ -119,20 +114,16 @@ impl BlockDevice for TestDevice {
         ))
     }
 
-    fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn flush(&self) -> BlockFuture<'_> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
         self.wrap(self.mem.flush())
     }
 
-    fn unmap(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    fn unmap(&self, offset: u64, len: u64) -> BlockFuture<'_> {
         self.wrap(Box::pin(async move { self.mem.unmap(offset, len).await }))
     }
 
-    fn extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> LocalBoxFuture<'_, Result<Vec<Extent>, BlockError>> {
+    fn extents(&self, offset: u64, len: u64) -> BlockFuture<'_, Vec<Extent>> {
         self.wrap(Box::pin(async move { self.mem.extents(offset, len).await }))
     }
 }
