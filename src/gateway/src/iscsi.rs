@@ -25,9 +25,9 @@ use tessera_proto::iscsi::conn::{
 };
 use tessera_proto::iscsi::framer::TxQueue;
 use tessera_proto::iscsi::login::{LoginSetup, SessionType};
-use tessera_proto::iscsi::pdu::{attr, tmf};
+use tessera_proto::iscsi::pdu::tmf;
 use tessera_proto::scsi::sense::SenseKey;
-use tessera_scsi::{status, Nexus, ScsiCommand, Target, TaskAttr, TmfFunction};
+use tessera_scsi::{status, Nexus, Target, TmfFunction};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -146,16 +146,6 @@ fn failure_reason(f: &tessera_proto::iscsi::login::LoginFailure) -> Option<&'sta
         F::SessionType => "session_type",
         F::Version => "version",
     })
-}
-
-fn task_attr(a: u8) -> TaskAttr {
-    match a {
-        attr::UNTAGGED => TaskAttr::Untagged,
-        attr::ORDERED => TaskAttr::Ordered,
-        attr::HEAD_OF_QUEUE => TaskAttr::HeadOfQueue,
-        attr::ACA => TaskAttr::Aca,
-        _ => TaskAttr::Simple,
-    }
 }
 
 fn tmf_function(t: &TmfEvent) -> Option<TmfFunction> {
@@ -321,7 +311,7 @@ pub(super) async fn serve(
                     }
                     Event::Command(c) => {
                         let Some(s) = &session else { continue };
-                        running.borrow_mut().insert(c.itt);
+                        running.borrow_mut().insert(c.itt());
                         inflight.push(command_future(s, c));
                     }
                     Event::TaskMgmt(t) => {
@@ -539,31 +529,22 @@ fn ended_one(
 fn command_future(s: &Session, c: Command) -> CmdFuture {
     let target = s.target.clone();
     let nexus = s.nexus.clone();
-    let itt = c.itt;
-    let lun = c.lun;
+    let itt = c.itt();
+    let Command { lun, cmd } = c;
     let lm = s
         .lun_metrics
         .borrow_mut()
         .entry(lun)
         .or_insert_with(|| Rc::new(LunMetrics::new(&s.target_name, Target::decode_lun(lun))))
         .clone();
-    let kind = match c.cdb.first().copied().unwrap_or(0) {
+    let kind = match cmd.cdb.first().copied().unwrap_or(0) {
         0x08 | 0x28 | 0xa8 | 0x88 => 0, // READ (6/10/12/16)
         0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0x8e | 0x89 => 1, // WRITE, WRITE AND VERIFY, COMPARE AND WRITE
         _ => 2,
     };
-    let written = c.data.len() as u64;
+    let written = cmd.data_out.len() as u64;
     let started = Instant::now();
     lm.in_flight.inc();
-    let cmd = ScsiCommand {
-        cdb: c.cdb,
-        data_out: c.data,
-        expected_len: c.edtl,
-        read: c.read,
-        write: c.write,
-        attr: task_attr(c.attr),
-        tag: c.itt,
-    };
     Box::pin(async move {
         let r = target.execute(&nexus, lun, &cmd).await;
         lm.in_flight.dec();

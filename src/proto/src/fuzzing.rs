@@ -183,14 +183,14 @@ pub fn conn(data: &[u8]) {
         );
         for ev in ini.take_events() {
             if let Event::Command(c) = ev {
-                if c.write {
+                if c.cmd.write {
                     assert_eq!(
-                        c.data.len(),
-                        c.edtl as usize,
+                        c.cmd.data_out.len(),
+                        c.cmd.expected_len as usize,
                         "writes carry exactly EDTL bytes"
                     );
                 }
-                assert!(c.cdb.len() <= 16 + 1020);
+                assert!(c.cmd.cdb.len() <= 16 + 1020);
             }
         }
         ini.conn.check_invariants();

@@ -57,26 +57,24 @@ pub struct ConnConfig {
     pub write_budget: usize,
 }
 
-/// A SCSI command whose Data-Out is complete, ready for the SCSI layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A SCSI command whose Data-Out is complete, ready for the SCSI layer: the command and the
+/// LUN it is for.
+#[derive(Debug, Clone)]
 pub struct Command {
-    /// Initiator Task Tag.
-    pub itt: u32,
     /// Raw 8-byte LUN field.
     pub lun: [u8; 8],
-    /// The CDB (16 bytes from the BHS, more from an extended-CDB AHS).
-    pub cdb: Bytes,
-    /// Data-Out, exactly `edtl` bytes for writes, in the pieces it arrived in (immediate data
-    /// and each Data-Out PDU's segment, uncopied).
-    pub data: Segments,
-    /// Expected Data Transfer Length.
-    pub edtl: u32,
-    /// R bit.
-    pub read: bool,
-    /// W bit.
-    pub write: bool,
-    /// Task attribute (see [`attr`](super::pdu::attr)).
-    pub attr: u8,
+    /// The command: its CDB (16 bytes from the BHS, more from an extended-CDB AHS), its
+    /// Data-Out (exactly EDTL bytes for writes, in the pieces it arrived in: immediate data and
+    /// each Data-Out PDU's segment, uncopied), EDTL, R and W bits, task attribute, and the
+    /// Initiator Task Tag as its tag.
+    pub cmd: crate::scsi::ScsiCommand,
+}
+
+impl Command {
+    /// The Initiator Task Tag.
+    pub fn itt(&self) -> u32 {
+        self.cmd.tag
+    }
 }
 
 /// A finished command, as the SCSI layer reports it.
@@ -651,14 +649,16 @@ impl Connection {
         };
         t.state = TaskState::Executing;
         self.events.push_back(Event::Command(Command {
-            itt,
             lun: t.lun,
-            cdb: t.cdb.clone(),
-            data,
-            edtl: t.edtl,
-            read: t.read,
-            write: t.write,
-            attr: t.attr,
+            cmd: crate::scsi::ScsiCommand {
+                cdb: t.cdb.clone(),
+                data_out: data,
+                expected_len: t.edtl,
+                read: t.read,
+                write: t.write,
+                attr: super::pdu::attr::task_attr(t.attr),
+                tag: itt,
+            },
         }));
     }
 

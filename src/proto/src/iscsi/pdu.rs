@@ -188,6 +188,18 @@ pub mod attr {
     pub const HEAD_OF_QUEUE: u8 = 3;
     /// ACA.
     pub const ACA: u8 = 4;
+
+    /// The SAM task attribute of ATTR code `code` (reserved codes: SIMPLE).
+    pub fn task_attr(code: u8) -> crate::scsi::TaskAttr {
+        use crate::scsi::TaskAttr;
+        match code {
+            UNTAGGED => TaskAttr::Untagged,
+            ORDERED => TaskAttr::Ordered,
+            HEAD_OF_QUEUE => TaskAttr::HeadOfQueue,
+            ACA => TaskAttr::Aca,
+            _ => TaskAttr::Simple,
+        }
+    }
 }
 
 /// SCSI Command (RFC 7143 §11.3).

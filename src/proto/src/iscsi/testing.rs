@@ -400,7 +400,7 @@ impl Initiator {
     pub fn pump(&mut self) {
         while let Some(ev) = self.conn.poll_event() {
             match &ev {
-                Event::Command(c) => self.pending.push(c.itt),
+                Event::Command(c) => self.pending.push(c.itt()),
                 Event::TaskMgmt(t) => {
                     self.pending.retain(|i| !t.aborted.contains(i));
                     self.pending_tmf.push(t.clone());

@@ -812,7 +812,7 @@ fn a_corrupted_immediate_data_digest_is_rejected_and_fails_the_command() {
     // The CmdSN was used: the next command runs.
     let (itt, rs) = ini.read(512);
     assert!(rs.is_empty());
-    assert_eq!(ini.expect_command().itt, itt);
+    assert_eq!(ini.expect_command().itt(), itt);
     assert!(rs.is_empty());
 }
 
@@ -863,12 +863,12 @@ fn commands_after_a_gap_are_held_and_released_in_cmd_sn_order() {
     assert!(ini.send(b.encode(), Bytes::new()).is_empty());
     assert!(ini.take_events().is_empty(), "held until the gap fills");
     ini.send(a.encode(), Bytes::new());
-    let order: Vec<u32> = (0..3).map(|_| ini.expect_command().itt).collect();
+    let order: Vec<u32> = (0..3).map(|_| ini.expect_command().itt()).collect();
     assert_eq!(order, vec![a.itt, b.itt, c.itt]);
     // ExpCmdSN moved past all three: the next command runs at once.
     ini.cmd_sn = base + 3;
     let (d, _) = ini.read(512);
-    assert_eq!(ini.expect_command().itt, d);
+    assert_eq!(ini.expect_command().itt(), d);
     assert_eq!(window_probe(&mut ini).0, base + 4);
 }
 
@@ -879,10 +879,10 @@ fn immediate_commands_do_not_advance_exp_cmd_sn() {
     let mut c = ini.scsi_command(&[0x28], 512, true, false);
     c.immediate = true;
     ini.send(c.encode(), Bytes::new());
-    assert_eq!(ini.expect_command().itt, c.itt);
+    assert_eq!(ini.expect_command().itt(), c.itt);
     // Same CmdSN, not immediate: accepted, since ExpCmdSN did not move.
     let (itt, _) = ini.read(512);
-    assert_eq!(ini.expect_command().itt, itt);
+    assert_eq!(ini.expect_command().itt(), itt);
     let after = window_probe(&mut ini);
     assert_eq!(after.0, before.0 + 1);
     assert_eq!(
@@ -912,7 +912,7 @@ fn max_cmd_sn_closes_at_the_queue_depth_and_reopens_on_completion() {
     ini.cmd_sn -= 1;
     let retry = ini.scsi_command(&[0x28], 512, true, false);
     ini.send_command(&retry, Bytes::new());
-    assert_eq!(ini.expect_command().itt, retry.itt);
+    assert_eq!(ini.expect_command().itt(), retry.itt);
     assert_ne!(retry.itt, ninth);
 }
 
@@ -941,7 +941,7 @@ fn the_window_works_across_cmd_sn_wrap_around() {
     ini.login_ok(&LoginOptions::default());
     for _ in 0..6 {
         let (itt, _) = ini.read(512);
-        assert_eq!(ini.expect_command().itt, itt);
+        assert_eq!(ini.expect_command().itt(), itt);
         ini.complete_good(itt, Bytes::from(vec![1u8; 512]));
     }
     assert_eq!(window_probe(&mut ini), (3, 10));
@@ -956,9 +956,12 @@ fn an_all_immediate_write_runs_without_r2t() {
     let (itt, rs) = ini.write(&data);
     assert!(rs.is_empty(), "no R2T: {rs:?}");
     let c = ini.expect_command();
-    assert_eq!((c.itt, c.edtl, c.write, c.read), (itt, 4096, true, false));
-    assert_eq!(&c.data.to_bytes()[..], &data[..]);
-    assert_eq!(c.cdb[0], 0x2a);
+    assert_eq!(
+        (c.itt(), c.cmd.expected_len, c.cmd.write, c.cmd.read),
+        (itt, 4096, true, false)
+    );
+    assert_eq!(&c.cmd.data_out.to_bytes()[..], &data[..]);
+    assert_eq!(c.cmd.cdb[0], 0x2a);
     let r = only(ini.complete_write(itt, 4096));
     let s = r.scsi();
     assert_eq!(
@@ -989,9 +992,9 @@ fn immediate_then_unsolicited_data_then_one_r2t_for_the_rest() {
     );
     assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (2, 8));
     let c = ini.expect_command();
-    assert_eq!(&c.data.to_bytes()[..], &data[..]);
+    assert_eq!(&c.cmd.data_out.to_bytes()[..], &data[..]);
     // Immediate data, then 8 KiB Data-Out PDUs: the pieces as they came, none gathered.
-    let lens: Vec<usize> = c.data.parts().iter().map(|p| p.len()).collect();
+    let lens: Vec<usize> = c.cmd.data_out.parts().iter().map(|p| p.len()).collect();
     assert_eq!(lens.first(), Some(&8192), "{lens:?}");
     assert!(lens.iter().all(|&l| l <= 8192), "{lens:?}");
     assert_eq!(lens.len(), 100_000usize.div_ceil(8192), "{lens:?}");
@@ -1040,7 +1043,7 @@ fn solicited_writes_get_r2ts_in_max_burst_pieces_up_to_max_outstanding_r2t() {
         .send_sequence(c.itt, fifth.ttt, 65536, &data[65536..])
         .is_empty());
     let cmd = ini.expect_command();
-    assert_eq!(&cmd.data.to_bytes()[..], &data[..]);
+    assert_eq!(&cmd.cmd.data_out.to_bytes()[..], &data[..]);
     let s = only(ini.complete_write(c.itt, len as u32));
     assert_eq!(s.scsi().exp_data_sn, 5);
 }
@@ -1162,9 +1165,9 @@ fn an_extended_cdb_ahs_extends_the_cdb() {
     let ahs = [0, 5, 1, 0, 0xa0, 0xa1, 0xa2, 0xa3];
     assert!(ini.send_raw(&[&bhs.0[..], &ahs[..]].concat()).is_empty());
     let cmd = ini.expect_command();
-    assert_eq!(cmd.cdb.len(), 20);
-    assert_eq!(&cmd.cdb[..8], &[0x7f, 0, 0, 0, 0, 0, 0, 0x18]);
-    assert_eq!(&cmd.cdb[16..], &[0xa0, 0xa1, 0xa2, 0xa3]);
+    assert_eq!(cmd.cmd.cdb.len(), 20);
+    assert_eq!(&cmd.cmd.cdb[..8], &[0x7f, 0, 0, 0, 0, 0, 0, 0x18]);
+    assert_eq!(&cmd.cmd.cdb[16..], &[0xa0, 0xa1, 0xa2, 0xa3]);
 }
 
 #[test]
@@ -1454,7 +1457,7 @@ fn abort_task_for_a_lost_command_in_the_window_fills_its_cmd_sn() {
     assert!(ini.take_events().is_empty(), "held behind the lost command");
     let r = only(ini.tmf(tmf::ABORT_TASK, lost.itt, lost.cmd_sn));
     assert_eq!(r.tmf().response, 0);
-    assert_eq!(ini.expect_command().itt, next);
+    assert_eq!(ini.expect_command().itt(), next);
 }
 
 #[test]

@@ -18,6 +18,7 @@
 pub mod alua;
 pub mod capacity;
 pub mod cdb;
+pub mod command;
 pub mod inquiry;
 pub mod luns;
 pub mod mode;
@@ -28,4 +29,5 @@ pub mod sense;
 pub mod vpd;
 
 pub use cdb::Command;
+pub use command::{ScsiCommand, TaskAttr};
 pub use sense::Sense;
