@@ -1055,9 +1055,13 @@ impl EcVolume {
         }
     }
 
-    /// One call to a node, as its own task (so a caller that goes away does not cut the
-    /// request short). A down node is not called at all (the call fails at once); a node that
-    /// does not answer within [`EcVolume::hang_after`], or cannot be reached, is marked down.
+    /// One call to a node. A down node is not called at all (the call fails at once); a node
+    /// that does not answer within [`EcVolume::hang_after`], or cannot be reached, is marked
+    /// down. The call runs in its caller's task: every volume operation is a task of its own
+    /// that runs to its end ([`EcVolume::to_the_end`]), and the callers that stop waiting
+    /// early (hedged reads, acknowledging at quorum) spawn their calls, so no caller that
+    /// goes away cuts a request short; a request once queued is sent whole by the client's
+    /// connection task either way.
     async fn call(&self, node: usize, req: Request) -> Result<Response, CallError> {
         // Whatever changes fragments makes the cached state of their stripes unknown.
         let touched: Vec<u64> = match &req {
@@ -1095,13 +1099,7 @@ impl EcVolume {
         let io = nodes::handle(self.sh.instance, &*self.sh.connector, node);
         let small_read = self.read_bytes(&req).is_some_and(|b| b <= SMALL_READ);
         let started = Instant::now();
-        let r = match tokio::task::spawn_local(io.call_within(req, timeout)).await {
-            Ok(r) => r,
-            Err(e) => Err(CallError::Unreachable {
-                addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-                reason: e.to_string(),
-            }),
-        };
+        let r = io.call_within(req, timeout).await;
         match &r {
             Err(e) if e.is_unavailable() => self.mark_down(node, e),
             _ => self.answered(node, started.elapsed(), small_read),
